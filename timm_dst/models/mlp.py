@@ -1,0 +1,58 @@
+"""The ITOP paper's MLP (Appendix A.1): hidden 1024-512, ReLU, no batch norm or dropout."""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+from timm.models import register_model
+
+__all__ = ['ItopMlp']
+
+
+class ItopMlp(nn.Module):
+    """Three-layer MLP; the input size comes from the data (``in_chans * img_size ** 2``).
+
+    Args:
+        num_classes: Output classes.
+        in_chans: Input channels.
+        img_size: Input height / width.
+        hidden: Hidden widths.
+    """
+
+    def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 32,
+                 hidden: tuple[int, ...] = (1024, 512), **kwargs):
+        super().__init__()
+        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        self.num_classes = num_classes
+        self.in_features = in_chans * h * w
+        layers, width = [], self.in_features
+        for i, hdim in enumerate(hidden):
+            layers += [nn.Linear(width, hdim), nn.ReLU(inplace=True)]
+            width = hdim
+        self.features = nn.Sequential(*layers)
+        self.num_features = width
+        self.head = nn.Linear(width, num_classes)
+        self.pretrained_cfg = {'first_conv': 'features.0', 'classifier': 'head'}
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes)
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.features(x.flatten(1))
+
+    def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
+        return x if pre_logits else self.head(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.forward_head(self.forward_features(x))
+
+
+@register_model
+def itop_mlp(pretrained: bool = False, **kwargs) -> ItopMlp:
+    """ITOP MLP (1024-512) for 32x32x3 inputs by default; pass ``in_chans=1, img_size=28`` for (Fashion-)MNIST."""
+    kwargs.pop('pretrained_cfg', None)
+    kwargs.pop('pretrained_cfg_overlay', None)
+    return ItopMlp(**kwargs)

@@ -1,0 +1,111 @@
+"""``torch.nn.utils.prune`` glue: the mask pruning method, attach / fold / export.
+
+A sparse tensor ``module.<name>`` becomes, after :func:`attach_mask`, the usual ``torch.nn.utils.prune`` triple:
+``<name>_orig`` (the trainable parameter), ``<name>_mask`` (a **bool** buffer) and ``<name>`` (recomputed as
+``orig * mask`` by a forward pre-hook). Masks are attached once and afterwards only changed in place, so the hook,
+compiled graphs and DDP keep referencing the same buffer.
+"""
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Mapping
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import prune
+
+__all__ = ['DSTMask', 'attach_mask', 'refresh_weight', 'fold_masks', 'export_state_dict', 'unwrap_model']
+
+_WRAPPER_PREFIXES = ('module.', '_orig_mod.')
+
+
+class DSTMask(prune.BasePruningMethod):
+    """A pruning method whose mask is given (a bool tensor of the parameter's shape).
+
+    Used once per tensor by :func:`attach_mask`; later topology changes write into the ``<name>_mask`` buffer.
+    """
+
+    PRUNING_TYPE = 'unstructured'
+
+    def __init__(self, mask: torch.Tensor):
+        self.mask = mask
+
+    def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
+        if self.mask.shape != t.shape:
+            raise ValueError(f'mask shape {tuple(self.mask.shape)} does not match tensor shape {tuple(t.shape)}')
+        return self.mask.to(device=t.device, dtype=torch.bool)
+
+
+def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
+    """Attach a bool mask to ``module.<name>`` through :class:`DSTMask` and zero the masked values of ``<name>_orig``.
+
+    Args:
+        module: Module owning the parameter.
+        name: Parameter name inside ``module`` (e.g. ``'weight'``).
+        mask: Bool tensor of the parameter's shape, True = active.
+    """
+    if prune.is_pruned(module) and hasattr(module, name + '_mask'):
+        raise ValueError(f'{type(module).__name__}.{name} already carries a mask; attach masks only once')
+    DSTMask.apply(module, name, mask=mask)
+    with torch.no_grad():
+        getattr(module, name + '_orig').mul_(getattr(module, name + '_mask'))
+    refresh_weight(module, name)
+
+
+def refresh_weight(module: nn.Module, name: str) -> None:
+    """Recompute ``module.<name> = <name>_orig * <name>_mask`` outside autograd (keeps ``copy.deepcopy`` working)."""
+    with torch.no_grad():
+        setattr(module, name, getattr(module, name + '_orig') * getattr(module, name + '_mask'))
+
+
+def unwrap_model(model: nn.Module) -> nn.Module:
+    """Strip DDP / FSDP-style ``.module`` and ``torch.compile``'s ``._orig_mod`` wrappers."""
+    while True:
+        if hasattr(model, '_orig_mod') and isinstance(model._orig_mod, nn.Module):
+            model = model._orig_mod
+        elif hasattr(model, 'module') and isinstance(model.module, nn.Module) and len(model._modules) == 1:
+            model = model.module
+        else:
+            return model
+
+
+def fold_masks(model: nn.Module) -> nn.Module:
+    """Make every attached mask permanent (``prune.remove``): the model becomes a plain model with zeros in it."""
+    for module in unwrap_model(model).modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, prune.PruningContainer | DSTMask):
+                prune.remove(module, hook._tensor_name)
+    return model
+
+
+def _strip_prefix(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+        key = key.replace('._orig_mod.', '.')
+    return key
+
+
+def export_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+    """Plain timm state_dict of a sparse model: ``x_orig * x_mask -> x``, masks dropped, wrapper prefixes stripped.
+
+    Args:
+        model_or_state: A (possibly wrapped) model, or a state_dict taken from one.
+
+    Returns:
+        A state_dict with the keys of the unpruned model, loadable strictly into ``timm.create_model(name)``.
+    """
+    state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    out: OrderedDict[str, torch.Tensor] = OrderedDict()
+    for key, value in state.items():
+        if key.endswith('_mask') and key[:-5] + '_orig' in state:
+            continue
+        if key.endswith('_orig') and key[:-5] + '_mask' in state:
+            mask = state[key[:-5] + '_mask']
+            value = value * mask.to(value.dtype)
+            key = key[:-5]
+        out[_strip_prefix(key)] = value.detach().clone()
+    return out

@@ -1,0 +1,475 @@
+"""The controller: masks, exact counts, the optimizer step hook, optimizer-state surgery, R_s, rank sync, state."""
+from __future__ import annotations
+
+import logging
+import math
+import warnings
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .distributions import DISTRIBUTIONS, layer_counts
+from .methods._base import SparseMethod
+from .reparam import attach_mask, refresh_weight, unwrap_model
+from .schedules import UpdateSchedule, prune_rate_at, resolve_step
+from .targets import SparseTarget, find_targets
+
+__all__ = ['Sparsifier', 'SPARSE_INITS', 'unwrap_optimizer']
+
+_logger = logging.getLogger(__name__)
+
+SPARSE_INITS = ('random', 'magnitude', 'global-magnitude')
+
+# optimizers whose update is exactly zero where weight, gradient and state are zero: masked weights stay zero
+# without re-masking every step
+_ZERO_PRESERVING = (torch.optim.SGD, torch.optim.Adam, torch.optim.AdamW, torch.optim.RMSprop, torch.optim.Adagrad)
+
+_STATE_VERSION = 1
+
+
+def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
+    """The innermost ``torch.optim.Optimizer`` (Accelerate's ``AcceleratedOptimizer`` lacks step hooks)."""
+    while not isinstance(optimizer, torch.optim.Optimizer) or (
+            hasattr(optimizer, 'optimizer') and isinstance(optimizer.optimizer, torch.optim.Optimizer)):
+        inner = getattr(optimizer, 'optimizer', None)
+        if inner is None:
+            raise ValueError(f'optimizer: expected a torch.optim.Optimizer (or a wrapper of one), got {optimizer!r}')
+        optimizer = inner
+    return optimizer
+
+
+def _dist_world() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+class Sparsifier:
+    """Keeps a model sparse while it trains; topology updates run from an optimizer step post-hook.
+
+    Build it with :func:`timm_dst.create_sparsifier`, which resolves a method name and its defaults.
+
+    Args:
+        model: Model to sparsify (DDP / compile wrappers are unwrapped). Attach before ``accelerator.prepare``.
+        optimizer: Its optimizer (a torch optimizer or a wrapper such as Accelerate's).
+        method: The method object (scores and budgets).
+        sparsity: Global fraction of zeros over the sparse tensors, in [0, 1).
+        distribution: Per-tensor density rule: ``'erk'``, ``'er'`` or ``'uniform'``.
+        update_interval: ΔT, optimizer steps between topology updates.
+        total_steps: Optimizer steps of the whole run (needed by fractional ``update_end`` and decaying schedules).
+        prune_rate: Initial fraction P of each tensor's active weights replaced per update.
+        prune_rate_schedule: ``'cosine'``, ``'constant'`` or ``'linear'`` decay of the prune rate to
+            ``prune_rate_min`` at ``update_end``.
+        prune_rate_min: Final prune rate of the decaying schedules.
+        update_start: Updates happen only after this step (int) or fraction of training (float).
+        update_end: Topology freezes after this step (int) or fraction of training (float); None = never.
+        update_milestones: ``[(from_step, interval), ...]``: ΔT changes during training (DSR's reallocation periods).
+        grow_unexplored_first: SET+ (ITOP Appendix F): grow never-activated positions before explored ones.
+        sparse_init: Initial topology when the method has none of its own: ``'random'`` (exact counts from the
+            distribution), ``'magnitude'`` (per-tensor largest |w|, counts from the distribution) or
+            ``'global-magnitude'`` (one global top-k of |w|).
+        include: Glob patterns selecting the sparse parameters (default: conv / linear weights).
+        exclude: Glob patterns removed from the selection.
+        dense_first_layer: Keep the first layer dense.
+        dense_classifier: Keep the classifier dense.
+        remask_every_step: Multiply each weight by its mask after every optimizer step. None = only for optimizers not
+            known to keep zeros at zero (anything but SGD / Adam / AdamW / RMSprop / Adagrad).
+        seed: Seed of the sparsifier's own generator (identical on all ranks).
+    """
+
+    def __init__(
+            self,
+            model: nn.Module,
+            optimizer: Any,
+            method: SparseMethod,
+            *,
+            method_name: str | None = None,
+            sparsity: float = 0.9,
+            distribution: str = 'erk',
+            update_interval: int = 100,
+            total_steps: int | None = None,
+            prune_rate: float = 0.5,
+            prune_rate_schedule: str = 'cosine',
+            prune_rate_min: float = 0.0,
+            update_start: int | float = 0,
+            update_end: int | float | None = None,
+            update_milestones: Sequence[tuple[int, int]] | None = None,
+            grow_unexplored_first: bool = False,
+            sparse_init: str = 'random',
+            include: str | Sequence[str] | None = None,
+            exclude: str | Sequence[str] | None = None,
+            dense_first_layer: bool = False,
+            dense_classifier: bool = False,
+            remask_every_step: bool | None = None,
+            seed: int = 0,
+    ):
+        if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= float(sparsity) < 1.0:
+            raise ValueError(f'sparsity={sparsity!r} is not accepted: give a float in [0, 1)')
+        if distribution not in DISTRIBUTIONS:
+            raise ValueError(f'distribution={distribution!r} is not known; accepted: {", ".join(DISTRIBUTIONS)}')
+        if sparse_init not in SPARSE_INITS:
+            raise ValueError(f'sparse_init={sparse_init!r} is not known; accepted: {", ".join(SPARSE_INITS)}')
+        if not 0.0 <= prune_rate <= 1.0:
+            raise ValueError(f'prune_rate={prune_rate!r} must lie in [0, 1]')
+        if total_steps is not None and int(total_steps) < 1:
+            raise ValueError(f'total_steps={total_steps!r} must be a positive number of optimizer steps')
+        self.model = unwrap_model(model)
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.method = method
+        self.method_name = method_name or type(method).__name__.lower()
+        self.sparsity = float(sparsity) if method.attaches else 0.0
+        self.distribution = distribution
+        self.total_steps = int(total_steps) if total_steps is not None else None
+        self.prune_rate_initial = float(prune_rate)
+        self.prune_rate_schedule = prune_rate_schedule
+        self.prune_rate_min = float(prune_rate_min)
+        self.grow_unexplored_first = bool(grow_unexplored_first)
+        self.sparse_init = sparse_init
+        self.seed = int(seed)
+        start = resolve_step(update_start, self.total_steps, 'update_start') or 0
+        end = resolve_step(update_end, self.total_steps, 'update_end')
+        self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones)
+        self.prune_rate_end = end if end is not None else self.total_steps
+        if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores:
+            raise ValueError(
+                f'prune_rate_schedule={prune_rate_schedule!r} decays over training: give total_steps or update_end, '
+                "or use prune_rate_schedule='constant'")
+        # validate the schedule name now rather than at the first update
+        prune_rate_at(0, self.prune_rate_initial, 1, prune_rate_schedule)
+
+        self.targets: list[SparseTarget] = find_targets(
+            self.model, include=include, exclude=exclude,
+            dense_first_layer=dense_first_layer, dense_classifier=dense_classifier)
+        if not self.targets:
+            raise ValueError(
+                'model: nothing to sparsify (no >= 2-D weight of a conv / linear module matched); '
+                f'include={include!r}, exclude={exclude!r}: name parameters with include= glob patterns')
+        self.config = {
+            'method': self.method_name, 'sparsity': self.sparsity, 'distribution': distribution,
+            'targets': [(t.name, list(t.shape)) for t in self.targets],
+        }
+        self.step = 0
+        self.history: list[dict[str, float]] = []
+        self._generators: dict[str, torch.Generator] = {}
+        self._dense_grads: list[torch.Tensor | None] = [None] * len(self.targets)
+        self._capture_handles: list[Any] = []
+        self._step_hook = None
+        self.total_numel = sum(t.numel for t in self.targets)
+
+        if not method.attaches:
+            self.counts = [t.numel for t in self.targets]
+            self.explored_counts = list(self.counts)
+            self.explored: list[torch.Tensor] = []
+            return
+
+        self.counts = layer_counts([t.shape for t in self.targets], self.sparsity, distribution)
+        masks = method.init_masks(self)
+        if masks is None:
+            masks = self._initial_masks()
+        masks = self._broadcast_masks(masks)
+        for t, m in zip(self.targets, masks):
+            attach_mask(t.module, t.param_name, m)
+        self.counts = [int(c) for c in torch.stack([t.mask.sum() for t in self.targets]).tolist()]
+        self._zero_optimizer_state([t.mask for t in self.targets])
+        self.explored = [t.mask.detach().clone() for t in self.targets]
+        self.explored_counts = list(self.counts)
+        if remask_every_step is None:
+            remask_every_step = type(self.optimizer) not in _ZERO_PRESERVING
+        self.remask_every_step = bool(remask_every_step)
+        self._origs = [t.param for t in self.targets]
+        self._masks = [t.mask for t in self.targets]
+        self._step_hook = self.optimizer.register_step_post_hook(self._on_step)
+        self._set_capture(self.method.needs_dense_grad(self, 1))
+        self._record(prune_rate=0.0)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # public read-outs
+    @property
+    def density(self) -> float:
+        """Realised global density of the sparse tensors (exact counts, no device sync)."""
+        return sum(self.counts) / self.total_numel
+
+    @property
+    def itop_rate(self) -> float:
+        """R_s: |union of all masks ever active| / |all sparse-tensor elements|."""
+        return sum(self.explored_counts) / self.total_numel
+
+    @property
+    def prune_rate(self) -> float:
+        """Prune rate in force at the current step."""
+        return prune_rate_at(self.step, self.prune_rate_initial, self.prune_rate_end or 0,
+                             self.prune_rate_schedule, self.prune_rate_min)
+
+    def summary(self) -> list[dict[str, Any]]:
+        """One row per sparse tensor: name, shape, numel, density, explored (per-tensor R_s)."""
+        return [
+            {'name': t.name, 'shape': list(t.shape), 'numel': t.numel, 'density': c / t.numel,
+             'explored': e / t.numel}
+            for t, c, e in zip(self.targets, self.counts, self.explored_counts)
+        ]
+
+    def generator(self, device: torch.device | str) -> torch.Generator:
+        """The sparsifier's generator on ``device``, seeded identically on every rank."""
+        device = torch.device(device)
+        key = str(device)
+        if key not in self._generators:
+            g = torch.Generator(device=device)
+            g.manual_seed(self.seed + 7919 * len(self._generators))
+            self._generators[key] = g
+        return self._generators[key]
+
+    def __repr__(self) -> str:
+        return (f'Sparsifier(method={self.method_name!r}, sparsity={self.sparsity}, distribution={self.distribution!r}, '
+                f'tensors={len(self.targets)}, density={self.density:.4f}, itop_rate={self.itop_rate:.4f}, '
+                f'step={self.step})')
+
+    # ------------------------------------------------------------------------------------------------------------
+    # initial topology
+    def _initial_masks(self) -> list[torch.Tensor]:
+        cpu_gen = self.generator('cpu')
+        if self.sparse_init == 'global-magnitude':
+            scores = [t.param.detach().abs() for t in self.targets]
+            return self.global_topk_masks(scores, sum(self.counts))
+        masks = []
+        for t, count in zip(self.targets, self.counts):
+            p = t.param
+            if self.sparse_init == 'magnitude':
+                score = p.detach().abs().flatten()
+            else:
+                score = torch.rand(p.numel(), generator=cpu_gen).to(p.device)
+            mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
+            mask[torch.topk(score, count, sorted=False).indices] = True
+            masks.append(mask.view_as(p))
+        return masks
+
+    def global_topk_masks(self, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
+        """Masks keeping the global top-``k`` of per-tensor scores (used by global magnitude, SNIP and LTH)."""
+        flat = torch.cat([s.detach().flatten().float() for s in scores])
+        keep = torch.zeros_like(flat, dtype=torch.bool)
+        keep[torch.topk(flat, k, sorted=False).indices] = True
+        out, offset = [], 0
+        for s in scores:
+            out.append(keep[offset:offset + s.numel()].view(s.shape))
+            offset += s.numel()
+        return out
+
+    # ------------------------------------------------------------------------------------------------------------
+    # hooks
+    def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        self.step += 1
+        if self.remask_every_step:
+            with torch.no_grad():
+                torch._foreach_mul_(self._origs, self._masks)
+        self.method.on_step(self)
+        if self.schedule.is_update_step(self.step):
+            self.update()
+        capture = self.method.needs_dense_grad(self, self.step + 1)
+        if capture != bool(self._capture_handles):
+            self._set_capture(capture)
+
+    def _set_capture(self, on: bool) -> None:
+        for h in self._capture_handles:
+            h.remove()
+        self._capture_handles = []
+        if not on:
+            return
+        for i, t in enumerate(self.targets):
+            self._capture_handles.append(t.module.register_forward_pre_hook(self._make_capture_hook(i)))
+
+    def _make_capture_hook(self, i: int):
+        name = self.targets[i].param_name
+
+        def _hook(module: nn.Module, inputs: Any) -> None:
+            w = getattr(module, name)
+            if torch.is_grad_enabled() and w.requires_grad:
+                w.register_hook(lambda g: self._accumulate_grad(i, g))
+        return _hook
+
+    def _accumulate_grad(self, i: int, grad: torch.Tensor) -> None:
+        g = grad.detach().float()
+        if self._dense_grads[i] is None:
+            self._dense_grads[i] = g.clone()
+        else:
+            self._dense_grads[i].add_(g)
+
+    def dense_grads(self) -> list[torch.Tensor]:
+        """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks)."""
+        grads = [g if g is not None else torch.zeros_like(t.param, dtype=torch.float32)
+                 for g, t in zip(self._dense_grads, self.targets)]
+        if _dist_world() > 1:
+            flat = torch.cat([g.flatten() for g in grads])
+            dist.all_reduce(flat)
+            flat.div_(_dist_world())
+            grads = [c.view_as(g) for c, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
+        return grads
+
+    def clear_dense_grads(self) -> None:
+        self._dense_grads = [None] * len(self.targets)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # topology update
+    def _gradients_finite(self) -> bool:
+        tensors = [t.param.grad for t in self.targets if t.param.grad is not None]
+        tensors += [g for g in self._dense_grads if g is not None]
+        if not tensors:
+            return True
+        return bool(torch.stack([torch.isfinite(x).all() for x in tensors]).all())
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """One topology update at the current step (called by the step hook; callable by hand)."""
+        if not self.method.explores:
+            return
+        if not self._gradients_finite():
+            warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: topology update skipped', stacklevel=2)
+            self.clear_dense_grads()
+            return
+        rate = self.prune_rate
+        old = [t.mask for t in self.targets]
+        dropped = self.method.drop_counts(self, rate)
+        kept = [self._drop_lowest(i, k) for i, k in enumerate(dropped)]
+        grown = self.method.grow_counts(self, dropped, kept)
+        new = [self._grow_highest(i, k, kept[i], old[i]) for i, k in enumerate(grown)]
+        new = self._broadcast_masks(new)
+        self._apply_masks(new)
+        self.clear_dense_grads()
+        self.method.after_update(self)
+        self._record(prune_rate=rate)
+
+    def _drop_lowest(self, i: int, k: int) -> torch.Tensor:
+        mask = self.targets[i].mask
+        kept = mask.clone()
+        if k > 0:
+            score = self.method.drop_score(self, i).float().masked_fill(~mask, math.inf)
+            kept.view(-1)[torch.topk(score.view(-1), k, largest=False, sorted=False).indices] = False
+        return kept
+
+    def _grow_highest(self, i: int, k: int, kept: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
+        if k <= 0:
+            return kept
+        blocked = kept | old if self.method.grow_excludes_dropped else kept
+        score = self.method.grow_score(self, i).float()
+        if self.grow_unexplored_first:
+            finite = score.masked_fill(blocked, 0.0)
+            offset = finite.max() - finite.min() + 1.0
+            score = torch.where(self.explored[i], score, score + offset)
+        score = score.masked_fill(blocked, -math.inf)
+        new = kept.clone()
+        new.view(-1)[torch.topk(score.view(-1), k, sorted=False).indices] = True
+        return new
+
+    def _apply_masks(self, new: list[torch.Tensor]) -> None:
+        """Install new masks in place: zero dropped and grown weights and their optimizer state, track R_s."""
+        survivors = []
+        for i, (t, m) in enumerate(zip(self.targets, new)):
+            surv = t.mask & m
+            survivors.append(surv)
+            t.mask.copy_(m)
+            t.param.mul_(surv)
+            refresh_weight(t.module, t.param_name)
+            self.explored[i] |= m
+        self._zero_optimizer_state(survivors)
+        self._refresh_counts()
+
+    def _refresh_counts(self) -> None:
+        """Recount active and explored positions (one device sync; update steps only)."""
+        stats = torch.stack([x.sum() for x in [t.mask for t in self.targets] + self.explored]).tolist()
+        n = len(self.targets)
+        self.counts = [int(c) for c in stats[:n]]
+        self.explored_counts = [int(c) for c in stats[n:]]
+
+    def _zero_optimizer_state(self, keep: list[torch.Tensor]) -> None:
+        """Zero every optimizer-state tensor shaped like a sparse weight outside ``keep`` (momentum, Adam moments)."""
+        for t, k in zip(self.targets, keep):
+            state = self.optimizer.state.get(t.param)
+            if not state:
+                continue
+            for value in state.values():
+                if torch.is_tensor(value) and value.shape == k.shape and value.is_floating_point():
+                    value.mul_(k)
+
+    def _broadcast_masks(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Make masks bit-identical on all ranks (rank 0's win)."""
+        if _dist_world() <= 1:
+            return masks
+        flat = torch.cat([m.flatten() for m in masks]).to(torch.uint8)
+        dist.broadcast(flat, src=0)
+        flat = flat.bool()
+        return [c.view_as(m) for c, m in zip(torch.split(flat, [m.numel() for m in masks]), masks)]
+
+    def _record(self, prune_rate: float) -> None:
+        self.history.append({'step': self.step, 'prune_rate': prune_rate, 'density': self.density,
+                             'itop_rate': self.itop_rate})
+        _logger.debug('step %d: density %.5f R_s %.5f', self.step, self.density, self.itop_rate)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # masks after a mask change made from outside (baselines: LTH rewinding, GMP)
+    @torch.no_grad()
+    def set_masks(self, masks: list[torch.Tensor], record: bool = True) -> None:
+        """Replace the topology (exact masks given), with the same weight / state surgery as an update."""
+        self._apply_masks(self._broadcast_masks([m.to(torch.bool) for m in masks]))
+        if record:
+            self._record(prune_rate=0.0)
+
+    def remove(self) -> None:
+        """Detach the step hook and gradient-capture hooks (masks stay attached)."""
+        if self._step_hook is not None:
+            self._step_hook.remove()
+            self._step_hook = None
+        self._set_capture(False)
+
+    # ------------------------------------------------------------------------------------------------------------
+    # state
+    def state_dict(self) -> dict[str, Any]:
+        """Everything needed to continue exactly: step, masks, explored masks, generator states, method state."""
+        return {
+            'version': _STATE_VERSION,
+            'config': dict(self.config),
+            'step': self.step,
+            'counts': list(self.counts),
+            'masks': {t.name: t.mask.detach().cpu().clone() for t in self.targets} if self.method.attaches else {},
+            'explored': {t.name: e.cpu().clone() for t, e in zip(self.targets, self.explored)},
+            'history': [dict(h) for h in self.history],
+            'generators': {k: g.get_state() for k, g in self._generators.items()},
+            'dense_grads': [g.cpu() if g is not None else None for g in self._dense_grads],
+            'method': self.method.state_dict(),
+        }
+
+    @torch.no_grad()
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Restore a :meth:`state_dict` taken from a sparsifier of the same configuration.
+
+        Raises:
+            ValueError: When ``state`` comes from another method, sparsity, distribution or set of sparse tensors.
+        """
+        if not isinstance(state, dict) or 'config' not in state:
+            raise ValueError('state: not a timm_dst Sparsifier state_dict (no "config" entry)')
+        cfg = state['config']
+        for key in ('method', 'sparsity', 'distribution', 'targets'):
+            mine, theirs = self.config[key], cfg.get(key)
+            if key == 'targets':
+                theirs = [(n, list(s)) for n, s in (theirs or [])]
+                mine = [(n, list(s)) for n, s in mine]
+            if mine != theirs:
+                detail = theirs if key != 'targets' else f'{len(theirs)} tensors'
+                accepted = mine if key != 'targets' else f'the {len(mine)} tensors of this model'
+                raise ValueError(f'state: {key} of the checkpoint ({detail}) does not match this sparsifier; '
+                                 f'accepted: {accepted}')
+        self.step = int(state['step'])
+        self.history = [dict(h) for h in state.get('history', [])]
+        for key, g_state in state.get('generators', {}).items():
+            self.generator(key).set_state(g_state)
+        if self.method.attaches:
+            for i, t in enumerate(self.targets):
+                t.mask.copy_(state['masks'][t.name].to(t.mask.device))
+                t.param.mul_(t.mask)
+                refresh_weight(t.module, t.param_name)
+                self.explored[i].copy_(state['explored'][t.name].to(t.mask.device))
+            self._zero_optimizer_state([t.mask for t in self.targets])
+            self._refresh_counts()
+        grads = state.get('dense_grads') or [None] * len(self.targets)
+        self._dense_grads = [g.to(t.param.device) if g is not None else None for g, t in zip(grads, self.targets)]
+        self.method.load_state_dict(state.get('method', {}))
+        if self.method.attaches:
+            self._set_capture(self.method.needs_dense_grad(self, self.step + 1))

@@ -1,0 +1,130 @@
+"""Which tensors of an arbitrary (timm) model are sparse.
+
+Default policy: the >= 2-D ``weight`` of every convolution (``nn.Conv1d/2d/3d``, transposed convs) and linear module,
+subclasses included. Never norms, biases, embeddings, class/distillation tokens or position tables (those are not
+weights of conv / linear modules). Weight-standardising convs (timm's ``StdConv2d`` / ``ScaledStdConv2d``, whose
+forward turns masked zeros into non-zeros) stay dense unless named by ``include``.
+"""
+from __future__ import annotations
+
+import fnmatch
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch.nn as nn
+
+__all__ = ['SparseTarget', 'find_targets', 'DEFAULT_MODULE_TYPES']
+
+DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+
+@dataclass
+class SparseTarget:
+    """One sparse tensor: ``module.<param_name>`` known in the model as ``name``."""
+
+    name: str
+    module: nn.Module
+    param_name: str = 'weight'
+
+    @property
+    def param(self):
+        """The trainable tensor (``<param>_orig`` once a mask is attached)."""
+        orig = getattr(self.module, self.param_name + '_orig', None)
+        return orig if orig is not None else getattr(self.module, self.param_name)
+
+    @property
+    def mask(self):
+        """The bool mask buffer (after attaching)."""
+        return getattr(self.module, self.param_name + '_mask')
+
+    @property
+    def shape(self):
+        return tuple(self.param.shape)
+
+    @property
+    def numel(self) -> int:
+        return self.param.numel()
+
+
+def _is_weight_standardized(module: nn.Module) -> bool:
+    cls_names = {c.__name__ for c in type(module).__mro__}
+    return bool(cls_names & {'StdConv2d', 'StdConv2dSame', 'ScaledStdConv2d', 'ScaledStdConv2dSame'})
+
+
+def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
+    if patterns is None:
+        return []
+    if isinstance(patterns, str):
+        return [p for p in patterns.split(',') if p]
+    return list(patterns)
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    module_name = name.rsplit('.', 1)[0] if '.' in name else name
+    return any(fnmatch.fnmatchcase(name, p) or fnmatch.fnmatchcase(module_name, p) for p in patterns)
+
+
+def _module_for_cfg_name(model: nn.Module, cfg_value) -> list[str]:
+    """Module names referenced by a timm pretrained_cfg ``first_conv`` / ``classifier`` entry (str or tuple)."""
+    values = [cfg_value] if isinstance(cfg_value, str) else list(cfg_value or [])
+    out = []
+    for value in values:
+        for suffix in ('.weight', ''):
+            name = value[: -len(suffix)] if suffix and value.endswith(suffix) else value
+            out.append(name)
+    return out
+
+
+def find_targets(
+        model: nn.Module,
+        include: str | Sequence[str] | None = None,
+        exclude: str | Sequence[str] | None = None,
+        dense_first_layer: bool = False,
+        dense_classifier: bool = False,
+) -> list[SparseTarget]:
+    """Resolve the sparse tensors of ``model``.
+
+    Args:
+        model: The (unwrapped) model.
+        include: Glob patterns on parameter names (``'blocks.*.mlp.fc1.weight'``) or module names. When given, only
+            matching >= 2-D parameters are sparse (of any module type, weight-standardising convs included).
+        exclude: Glob patterns removed from the selection.
+        dense_first_layer: Keep the first conv / linear (timm's ``pretrained_cfg['first_conv']`` when present) dense.
+        dense_classifier: Keep the classifier (``pretrained_cfg['classifier']`` when present, else the last linear)
+            dense.
+
+    Returns:
+        The targets, in ``named_modules`` order.
+    """
+    include_p, exclude_p = _as_list(include), _as_list(exclude)
+    candidates: list[SparseTarget] = []
+    for mod_name, module in model.named_modules():
+        for p_name, param in module.named_parameters(recurse=False):
+            name = f'{mod_name}.{p_name}' if mod_name else p_name
+            if p_name.endswith('_orig'):
+                p_name, name = p_name[:-5], name[:-5]
+            if param is None or param.dim() < 2:
+                continue
+            if include_p:
+                if not _matches(name, include_p):
+                    continue
+            elif p_name != 'weight' or not isinstance(module, DEFAULT_MODULE_TYPES) or _is_weight_standardized(module):
+                continue
+            candidates.append(SparseTarget(name=name, module=module, param_name=p_name))
+    if exclude_p:
+        candidates = [t for t in candidates if not _matches(t.name, exclude_p)]
+
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    drop: set[str] = set()
+    if dense_first_layer and candidates:
+        names = _module_for_cfg_name(model, cfg.get('first_conv'))
+        hits = [t.name for t in candidates if t.name.rsplit('.', 1)[0] in names]
+        drop.update(hits or [candidates[0].name])
+    if dense_classifier and candidates:
+        names = _module_for_cfg_name(model, cfg.get('classifier'))
+        hits = [t.name for t in candidates if t.name.rsplit('.', 1)[0] in names]
+        if not hits:
+            linears = [t for t in candidates if isinstance(t.module, nn.Linear)]
+            hits = [(linears or candidates)[-1].name]
+        drop.update(hits)
+    return [t for t in candidates if t.name not in drop]
