@@ -332,7 +332,7 @@ class Sparsifier:
         grown = self.method.grow_counts(self, dropped, kept)
         new = [self._grow_highest(i, k, kept[i], old[i]) for i, k in enumerate(grown)]
         new = self._broadcast_masks(new)
-        self._apply_masks(new)
+        self._apply_masks(new, keep=self._broadcast_masks(kept))
         self.clear_dense_grads()
         self.method.after_update(self)
         self._record(prune_rate=rate)
@@ -359,11 +359,17 @@ class Sparsifier:
         new.view(-1)[torch.topk(score.view(-1), k, sorted=False).indices] = True
         return new
 
-    def _apply_masks(self, new: list[torch.Tensor]) -> None:
-        """Install new masks in place: zero dropped and grown weights and their optimizer state, track R_s."""
+    def _apply_masks(self, new: list[torch.Tensor], keep: list[torch.Tensor] | None = None) -> None:
+        """Install new masks in place: zero dropped and grown weights and their optimizer state, track R_s.
+
+        Args:
+            new: The new masks.
+            keep: Positions whose values and optimizer state survive (default: active before and after). A position
+                dropped and regrown in the same update is not in it, so it restarts at zero.
+        """
         survivors = []
         for i, (t, m) in enumerate(zip(self.targets, new)):
-            surv = t.mask & m
+            surv = t.mask & m if keep is None else keep[i] & m
             survivors.append(surv)
             t.mask.copy_(m)
             t.param.mul_(surv)

@@ -1,0 +1,323 @@
+"""The invariants of DESIGN.md section 3, for every method, on an MLP, a timm CNN and a timm ViT."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn.functional as F
+from conftest import TINY_MODELS, make_tiny
+
+import timm_dst
+
+METHODS = ['dense', 'static', 'set', 'rigl', 'snfs', 'dsr', 'set-itop', 'rigl-itop']
+MOVING_BUDGETS = {'snfs', 'dsr'}  # methods that move budget between tensors (global total stays exact)
+
+
+def _make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
+    if name == 'sgd':
+        return torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    return torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.05)
+
+
+def _state_tensors(opt: torch.optim.Optimizer, p: torch.Tensor) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in opt.state.get(p, {}).items() if torch.is_tensor(v) and v.shape == p.shape}
+
+
+class InvariantChecker:
+    """Registered after the sparsifier's hook: inspects masks, weights and optimizer state after every step."""
+
+    def __init__(self, sp: timm_dst.Sparsifier, opt: torch.optim.Optimizer, method: str):
+        self.sp, self.opt, self.method = sp, opt, method
+        self.initial_counts = list(sp.counts)
+        self.total = sum(sp.counts)
+        self.prev_masks = [t.mask.clone() for t in sp.targets]
+        self.prev_rs = sp.itop_rate
+        self.prev_explored = [e.clone() for e in sp.explored]
+        self.n_updates = 0
+        self.budgets_moved = False
+        opt.register_step_post_hook(self)
+
+    def __call__(self, opt, args, kwargs):
+        sp = self.sp
+        for i, t in enumerate(sp.targets):
+            mask, orig = t.mask, t.param
+            assert mask.dtype == torch.bool
+            # 1. exact counts
+            assert int(mask.sum()) == sp.counts[i], t.name
+            if self.method not in MOVING_BUDGETS:
+                assert sp.counts[i] == self.initial_counts[i], t.name
+            # 2. no stale values: zero in weight_orig and in the effective weight
+            assert not orig[~mask].any(), t.name
+            assert not getattr(t.module, t.param_name)[~mask].any(), t.name
+            # optimizer state at masked positions is zero
+            for key, v in _state_tensors(self.opt, orig).items():
+                assert not v[~mask].any(), (t.name, key)
+            grown = mask & ~self.prev_masks[i]
+            if grown.any():
+                # 3. grown connections start at zero, with zero optimizer state (checked right after the update)
+                assert not orig[grown].any(), t.name
+                for key, v in _state_tensors(self.opt, orig).items():
+                    assert not v[grown].any(), (t.name, key)
+            # 5. per-tensor R_s never decreases
+            assert (sp.explored[i] >= self.prev_explored[i]).all()
+            assert (sp.explored[i] >= mask).all()
+        assert sum(sp.counts) == self.total
+        assert sp.itop_rate >= self.prev_rs - 1e-12
+        if sp.counts != self.initial_counts:
+            self.budgets_moved = True
+        if any(not torch.equal(t.mask, m) for t, m in zip(sp.targets, self.prev_masks)):
+            self.n_updates += 1
+        self.prev_masks = [t.mask.clone() for t in sp.targets]
+        self.prev_explored = [e.clone() for e in sp.explored]
+        self.prev_rs = sp.itop_rate
+
+
+def _train(model, opt, x, y, steps: int) -> None:
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+@pytest.mark.parametrize('opt_name', ['sgd', 'adamw'])
+@pytest.mark.parametrize('method', METHODS)
+def test_invariants(tiny_kind: str, method: str, opt_name: str):
+    model, x, y = make_tiny(tiny_kind)
+    opt = _make_optimizer(opt_name, model)
+    kwargs = dict(dsr_np=2000) if method == 'dsr' else {}
+    sp = timm_dst.create_sparsifier(model, opt, method=method, sparsity=0.9, update_interval=2, total_steps=40,
+                                    update_end=40, seed=3, **kwargs)
+    if method == 'dense':
+        assert sp.density == 1.0 and sp.itop_rate == 1.0
+        assert not any(k.endswith('_mask') for k in model.state_dict())
+        _train(model, opt, x, y, 2)
+        return
+    total = sum(t.numel for t in sp.targets)
+    assert sum(sp.counts) == round(0.1 * total)
+    assert sp.itop_rate == pytest.approx(sp.density)  # 5. R_s starts at the density
+    checker = InvariantChecker(sp, opt, method)
+    _train(model, opt, x, y, 12)
+    assert sp.step == 12
+    if method == 'static':
+        assert checker.n_updates == 0
+        assert sp.itop_rate == pytest.approx(sp.density)
+    else:
+        assert checker.n_updates >= 3, 'topology never changed'
+        assert sp.itop_rate > sp.density
+    if method == 'dsr':
+        assert checker.budgets_moved, 'DSR should move budget between tensors'
+
+
+def test_set_drops_smallest_magnitude():
+    model, x, y = make_tiny('mlp')
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.9, update_interval=1000,
+                                    prune_rate=0.3, prune_rate_schedule='constant', seed=0)
+    _train(model, opt, x, y, 3)
+    before = [(t.mask.clone(), t.param.detach().abs().clone()) for t in sp.targets]
+    sp.update()
+    for (mask, mag), t, count in zip(before, sp.targets, sp.counts):
+        k = round(0.3 * count)
+        survivors = mask & t.mask
+        dropped = mask & ~t.mask
+        # exactly k dropped (a grown position may be a just-dropped one: then it is active again at zero)
+        regrown_same = int((mask & t.mask & (t.param.detach() == 0) & (mag != 0)).sum())
+        assert int(dropped.sum()) + regrown_same == k
+        # every dropped weight is no larger than every surviving one
+        if dropped.any() and survivors.any():
+            assert mag[dropped].max() <= mag[survivors & (t.param.detach() != 0)].min()
+
+
+def test_ties_at_zero_never_keep_inactive():
+    model, x, y = make_tiny('mlp')
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.95, prune_rate=0.5,
+                                    prune_rate_schedule='constant', update_interval=1000)
+    with torch.no_grad():
+        for t in sp.targets:
+            t.param.zero_()  # every active weight ties with every inactive one at |w| = 0
+    for i, t in enumerate(sp.targets):
+        kept = sp._drop_lowest(i, sp.counts[i] // 2)
+        assert (kept <= t.mask).all()
+        assert int(kept.sum()) == sp.counts[i] - sp.counts[i] // 2
+
+
+def test_rigl_grows_largest_dense_gradient():
+    model, x, y = make_tiny('mlp')
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = timm_dst.create_sparsifier(model, opt, method='rigl', sparsity=0.9, update_interval=2, total_steps=100,
+                                    prune_rate=0.2, prune_rate_schedule='constant', seed=0)
+    _train(model, opt, x, y, 1)
+    old = [t.mask.clone() for t in sp.targets]
+    # the dense gradient the update will use, computed independently at the weights of step 2's forward
+    ref = timm.create_model('itop_mlp', num_classes=10, in_chans=1, img_size=8)
+    ref.load_state_dict(timm_dst.export_state_dict(model))
+    F.cross_entropy(ref(x), y).backward()
+    ref_grads = {n: p.grad for n, p in ref.named_parameters()}
+    _train(model, opt, x, y, 1)  # step 2: update
+    for t, m_old in zip(sp.targets, old):
+        g = ref_grads[t.name].abs()
+        grown = t.mask & ~m_old
+        not_grown = ~t.mask & ~m_old
+        if grown.any() and not_grown.any():
+            assert g[grown].min() >= g[not_grown].max() - 1e-6
+
+
+def test_rs_static_stays_at_density_and_snfs_totals():
+    model, x, y = make_tiny('cnn')
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = timm_dst.create_sparsifier(model, opt, method='static', sparsity=0.8)
+    _train(model, opt, x, y, 4)
+    assert sp.itop_rate == pytest.approx(sp.density) == pytest.approx(0.2, abs=1e-4)
+    assert all(e == c for e, c in zip(sp.explored_counts, sp.counts))
+
+
+def test_grow_unexplored_first_raises_rs():
+    rates = {}
+    for flag in (False, True):
+        model, x, y = make_tiny('mlp')
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.5, update_interval=1, total_steps=100,
+                                        prune_rate=0.5, prune_rate_schedule='constant', grow_unexplored_first=flag)
+        _train(model, opt, x, y, 3)
+        rates[flag] = sp.itop_rate
+    # with room to explore, SET+ grows only never-active positions: R_s rises by exactly the grown count
+    assert rates[True] > rates[False]
+    assert rates[True] == pytest.approx(1.0, abs=0.01)  # 0.5 + 3 * 0.25 > 1: everything explored
+
+
+@pytest.mark.parametrize('method', ['set', 'rigl', 'snfs', 'dsr'])
+def test_exact_resume(method: str):
+    kwargs = dict(sparsity=0.9, update_interval=2, total_steps=20, seed=5)
+
+    def build():
+        model, x, y = make_tiny('cnn')
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+        sp = timm_dst.create_sparsifier(model, opt, method=method, **kwargs)
+        return model, opt, sp, x, y
+
+    model, opt, sp, x, y = build()
+    _train(model, opt, x, y, 9)
+    ckpt = copy.deepcopy({'model': model.state_dict(), 'opt': opt.state_dict(), 'sp': sp.state_dict()})
+    _train(model, opt, x, y, 7)
+
+    model2, opt2, sp2, _, _ = build()
+    model2.load_state_dict(ckpt['model'])
+    opt2.load_state_dict(ckpt['opt'])
+    sp2.load_state_dict(ckpt['sp'])
+    assert sp2.step == 9
+    _train(model2, opt2, x, y, 7)
+    for t1, t2 in zip(sp.targets, sp2.targets):
+        assert torch.equal(t1.mask, t2.mask), t1.name
+    for (n, p1), p2 in zip(model.state_dict().items(), model2.state_dict().values()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
+    assert sp.itop_rate == sp2.itop_rate
+
+
+def test_state_dict_round_trip(tiny_kind: str):
+    model, x, y = make_tiny(tiny_kind)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    sp = timm_dst.create_sparsifier(model, opt, method='rigl-itop', sparsity=0.9, update_interval=2, total_steps=20)
+    _train(model, opt, x, y, 5)
+    state = sp.state_dict()
+    model2, _, _ = make_tiny(tiny_kind, seed=9)
+    opt2 = torch.optim.AdamW(model2.parameters(), lr=1e-2)
+    sp2 = timm_dst.create_sparsifier(model2, opt2, method='rigl-itop', sparsity=0.9, update_interval=2,
+                                     total_steps=20)
+    sp2.load_state_dict(state)
+    assert sp2.step == sp.step and sp2.counts == sp.counts and sp2.explored_counts == sp.explored_counts
+    assert sp2.summary() == sp.summary()
+    for t1, t2 in zip(sp.targets, sp2.targets):
+        assert torch.equal(t1.mask, t2.mask)
+        assert not t2.param[~t2.mask].any()
+
+
+def test_export_loads_strictly_into_plain_timm(tiny_kind: str):
+    model, x, y = make_tiny(tiny_kind)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.9, update_interval=2, total_steps=20)
+    _train(model, opt, x, y, 5)
+    exported = timm_dst.export_state_dict(model)
+    assert not any(k.endswith(('_orig', '_mask')) for k in exported)
+    name, kwargs, _ = TINY_MODELS[tiny_kind]
+    plain = timm.create_model(name, num_classes=10, **kwargs)
+    plain.load_state_dict(exported, strict=True)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+    zeros = sum(int((exported[t.name] == 0).sum()) for t in sp.targets)
+    assert zeros >= sum(t.numel for t in sp.targets) - sum(sp.counts)
+
+
+def test_export_strips_wrapper_prefixes():
+    model, x, _ = make_tiny('mlp')
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    timm_dst.create_sparsifier(model, opt, method='static', sparsity=0.5)
+    wrapped = {'module._orig_mod.' + k: v for k, v in model.state_dict().items()}
+    exported = timm_dst.export_state_dict(wrapped)
+    assert set(exported) == set(timm_dst.export_state_dict(model))
+
+
+def test_deepcopy_and_ema_compatible():
+    from timm.utils import ModelEmaV3
+    model, x, y = make_tiny('cnn')
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.9, update_interval=1, total_steps=10)
+    ema = ModelEmaV3(model, decay=0.9)
+    _train(model, opt, x, y, 2)
+    ema.update(model)
+    for t in sp.targets:
+        ema_mask = ema.module.get_buffer(t.name + '_mask')
+        assert ema_mask.dtype == torch.bool and torch.equal(ema_mask, t.mask)
+
+
+def test_non_finite_gradient_skips_update():
+    model, x, y = make_tiny('mlp')
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.9, update_interval=1, total_steps=10)
+    F.cross_entropy(model(x), y).backward()
+    sp.targets[0].param.grad[0, 0] = float('nan')
+    before = [t.mask.clone() for t in sp.targets]
+    with pytest.warns(UserWarning, match='non-finite'):
+        sp.update()
+    assert all(torch.equal(b, t.mask) for b, t in zip(before, sp.targets))
+
+
+def test_only_optimizer_steps_count():
+    model, x, y = make_tiny('mlp')
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = timm_dst.create_sparsifier(model, opt, method='rigl', sparsity=0.9, update_interval=2, total_steps=10)
+    for _ in range(3):  # micro-steps: backward without an optimizer step
+        F.cross_entropy(model(x), y).backward()
+    assert sp.step == 0
+    opt.step()
+    assert sp.step == 1
+
+
+def test_update_end_freezes_topology():
+    model, x, y = make_tiny('mlp')
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = timm_dst.create_sparsifier(model, opt, method='rigl', sparsity=0.9, update_interval=1, total_steps=8)
+    assert sp.schedule.end == 6  # rigl's official 75%
+    _train(model, opt, x, y, 6)
+    frozen = [t.mask.clone() for t in sp.targets]
+    _train(model, opt, x, y, 2)
+    assert all(torch.equal(f, t.mask) for f, t in zip(frozen, sp.targets))
+    assert len(sp.history) == 1 + 6
+
+
+def test_summary_rows(tiny_kind: str):
+    model, _, _ = make_tiny(tiny_kind)
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    sp = timm_dst.create_sparsifier(model, opt, method='set-itop', sparsity=0.9, total_steps=100)
+    rows = sp.summary()
+    assert [r['name'] for r in rows] == [t.name for t in sp.targets]
+    assert sum(r['density'] * r['numel'] for r in rows) == pytest.approx(sum(sp.counts))
+    assert all(set(r) == {'name', 'shape', 'numel', 'density', 'explored'} for r in rows)
+    names = {n for n, _ in model.named_parameters()}
+    assert not any(('pos_embed' in r['name'] or 'cls_token' in r['name'] or 'norm' in r['name']) for r in rows)
+    assert all(r['name'] + '_orig' in names for r in rows)
