@@ -1,9 +1,13 @@
 """DST methods; importing this package registers every built-in method name."""
 from ._base import SparseMethod
 from .dsr import DSR
+from .gmp import GMP
+from .lth import LTH, LTHSetITOP, lottery_ticket
 from .rigl import RigL
 from .set import SET
 from .snfs import SNFS
+from .snip import SNIP, SNIPSetITOP
 from .static import Dense, Static
 
 __all__ = ['SparseMethod', 'Dense', 'Static', 'SET', 'RigL', 'SNFS', 'DSR']
+__all__ += ['GMP', 'SNIP', 'SNIPSetITOP', 'LTH', 'LTHSetITOP', 'lottery_ticket']
