@@ -3,7 +3,9 @@ from __future__ import annotations
 
 import torch
 import torch.nn as nn
-from timm.models import register_model
+from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
+
+from ._common import cifar_cfg
 
 __all__ = ['ItopMlp']
 
@@ -21,24 +23,24 @@ class ItopMlp(nn.Module):
     def __init__(self, num_classes: int = 10, in_chans: int = 3, img_size: int | tuple[int, int] = 32,
                  hidden: tuple[int, ...] = (1024, 512), **kwargs):
         super().__init__()
-        h, w = (img_size, img_size) if isinstance(img_size, int) else img_size
+        h, w = (img_size, img_size) if isinstance(img_size, int) else tuple(img_size)
         self.num_classes = num_classes
+        self.in_chans = in_chans
         self.in_features = in_chans * h * w
         layers, width = [], self.in_features
-        for i, hdim in enumerate(hidden):
+        for hdim in hidden:
             layers += [nn.Linear(width, hdim), nn.ReLU(inplace=True)]
             width = hdim
         self.features = nn.Sequential(*layers)
         self.num_features = width
-        self.head = nn.Linear(width, num_classes)
-        self.pretrained_cfg = {'first_conv': 'features.0', 'classifier': 'head'}
+        self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
 
     def get_classifier(self) -> nn.Module:
         return self.head
 
     def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
         self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes)
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x.flatten(1))
@@ -50,9 +52,12 @@ class ItopMlp(nn.Module):
         return self.forward_head(self.forward_features(x))
 
 
+default_cfgs = generate_default_cfgs({
+    'itop_mlp': cifar_cfg(first_conv=None, classifier='head', fixed_input_size=True),
+})
+
+
 @register_model
 def itop_mlp(pretrained: bool = False, **kwargs) -> ItopMlp:
     """ITOP MLP (1024-512) for 32x32x3 inputs by default; pass ``in_chans=1, img_size=28`` for (Fashion-)MNIST."""
-    kwargs.pop('pretrained_cfg', None)
-    kwargs.pop('pretrained_cfg_overlay', None)
-    return ItopMlp(**kwargs)
+    return build_model_with_cfg(ItopMlp, 'itop_mlp', pretrained, **kwargs)

@@ -1,0 +1,256 @@
+"""The training CLI: resume, gradient accumulation, EMA / bf16 / compile, export, bad input."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+from timm_dst import list_methods
+from timm_dst._checkpoint import LAST
+from timm_dst.train import main
+
+TINY = [
+    '--dataset', 'synthetic', '--input-size', '1', '6', '6', '--num-classes', '4', '--synthetic-train-size', '240',
+    '--synthetic-test-size', '64', '--val-fraction', '0.125', '--model', 'itop_mlp', '--model-kwargs',
+    'hidden=[48,32]', '-b', '32', '--lr', '0.05', '--dst', 'set', '--sparsity', '0.8', '--update-interval', '3',
+    '--no-progress',
+]
+
+
+@pytest.fixture(autouse=True)
+def _fresh_accelerate_state():
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _run(out, *extra):
+    main(TINY + ['--output', str(out), *map(str, extra)])
+    AcceleratorState = __import__('accelerate.state', fromlist=['AcceleratorState']).AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def _ckpt(out):
+    return torch.load(os.path.join(out, LAST), map_location='cpu', weights_only=False)
+
+
+def _check_invariants(state, sp_state):
+    """Exact counts, no stale values, R_s >= density, masks of the sparsifier state == model masks."""
+    masks = {k[:-5]: v for k, v in state.items() if k.endswith('_mask')}
+    assert masks, 'no sparse tensors in the checkpoint'
+    for name, mask in masks.items():
+        assert mask.dtype == torch.bool
+        assert not state[name + '_orig'][~mask].any(), f'stale values under the mask of {name}'
+    counts = [int(m.sum()) for m in masks.values()]
+    assert counts == sp_state['counts']
+    for (name, m), m_sp in zip(masks.items(), sp_state['masks'].values()):
+        assert torch.equal(m, m_sp), name
+    explored = sum(int(e.sum()) for e in sp_state['explored'].values())
+    assert explored >= sum(counts)
+    for m, e in zip(sp_state['masks'].values(), sp_state['explored'].values()):
+        assert not (m & ~e).any(), 'an active position is not counted as explored'
+
+
+def _model_state(out):
+    return _ckpt(out)['model']
+
+
+@pytest.mark.parametrize('stop_after', [7, 4], ids=['epoch-boundary', 'mid-epoch'])
+def test_resume_equals_straight(tmp_path, stop_after):
+    # 240 samples, 30 held out for validation: 210 / 32 -> 7 optimizer steps per epoch
+    _run(tmp_path / 'straight', '--epochs', 2)
+    _run(tmp_path / 'split', '--epochs', 2, '--stop-after-updates', stop_after)
+    first = _ckpt(tmp_path / 'split')
+    assert first['num_updates'] == stop_after
+    assert not os.path.exists(tmp_path / 'split' / 'results.json')
+    _run(tmp_path / 'split', '--epochs', 2, '--resume', tmp_path / 'split')
+    a, b = _ckpt(tmp_path / 'straight'), _ckpt(tmp_path / 'split')
+    assert a['num_updates'] == b['num_updates'] == 2 * 7
+    assert a['model'].keys() == b['model'].keys()
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert a['sparsifier']['step'] == b['sparsifier']['step']
+    for k in a['sparsifier']['explored']:
+        assert torch.equal(a['sparsifier']['explored'][k], b['sparsifier']['explored'][k])
+    _check_invariants(b['model'], b['sparsifier'])
+    rows = (tmp_path / 'split' / 'summary.csv').read_text().strip().splitlines()
+    assert [r.split(',')[0] for r in rows[1:]] == ['1', '2']
+    ra = json.loads((tmp_path / 'straight' / 'results.json').read_text())
+    rb = json.loads((tmp_path / 'split' / 'results.json').read_text())
+    assert ra['itop_rate'] == rb['itop_rate'] and ra['test_last'] == rb['test_last']
+
+
+def test_grad_accumulation_counts_optimizer_steps(tmp_path):
+    # 7 micro-batches per epoch, accumulation 2 -> 4 optimizer steps per epoch (the last one partial)
+    _run(tmp_path, '--epochs', 2, '--grad-accum-steps', 2, '--update-interval', 2)
+    summary = json.loads((tmp_path / 'dst_summary.json').read_text())
+    assert summary['total_steps'] == 8
+    assert summary['step'] == 8
+    assert [h['step'] for h in summary['history']] == [0, 2, 4, 6, 8]
+    assert summary['itop_rate'] > summary['density']
+    ckpt = _ckpt(tmp_path)
+    assert ckpt['num_updates'] == 8
+    _check_invariants(ckpt['model'], ckpt['sparsifier'])
+
+
+def test_outputs(tmp_path):
+    _run(tmp_path, '--epochs', 2)
+    for f in ('args.yaml', 'summary.csv', 'dst_summary.json', LAST, 'model_best.pth.tar', 'model_best.safetensors',
+              'model_last.safetensors', 'results.json', 'log.txt'):
+        assert (tmp_path / f).is_file(), f
+    header = (tmp_path / 'summary.csv').read_text().splitlines()[0].split(',')
+    for col in ('train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr', 'density', 'itop_rate'):
+        assert col in header
+    summary = json.loads((tmp_path / 'dst_summary.json').read_text())
+    assert {'name', 'shape', 'numel', 'density', 'explored'} <= set(summary['tensors'][0])
+    assert abs(summary['density'] - 0.2) < 0.01
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['test_best']['top1'] > 50.0  # 4 learnable classes: the run trains
+    # the resolved config runs again as a -c config
+    from timm_dst._config import parse_args
+    args = parse_args(['-c', str(tmp_path / 'args.yaml')])
+    assert args.sparsity == 0.8 and args.model_kwargs == {'hidden': [48, 32]}
+
+
+@pytest.mark.parametrize('extra', [
+    ['--model-ema', '--model-ema-decay', '0.9'],
+    ['--amp', '--amp-dtype', 'bfloat16'],
+    ['--torchcompile', 'aot_eager'],
+], ids=['ema', 'bf16', 'compile-aot_eager'])
+def test_variants_keep_invariants(tmp_path, extra):
+    _run(tmp_path, '--epochs', 1, *extra)
+    ckpt = _ckpt(tmp_path)
+    _check_invariants(ckpt['model'], ckpt['sparsifier'])
+    assert ckpt['sparsifier']['step'] == 7
+    summary = json.loads((tmp_path / 'dst_summary.json').read_text())
+    assert summary['itop_rate'] > summary['density'] and len(summary['history']) == 3
+    if '--model-ema' in extra:
+        ema = {k[len('module.'):]: v for k, v in ckpt['ema'].items()}
+        for k, v in ckpt['model'].items():
+            if k.endswith('_mask'):
+                assert torch.equal(ema[k], v), k
+            elif v.is_floating_point():
+                assert not torch.equal(ema[k], v), f'EMA of {k} equals the model'
+        assert 'ema_val_top1' in (tmp_path / 'summary.csv').read_text()
+
+
+@pytest.mark.slow
+def test_torchcompile_inductor(tmp_path):
+    _run(tmp_path, '--epochs', 1, '--torchcompile')
+    ckpt = _ckpt(tmp_path)
+    _check_invariants(ckpt['model'], ckpt['sparsifier'])
+
+
+def test_export_loads_in_plain_timm(tmp_path):
+    args = ['--dataset', 'synthetic', '--input-size', '3', '16', '16', '--num-classes', '5',
+            '--synthetic-train-size', '200', '--val-fraction', '0.3', '--model', 'test_resnet', '-b', '20',
+            '--lr', '0.05', '--dst', 'rigl', '--sparsity', '0.7', '--update-interval', '3', '--epochs', '2',
+            '--no-progress', '--output', str(tmp_path)]
+    main(args)
+    results = json.loads((tmp_path / 'results.json').read_text())
+    row = [r.split(',') for r in (tmp_path / 'summary.csv').read_text().splitlines()]
+    header, rows = row[0], row[1:]
+    best_val_top1 = float(rows[results['best_epoch'] - 1][header.index('val_top1')])
+    # the validation split of the run, saved as tensors for a process that never imports timm_dst
+    from timm_dst._config import parse_args
+    from timm_dst._data import create_datasets
+    _, val_ds, _, _ = create_datasets(parse_args(args))
+    xs, ys = zip(*[val_ds[i] for i in range(len(val_ds))])
+    torch.save({'x': torch.stack(xs), 'y': torch.tensor(ys)}, tmp_path / 'val.pt')
+    code = textwrap.dedent(f'''
+        import sys, torch, timm
+        model = timm.create_model('test_resnet', pretrained=True, num_classes=5, pretrained_cfg_overlay=dict(
+            file={str(tmp_path / 'model_best.safetensors')!r}, num_classes=5)).eval()
+        data = torch.load({str(tmp_path / 'val.pt')!r})
+        with torch.no_grad():
+            acc = (model(data['x']).argmax(1) == data['y']).float().mean().item() * 100
+        zeros = sum(int((p == 0).sum()) for n, p in model.named_parameters() if p.ndim > 1)
+        assert not any(m.startswith('timm_dst') for m in sys.modules)
+        print(acc, zeros)
+    ''')
+    out = subprocess.run([sys.executable, '-c', code], capture_output=True, text=True, check=True)
+    acc, zeros = out.stdout.split()
+    assert abs(float(acc) - best_val_top1) < 1e-3
+    assert abs(float(acc) - results['val_best']['top1']) < 1e-3
+    assert int(zeros) > 0
+
+
+def test_two_processes_agree(tmp_path):
+    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
+    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--multi_gpu', '--num_processes', '2',
+           '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'timm_dst.train',
+           *TINY, '--dst', 'rigl', '--update-end', '1.0', '--epochs', '2', '--save-rank-masks',
+           '--output', str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert '2 process(es)' in proc.stdout
+    r0 = torch.load(tmp_path / 'masks_rank0.pt', weights_only=False)
+    r1 = torch.load(tmp_path / 'masks_rank1.pt', weights_only=False)
+    assert r0['masks'].keys() == r1['masks'].keys() and r0['masks']
+    for k in r0['masks']:
+        assert torch.equal(r0['masks'][k], r1['masks'][k]), k
+    for e0, e1 in zip(r0['explored'], r1['explored']):
+        assert torch.equal(e0, e1)
+    assert r0['itop_rate'] == r1['itop_rate'] > r0['density']
+    # 210 samples, 7 batches of 32 sharded over 2 ranks -> 4 optimizer steps per epoch
+    assert r0['step'] == r1['step'] == 8
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# bad input fails early, naming the problem
+@pytest.mark.parametrize('argv, needle', [
+    (['--model', 'no_such_model_xyz'], "--model 'no_such_model_xyz' is not a timm model"),
+    (['--dst', 'no-such-method'], 'accepted: ' + ', '.join(list_methods())),
+    (['--sparsity', '1.0'], '--sparsity 1.0 is out of range'),
+    (['--sparsity', '-0.1'], 'out of range'),
+    (['--no-such-flag', '3'], 'unrecognized arguments: --no-such-flag'),
+    (['--dst', 'set', '--dsr-np', '10'], '--dsr-np is an option of dsr'),
+    (['--update-end', '1.5'], '--update-end 1.5'),
+    (['--dataset', 'fashion_mnist', '--data-dir', '/nonexistent'], 'apt-get install dataset-fashion-mnist'),
+    (['--dataset', 'cifar10', '--data-dir', '/nonexistent'], 'cifar-10-batches-py'),
+    (['--resume', '/nonexistent/last.pth.tar'], '--resume'),
+])
+def test_bad_input(tmp_path, capsys, argv, needle):
+    with pytest.raises(SystemExit) as e:
+        main(TINY + argv + ['--output', str(tmp_path / 'out')])
+    assert e.value.code == 2
+    assert needle in capsys.readouterr().err
+    assert not (tmp_path / 'out').exists(), 'work started before the input was checked'
+
+
+def test_bad_config_key(tmp_path, capsys):
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('model: itop_mlp\nbatch-size: 16\nspasity: 0.9\n')
+    with pytest.raises(SystemExit):
+        main(['-c', str(cfg), '--dataset', 'synthetic'])
+    assert 'unknown key(s) in config' in capsys.readouterr().err
+
+
+def test_config_keys_are_flag_names(tmp_path):
+    from timm_dst._config import dst_kwargs, parse_args
+    cfg = tmp_path / 'c.yaml'
+    cfg.write_text('dataset: synthetic\nbatch-size: 16\nsparsity: 0.9\nsparse_init: ER\nupdate_end: 0.5\n'
+                   'dst: dsr\ndsr_np: 100\n')
+    args = parse_args(['-c', str(cfg), '--sparsity', '0.8'])
+    assert args.batch_size == 16 and args.sparsity == 0.8  # flags override the config
+    kw = dst_kwargs(args)
+    assert kw['distribution'] == 'er' and kw['update_end'] == 0.5 and kw['dsr_np'] == 100
+    assert 'update_interval' not in kw and 'prune_rate' not in kw  # left to the method's defaults
+
+
+def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
+    # epoch 1 trains normally; the step schedule then multiplies the lr by 1e12 and the loss diverges
+    with pytest.raises(SystemExit) as e:
+        _run(tmp_path, '--epochs', 3, '--sched', 'step', '--decay-epochs', 1, '--decay-rate', 1e12,
+             '--log-interval', 1)
+    assert 'non-finite training loss' in str(e.value) and 'last good checkpoint is kept' in str(e.value)
+    ckpt = _ckpt(tmp_path)
+    assert ckpt['next_epoch'] == 1 and ckpt['next_batch'] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    assert not (tmp_path / 'results.json').exists()
