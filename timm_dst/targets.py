@@ -2,7 +2,10 @@
 
 Default policy: the >= 2-D ``weight`` of every convolution (``nn.Conv1d/2d/3d``, transposed convs) and linear module,
 subclasses included. Never norms, biases, embeddings, class/distillation tokens or position tables (those are not
-weights of conv / linear modules). Weight-standardising convs (timm's ``StdConv2d`` / ``ScaledStdConv2d``, whose
+weights of conv / linear modules), and never the conv / linear layers that *compute* a position encoding (XCiT's Fourier
+``pos_embed.token_projection``, Twins' ``pos_block``, CoaT's ``cpe`` / ``crpe``, ConViT's ``pos_proj``, Swin V2's
+``cpb_mlp`` / ``meta_mlp`` relative-position MLPs, FastViT's ``pos_enc``: see :data:`POSITION_MODULE_PATTERNS`).
+Weight-standardising convs (timm's ``StdConv2d`` / ``ScaledStdConv2d``, whose
 forward turns masked zeros into non-zeros) stay dense unless named by ``include``.
 """
 from __future__ import annotations
@@ -13,9 +16,15 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
-__all__ = ['SparseTarget', 'find_targets', 'DEFAULT_MODULE_TYPES']
+__all__ = ['SparseTarget', 'find_targets', 'DEFAULT_MODULE_TYPES', 'POSITION_MODULE_PATTERNS']
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
+
+# Module-path components (glob) of position-encoding modules: conv / linear layers under them stay dense by default.
+POSITION_MODULE_PATTERNS: tuple[str, ...] = (
+    'pos_embed*', 'pos_embd', 'pos_block', 'pos_proj', 'pos_enc', 'pos_conv', 'cpe', 'crpe', 'cpb_mlp', 'meta_mlp',
+    'rel_pos*', 'relative_position*', 'rpe',
+)
 
 
 @dataclass
@@ -49,6 +58,10 @@ class SparseTarget:
 def _is_weight_standardized(module: nn.Module) -> bool:
     cls_names = {c.__name__ for c in type(module).__mro__}
     return bool(cls_names & {'StdConv2d', 'StdConv2dSame', 'ScaledStdConv2d', 'ScaledStdConv2dSame'})
+
+
+def _is_position_module(module_name: str) -> bool:
+    return any(fnmatch.fnmatchcase(part, p) for part in module_name.split('.') for p in POSITION_MODULE_PATTERNS)
 
 
 def _as_list(patterns: str | Sequence[str] | None) -> list[str]:
@@ -108,7 +121,8 @@ def find_targets(
             if include_p:
                 if not _matches(name, include_p):
                     continue
-            elif p_name != 'weight' or not isinstance(module, DEFAULT_MODULE_TYPES) or _is_weight_standardized(module):
+            elif (p_name != 'weight' or not isinstance(module, DEFAULT_MODULE_TYPES) or _is_weight_standardized(module)
+                  or _is_position_module(mod_name)):
                 continue
             candidates.append(SparseTarget(name=name, module=module, param_name=p_name))
     if exclude_p:
