@@ -14,6 +14,15 @@ from timm_dst.methods.gmp import cubic_sparsity
 from timm_dst.methods.lth import capture_weights, lottery_ticket, save_weights
 
 
+@pytest.fixture(autouse=True, scope='module')
+def _one_thread():
+    """Tiny models: one intra-op thread is faster, and far faster on a machine shared with other test runs."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 def _train(model, opt, x, y, steps: int) -> None:
     for _ in range(steps):
         loss = F.cross_entropy(model(x), y)
