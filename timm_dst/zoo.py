@@ -1,0 +1,485 @@
+"""Zoo sweep: does every timm architecture train sparse?
+
+For each architecture: build it without pretrained weights, sparsify it at 90% ERK with ``rigl-itop``, run forward and
+backward at a small input size with two topology updates (``update_interval=1``, two SGD steps), check the
+invariants, export the plain state_dict, reload it strictly into a fresh model and compare outputs. Prints a table
+(markdown or CSV).
+
+Usage::
+
+    python -m timm_dst.zoo                       # the default suite (one small model per family)
+    python -m timm_dst.zoo --models 'resnet*' 'vit_*' --format csv
+    python -m timm_dst.zoo --all --max-params 60 --timeout 120 --output zoo.csv --resume
+
+``--all`` / wildcard runs execute in a worker process that is restarted after a crash or a per-model timeout.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import fnmatch
+import math
+import multiprocessing as mp
+import os
+import queue
+import sys
+import time
+import traceback
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from .targets import _is_position_module
+
+__all__ = ['DEFAULT_SUITE', 'ZooResult', 'check_model', 'run_zoo', 'format_table', 'main']
+
+# One small architecture per family; these run in CI (tests/test_zoo.py).
+DEFAULT_SUITE: tuple[str, ...] = (
+    'resnet18', 'resnext26ts', 'convnext_atto', 'vit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224',
+    'swin_tiny_patch4_window7_224', 'efficientnet_b0', 'mobilenetv3_small_050', 'regnetx_002', 'densenet121',
+    'mixer_s32_224', 'levit_128s', 'coat_lite_tiny', 'poolformer_s12', 'nfnet_l0', 'resnetv2_50x1_bit',
+    'ghostnet_050', 'dla34', 'hrnet_w18_small', 'maxvit_nano_rw_256', 'convmixer_768_32', 'xcit_nano_12_p16_224',
+    'tf_efficientnet_b0', 'efficientnet_cc_b0_4e', 'beit_base_patch16_224', 'convit_tiny', 'cait_xxs24_224',
+    'pvt_v2_b0', 'twins_svt_small', 'mobilevit_xxs', 'edgenext_xx_small', 'efficientformer_l1',
+    'repvgg_a0', 'fastvit_t8', 'tinynet_e', 'lcnet_050', 'res2net50_14w_8s', 'sebotnet33ts_256',
+    'eva02_tiny_patch14_224', 'swinv2_cr_tiny_ns_224', 'crossvit_tiny_240', 'tnt_s_patch16_224',
+    'inception_v3', 'vgg11', 'mambaout_femto', 'hgnetv2_b0',
+)
+
+# Names (module or parameter path components) that must never be sparse: position embeddings, tokens, tables.
+_FORBIDDEN = ('pos_embed', 'cls_token', 'dist_token', 'reg_token', 'relative_position', 'rel_pos', 'pos_block',
+              'cpb_mlp', 'mask_token', 'absolute_pos')
+
+
+@dataclass
+class ZooResult:
+    """One row of the zoo table."""
+
+    model: str
+    status: str = 'fail'
+    params_m: float = 0.0
+    sparse_tensors: int = 0
+    sparse_frac: float = 0.0
+    density: float = 0.0
+    itop_rate: float = 0.0
+    input_size: int = 0
+    seconds: float = 0.0
+    reason: str = ''
+    notes: list[str] = field(default_factory=list)
+
+
+def _param_count_m(name: str, **kwargs: Any) -> float | None:
+    """Parameter count (millions) of ``name`` built on the meta device (no memory, no init); None if that fails."""
+    import timm
+    try:
+        with torch.device('meta'):
+            model = timm.create_model(name, pretrained=False, **kwargs)
+        return sum(p.numel() for p in model.parameters()) / 1e6
+    except Exception:
+        return None
+
+
+def _build(name: str, img_size: int | None, num_classes: int | None) -> tuple[nn.Module, dict[str, Any]]:
+    """Build ``name`` at ``img_size`` when its constructor takes one; returns the model and the kwargs used."""
+    import timm
+    base: dict[str, Any] = {}
+    if num_classes is not None:
+        base['num_classes'] = num_classes
+    if img_size is not None:
+        try:
+            return timm.create_model(name, pretrained=False, img_size=img_size, **base), {**base, 'img_size': img_size}
+        except TypeError:
+            pass
+        except Exception:
+            # accepted img_size but could not build at that size (window / patch constraints)
+            pass
+    return timm.create_model(name, pretrained=False, **base), base
+
+
+def _default_size(model: nn.Module) -> int:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    size = cfg.get('input_size', (3, 224, 224))
+    return int(size[-1])
+
+
+def _min_size(model: nn.Module) -> int:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    size = cfg.get('min_input_size')
+    return int(size[-1]) if size else 0
+
+
+def _in_chans(model: nn.Module) -> int:
+    cfg = getattr(model, 'pretrained_cfg', None) or {}
+    return int(cfg.get('input_size', (3, 224, 224))[0])
+
+
+def _loss(out: Any) -> torch.Tensor:
+    if torch.is_tensor(out):
+        return out.float().pow(2).mean()
+    if isinstance(out, dict):
+        out = list(out.values())
+    return sum(_loss(o) for o in out if torch.is_tensor(o) or isinstance(o, list | tuple | dict))
+
+
+def _flatten_out(out: Any) -> list[torch.Tensor]:
+    if torch.is_tensor(out):
+        return [out]
+    if isinstance(out, dict):
+        out = list(out.values())
+    return [t for o in out for t in _flatten_out(o)]
+
+
+def _train_two_updates(model: nn.Module, x: torch.Tensor, sparsity: float, method: str):
+    import timm_dst
+    optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+    sp = timm_dst.create_sparsifier(model, optimizer, method=method, sparsity=sparsity, distribution='erk',
+                                    update_interval=1, total_steps=4)
+    model.train()
+    for _ in range(2):
+        loss = _loss(model(x))
+        if not torch.isfinite(loss):
+            raise RuntimeError(f'non-finite loss {loss.item()}')
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        no_grad = [t.name for t in sp.targets if t.param.grad is None]
+        if no_grad:
+            raise RuntimeError(f'{len(no_grad)} sparse tensor(s) got no gradient (weight read outside its module\'s '
+                               f'forward?): {", ".join(no_grad[:3])}')
+        optimizer.step()
+    return sp
+
+
+def _check_invariants(sp, sparsity: float) -> None:
+    if sp.step != 2 or len(sp.history) != 3:
+        raise RuntimeError(f'expected two topology updates, got step={sp.step}, records={len(sp.history)}')
+    with torch.no_grad():
+        for t, count in zip(sp.targets, sp.counts):
+            if int(t.mask.sum()) != count:
+                raise RuntimeError(f'{t.name}: mask holds {int(t.mask.sum())} != budget {count}')
+            if bool((t.param[~t.mask] != 0).any()):
+                raise RuntimeError(f'{t.name}: masked positions non-zero in {t.param_name}_orig')
+            w = getattr(t.module, t.param_name)
+            if bool((w[~t.mask] != 0).any()):
+                raise RuntimeError(f'{t.name}: masked positions non-zero in the effective weight')
+        bad = [t.name for t in sp.targets
+               if any(f in t.name for f in _FORBIDDEN) or _is_position_module(t.name.rsplit('.', 1)[0])]
+        if bad:
+            raise RuntimeError(f'position embedding / token / table made sparse: {", ".join(bad[:3])}')
+    if sp.itop_rate + 1e-12 < sp.density:
+        raise RuntimeError(f'itop_rate {sp.itop_rate} < density {sp.density}')
+    expected = 1.0 - sparsity
+    if sp.density > expected + 1e-3 and sp.density < 0.999:
+        raise RuntimeError(f'density {sp.density:.4f} above the target {expected:.4f}')
+
+
+def check_model(
+        name: str,
+        img_size: int = 64,
+        batch_size: int = 2,
+        sparsity: float = 0.9,
+        method: str = 'rigl-itop',
+        num_classes: int | None = None,
+) -> ZooResult:
+    """Run the zoo check on one architecture; never raises (a failure is a row with its reason).
+
+    Args:
+        name: timm model name.
+        img_size: Input resolution tried first (raised to the model's ``min_input_size``; models whose constructor
+            takes ``img_size`` are built at it). Falls back to the pretrained config's size when the small size fails.
+        batch_size: Batch size of the random input.
+        sparsity: Target sparsity (ERK).
+        method: DST method name.
+        num_classes: Classifier size (None: the model's default).
+
+    Returns:
+        The :class:`ZooResult` row.
+    """
+    import timm
+
+    import timm_dst
+    res = ZooResult(model=name)
+    t0 = time.perf_counter()
+    stage = 'build'
+    try:
+        torch.manual_seed(0)
+        model, kwargs = _build(name, img_size, num_classes)
+        res.params_m = sum(p.numel() for p in model.parameters()) / 1e6
+        sizes = [max(img_size, _min_size(model))]
+        if _default_size(model) not in sizes:
+            sizes.append(_default_size(model))
+        x = None
+        err: Exception | None = None
+        for size in sizes:
+            stage = 'forward (dense probe)'
+            if size != sizes[0]:
+                torch.manual_seed(0)
+                model, kwargs = _build(name, None, num_classes)
+            x = torch.randn(batch_size, _in_chans(model), size, size, generator=torch.Generator().manual_seed(0))
+            try:
+                model.eval()
+                with torch.no_grad():
+                    model(x)
+                res.input_size = size
+                err = None
+                break
+            except Exception as e:  # too small for this architecture: try the next size
+                err = e
+        if err is not None:
+            raise err
+        stage = 'sparsify + train'
+        sp = _train_two_updates(model, x, sparsity, method)
+        res.sparse_tensors = len(sp.targets)
+        res.density = sp.density
+        res.itop_rate = sp.itop_rate
+        total = sum(p.numel() for p in model.parameters())
+        res.sparse_frac = sp.total_numel / total if total else 0.0
+        stage = 'invariants'
+        _check_invariants(sp, sparsity)
+        stage = 'export + reload'
+        state = timm_dst.export_state_dict(model)
+        torch.manual_seed(1)
+        fresh = timm.create_model(name, pretrained=False, **kwargs)
+        fresh.load_state_dict(state, strict=True)
+        model.eval()
+        fresh.eval()
+        with torch.no_grad():
+            a, b = _flatten_out(model(x)), _flatten_out(fresh(x))
+        for ta, tb in zip(a, b):
+            scale = 1.0 + float(ta.abs().max()) if ta.numel() else 1.0
+            diff = float((ta.float() - tb.float()).abs().max()) if ta.numel() else 0.0
+            if not math.isfinite(diff) or diff > 1e-4 * scale:
+                raise RuntimeError(f'reloaded model differs: max |diff| {diff:.3g}')
+        res.status = 'pass'
+    except Exception as e:  # noqa: BLE001  (a row per model, whatever went wrong)
+        msg = f'{type(e).__name__}: {e}'.replace('\n', ' ').replace('|', '/')
+        res.reason = f'{stage}: {msg[:300]}'
+        if os.environ.get('TIMM_DST_ZOO_TRACEBACK'):
+            traceback.print_exc()
+    res.seconds = time.perf_counter() - t0
+    return res
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# worker process for long sweeps
+def _worker(tasks: mp.Queue, results: mp.Queue, opts: dict[str, Any]) -> None:
+    torch.set_num_threads(opts['threads'])
+    import timm_dst  # noqa: F401
+    while True:
+        name = tasks.get()
+        if name is None:
+            return
+        results.put(('start', name, None))
+        if opts['max_params'] is not None:
+            n = _param_count_m(name)
+            if n is not None and n > opts['max_params']:
+                results.put(('done', name, asdict(ZooResult(model=name, status='skip', params_m=n,
+                                                            reason=f'> {opts["max_params"]:g}M params'))))
+                continue
+        res = check_model(name, img_size=opts['img_size'], batch_size=opts['batch_size'],
+                          sparsity=opts['sparsity'], method=opts['method'])
+        results.put(('done', name, asdict(res)))
+
+
+def run_zoo(
+        names: list[str],
+        img_size: int = 64,
+        batch_size: int = 2,
+        sparsity: float = 0.9,
+        method: str = 'rigl-itop',
+        timeout: float = 300.0,
+        max_params: float | None = None,
+        threads: int = 1,
+        callback: Any = None,
+) -> list[ZooResult]:
+    """Check ``names`` in a worker process restarted after a crash or a per-model timeout.
+
+    Args:
+        names: timm model names.
+        img_size, batch_size, sparsity, method: As in :func:`check_model`.
+        timeout: Seconds allowed per model (a timed-out model is a ``timeout`` row and the worker restarts).
+        max_params: Skip models above this many million parameters (counted on the meta device).
+        threads: ``torch.set_num_threads`` in the worker.
+        callback: Called with each :class:`ZooResult` as it completes.
+
+    Returns:
+        The rows, in completion order.
+    """
+    ctx = mp.get_context('spawn')
+    opts = dict(img_size=img_size, batch_size=batch_size, sparsity=sparsity, method=method, max_params=max_params,
+                threads=threads)
+    pending = list(names)
+    out: list[ZooResult] = []
+
+    def emit(r: ZooResult) -> None:
+        out.append(r)
+        if callback is not None:
+            callback(r)
+
+    while pending:
+        tasks, results = ctx.Queue(), ctx.Queue()
+        for n in pending:
+            tasks.put(n)
+        tasks.put(None)
+        proc = ctx.Process(target=_worker, args=(tasks, results, opts), daemon=True)
+        proc.start()
+        current, started = None, time.monotonic()
+        done_names: set[str] = set()
+        while True:
+            try:
+                kind, name, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                if current is not None and time.monotonic() - started > timeout:
+                    proc.kill()
+                    proc.join()
+                    emit(ZooResult(model=current, status='timeout', seconds=time.monotonic() - started,
+                                   reason=f'no result within {timeout:g} s'))
+                    done_names.add(current)
+                    break
+                if not proc.is_alive():
+                    # drain what is left, then report the crash on the model in flight
+                    try:
+                        while True:
+                            kind, name, payload = results.get_nowait()
+                            if kind == 'done':
+                                emit(ZooResult(**payload))
+                                done_names.add(name)
+                            else:
+                                current = name
+                    except queue.Empty:
+                        pass
+                    if current is not None and current not in done_names:
+                        emit(ZooResult(model=current, status='fail',
+                                       reason=f'worker crashed (exit code {proc.exitcode})'))
+                        done_names.add(current)
+                    break
+                continue
+            if kind == 'start':
+                current, started = name, time.monotonic()
+            else:
+                emit(ZooResult(**payload))
+                done_names.add(name)
+                current = None
+        pending = [n for n in pending if n not in done_names]
+        proc.join(timeout=5)
+        if proc.is_alive():
+            proc.kill()
+    return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# table
+_COLUMNS = ('model', 'params_m', 'sparse_tensors', 'sparse_frac', 'density', 'input_size', 'status', 'seconds',
+            'reason')
+
+
+def _row(r: ZooResult) -> list[str]:
+    return [r.model, f'{r.params_m:.2f}', str(r.sparse_tensors), f'{r.sparse_frac:.3f}', f'{r.density:.4f}',
+            str(r.input_size), r.status, f'{r.seconds:.1f}', r.reason]
+
+
+def format_table(results: list[ZooResult], fmt: str = 'markdown') -> str:
+    """The table as markdown or CSV, followed (markdown) by the pass count."""
+    if fmt == 'csv':
+        import io
+        buf = io.StringIO()
+        w = csv.writer(buf)
+        w.writerow(_COLUMNS)
+        for r in results:
+            w.writerow(_row(r))
+        return buf.getvalue()
+    lines = ['| ' + ' | '.join(_COLUMNS) + ' |', '|' + '---|' * len(_COLUMNS)]
+    lines += ['| ' + ' | '.join(_row(r)) + ' |' for r in results]
+    ran = [r for r in results if r.status != 'skip']
+    n_pass = sum(r.status == 'pass' for r in ran)
+    lines.append('')
+    lines.append(f'{n_pass} / {len(ran)} passed ({100.0 * n_pass / max(len(ran), 1):.1f}%), '
+                 f'{len(results) - len(ran)} skipped')
+    return '\n'.join(lines)
+
+
+def _read_csv(path: str) -> list[ZooResult]:
+    out = []
+    with open(path, newline='') as f:
+        for rec in csv.DictReader(f):
+            out.append(ZooResult(
+                model=rec['model'], status=rec['status'], params_m=float(rec['params_m']),
+                sparse_tensors=int(rec['sparse_tensors']), sparse_frac=float(rec['sparse_frac']),
+                density=float(rec['density']), input_size=int(rec['input_size']), seconds=float(rec['seconds']),
+                reason=rec['reason']))
+    return out
+
+
+def _resolve_names(patterns: list[str] | None, all_models: bool) -> list[str]:
+    import timm
+    if all_models:
+        return timm.list_models()
+    if not patterns:
+        return list(DEFAULT_SUITE)
+    names: list[str] = []
+    everything = timm.list_models()
+    for p in patterns:
+        hits = fnmatch.filter(everything, p) if any(c in p for c in '*?[') else [p]
+        names += [h for h in hits if h not in names]
+    return names
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog='python -m timm_dst.zoo', description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='*', default=None, help='names or wildcards (default: the default suite)')
+    parser.add_argument('--all', action='store_true', help='every timm architecture')
+    parser.add_argument('--exclude', nargs='*', default=[], help='wildcards to leave out')
+    parser.add_argument('--img-size', type=int, default=64)
+    parser.add_argument('-b', '--batch-size', type=int, default=2)
+    parser.add_argument('--sparsity', type=float, default=0.9)
+    parser.add_argument('--method', default='rigl-itop')
+    parser.add_argument('--max-params', type=float, default=None, help='skip models above this many M params')
+    parser.add_argument('--timeout', type=float, default=300.0, help='seconds per model')
+    parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--limit', type=int, default=None, help='only the first N names')
+    parser.add_argument('--shuffle', type=int, default=None, metavar='SEED',
+                        help='check the names in a seeded random order (a representative sample when cut short)')
+    parser.add_argument('--format', choices=('markdown', 'csv'), default='markdown')
+    parser.add_argument('--output', default=None, help='also append rows to this CSV as they complete')
+    parser.add_argument('--resume', action='store_true', help='skip models already in --output')
+    args = parser.parse_args(argv)
+
+    names = _resolve_names(args.models, args.all)
+    names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in args.exclude)]
+    previous: list[ZooResult] = []
+    if args.resume and args.output and os.path.exists(args.output):
+        previous = _read_csv(args.output)
+        seen = {r.model for r in previous}
+        names = [n for n in names if n not in seen]
+    if args.shuffle is not None:
+        import random
+        random.Random(args.shuffle).shuffle(names)
+    if args.limit is not None:
+        names = names[:args.limit]
+
+    writer = None
+    if args.output:
+        new = not os.path.exists(args.output) or not args.resume
+        fh = open(args.output, 'w' if new else 'a', newline='')
+        writer = csv.writer(fh)
+        if new:
+            writer.writerow(_COLUMNS)
+
+    def on_result(r: ZooResult) -> None:
+        print(f'{r.status:7s} {r.model} ({r.seconds:.1f}s) {r.reason}', file=sys.stderr, flush=True)
+        if writer is not None:
+            writer.writerow(_row(r))
+            fh.flush()
+
+    results = run_zoo(names, img_size=args.img_size, batch_size=args.batch_size, sparsity=args.sparsity,
+                      method=args.method, timeout=args.timeout, max_params=args.max_params, threads=args.threads,
+                      callback=on_result)
+    if writer is not None:
+        fh.close()
+    print(format_table(previous + results, args.format))
+    return 0 if all(r.status in ('pass', 'skip') for r in results) else 1
+
+
+if __name__ == '__main__':
+    sys.exit(main())
