@@ -23,17 +23,41 @@ class DSTMask(prune.BasePruningMethod):
     """A pruning method whose mask is given (a bool tensor of the parameter's shape).
 
     Used once per tensor by :func:`attach_mask`; later topology changes write into the ``<name>_mask`` buffer.
+    Unlike ``prune.custom_from_mask``, the forward pre-hook does not compute ``orig * mask`` (a full copy and
+    multiply per forward, and another in the backward): ``module.<name>`` is a view of ``<name>_orig``, and a hook on
+    ``<name>_orig`` masks its gradient before it accumulates. That is exact because the sparsifier keeps ``orig``
+    zero wherever the mask is False (DESIGN invariant 2), so ``orig == orig * mask`` and ``orig.grad`` is the
+    gradient ``orig * mask`` would give.
     """
 
     PRUNING_TYPE = 'unstructured'
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
+        self._grad_hook = None
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         if self.mask.shape != t.shape:
             raise ValueError(f'mask shape {tuple(self.mask.shape)} does not match tensor shape {tuple(t.shape)}')
         return self.mask.to(device=t.device, dtype=torch.bool)
+
+    def apply_mask(self, module: nn.Module) -> torch.Tensor:
+        return getattr(module, self._tensor_name + '_orig').view_as(getattr(module, self._tensor_name + '_orig'))
+
+    def install_grad_mask(self, module: nn.Module) -> None:
+        """Mask ``<name>_orig``'s gradient before accumulation (looked up per call: ``module.to()`` swaps buffers)."""
+        name = self._tensor_name
+
+        def _mask_grad(grad: torch.Tensor) -> torch.Tensor:
+            return grad * getattr(module, name + '_mask')
+
+        self._grad_hook = getattr(module, name + '_orig').register_hook(_mask_grad)
+
+    def remove(self, module: nn.Module) -> None:
+        if self._grad_hook is not None:
+            self._grad_hook.remove()
+            self._grad_hook = None
+        super().remove(module)
 
 
 def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
@@ -46,16 +70,16 @@ def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     """
     if prune.is_pruned(module) and hasattr(module, name + '_mask'):
         raise ValueError(f'{type(module).__name__}.{name} already carries a mask; attach masks only once')
-    DSTMask.apply(module, name, mask=mask)
+    method = DSTMask.apply(module, name, mask=mask)
+    method.install_grad_mask(module)
     with torch.no_grad():
         getattr(module, name + '_orig').mul_(getattr(module, name + '_mask'))
     refresh_weight(module, name)
 
 
 def refresh_weight(module: nn.Module, name: str) -> None:
-    """Recompute ``module.<name> = <name>_orig * <name>_mask`` outside autograd (keeps ``copy.deepcopy`` working)."""
-    with torch.no_grad():
-        setattr(module, name, getattr(module, name + '_orig') * getattr(module, name + '_mask'))
+    """Reset ``module.<name>`` to a detached alias of ``<name>_orig`` (keeps ``copy.deepcopy`` working)."""
+    setattr(module, name, getattr(module, name + '_orig').detach())
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:
