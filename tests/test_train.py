@@ -100,7 +100,7 @@ def test_grad_accumulation_counts_optimizer_steps(tmp_path):
 
 
 def test_outputs(tmp_path):
-    _run(tmp_path, '--epochs', 2)
+    _run(tmp_path, '--epochs', 3, '--lr', 0.3)
     for f in ('args.yaml', 'summary.csv', 'dst_summary.json', LAST, 'model_best.pth.tar', 'model_best.safetensors',
               'model_last.safetensors', 'results.json', 'log.txt'):
         assert (tmp_path / f).is_file(), f
@@ -254,3 +254,14 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
     assert ckpt['next_epoch'] == 1 and ckpt['next_batch'] == 0
     assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
     assert not (tmp_path / 'results.json').exists()
+
+
+def test_docs_cover_every_flag():
+    from pathlib import Path
+
+    from timm_dst._config import create_parser
+    doc = (Path(__file__).parents[1] / 'docs' / 'cli.md').read_text()
+    _, parser = create_parser()
+    missing = [a.option_strings[0] for a in parser._actions
+               if a.option_strings and a.dest != 'help' and f'`{a.option_strings[0]}`' not in doc]
+    assert not missing, f'flags missing from docs/cli.md: {missing}'
