@@ -140,7 +140,8 @@ def test_ties_at_zero_never_keep_inactive():
         for t in sp.targets:
             t.param.zero_()  # every active weight ties with every inactive one at |w| = 0
     for i, t in enumerate(sp.targets):
-        kept = sp._drop_lowest(i, sp.counts[i] // 2)
+        drop, kept = sp._drop_lowest(i, sp.counts[i] // 2)
+        assert t.mask.view(-1)[drop].all() and drop.unique().numel() == drop.numel()
         assert (kept <= t.mask).all()
         assert int(kept.sum()) == sp.counts[i] - sp.counts[i] // 2
 
@@ -321,3 +322,20 @@ def test_summary_rows(tiny_kind: str):
     names = {n for n, _ in model.named_parameters()}
     assert not any(('pos_embed' in r['name'] or 'cls_token' in r['name'] or 'norm' in r['name']) for r in rows)
     assert all(r['name'] + '_orig' in names for r in rows)
+
+
+@pytest.mark.parametrize('kind', ['rand', 'sorted', 'ties', 'mostly_blocked'])
+def test_topk_indices_is_exact(kind: str):
+    from timm_dst.sparsifier import topk_indices
+    g = torch.Generator().manual_seed(0)
+    n, k = 300_000, 2_000
+    x = torch.rand(n, generator=g)
+    if kind == 'sorted':  # a strided sample of a sorted tensor is maximally unrepresentative
+        x = torch.sort(x).values
+    elif kind == 'ties':
+        x = (x * 4).floor()
+    elif kind == 'mostly_blocked':
+        x[torch.rand(n, generator=g) < 0.995] = -float('inf')
+    idx = topk_indices(x, k)
+    assert idx.numel() == k == idx.unique().numel()
+    torch.testing.assert_close(torch.sort(x[idx]).values, torch.sort(torch.topk(x, k).values).values)

@@ -41,6 +41,40 @@ def unwrap_optimizer(optimizer: Any) -> torch.optim.Optimizer:
     return optimizer
 
 
+_PREFILTER_MIN = 1 << 18  # tensors smaller than this use a plain topk
+
+
+def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
+    """Indices of the ``k`` largest entries of a 1-D ``score``: an exact top-k, faster than ``torch.topk`` on large
+    tensors with small ``k``.
+
+    A threshold is read off a strided sample so that about ``2k`` entries pass it; ``topk`` then runs on those
+    candidates only. Every entry of the true top-k passes a threshold that at least ``k`` entries pass, so the result is
+    exact; when fewer than ``k`` pass, it falls back to a full ``topk``.
+    """
+    n = score.numel()
+    if n < _PREFILTER_MIN or 8 * k > n:
+        return torch.topk(score, k, sorted=False).indices
+    sample = score[:: max(1, n // 16384)]
+    rank = max(1, min(sample.numel(), int(sample.numel() * (1.0 - 2.0 * k / n))))
+    threshold = torch.kthvalue(sample, rank).values
+    candidates = (score >= threshold).nonzero().squeeze(1)
+    if candidates.numel() < k:
+        return torch.topk(score, k, sorted=False).indices
+    return candidates[torch.topk(score[candidates], k, sorted=False).indices]
+
+
+def _first_occurrences(x: torch.Tensor) -> torch.Tensor:
+    """The distinct values of a 1-D tensor in order of first occurrence."""
+    if x.numel() == 0:
+        return x
+    uniq, inverse = torch.unique(x, return_inverse=True)
+    positions = torch.arange(x.numel(), device=x.device)
+    first = torch.full((uniq.numel(),), x.numel(), dtype=torch.long, device=x.device)
+    first.scatter_reduce_(0, inverse, positions, reduce='amin')
+    return x[first.sort().values]
+
+
 def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -180,6 +214,14 @@ class Sparsifier:
         self._origs = [t.param for t in self.targets]
         self._masks = [t.mask for t in self.targets]
         self._step_hook = self.optimizer.register_step_post_hook(self._on_step)
+        # some timm blocks read a child's weight in their own forward (BEiT / EVA / Swin V2 attention:
+        # F.linear(x, self.qkv.weight, qkv_bias)), so the child's prune hook never runs: refresh it from the parent too
+        self._parent_handles = []
+        for i, t in enumerate(self.targets):
+            owner = self._parent(i)
+            if owner is not None:
+                self._parent_handles.append(
+                    owner[0].register_forward_pre_hook(self._make_refresh_hook(owner[1], t.param_name)))
         self._set_capture(self.method.needs_dense_grad(self, 1))
         self._record(prune_rate=0.0)
 
@@ -220,9 +262,9 @@ class Sparsifier:
         return self._generators[key]
 
     def __repr__(self) -> str:
-        return (f'Sparsifier(method={self.method_name!r}, sparsity={self.sparsity}, distribution={self.distribution!r}, '
-                f'tensors={len(self.targets)}, density={self.density:.4f}, itop_rate={self.itop_rate:.4f}, '
-                f'step={self.step})')
+        return (f'Sparsifier(method={self.method_name!r}, sparsity={self.sparsity}, '
+                f'distribution={self.distribution!r}, tensors={len(self.targets)}, density={self.density:.4f}, '
+                f'itop_rate={self.itop_rate:.4f}, step={self.step})')
 
     # ------------------------------------------------------------------------------------------------------------
     # initial topology
@@ -268,6 +310,22 @@ class Sparsifier:
         if capture != bool(self._capture_handles):
             self._set_capture(capture)
 
+    def _parent(self, i: int) -> tuple[nn.Module, str] | None:
+        """The module owning target ``i``'s module, and the child's name relative to it."""
+        name = self.targets[i].name.rsplit('.', 1)[0] if '.' in self.targets[i].name else ''
+        if not name:
+            return None
+        parent, _, child = name.rpartition('.')
+        return self.model.get_submodule(parent), child
+
+    def _make_refresh_hook(self, child: str, param_name: str):
+        def _hook(module: nn.Module, inputs: Any) -> None:
+            sub = module.get_submodule(child)  # relative lookup: works in deep copies (timm EMA) too
+            orig = getattr(sub, param_name + '_orig', None)
+            if orig is not None:  # masks folded: nothing to refresh
+                setattr(sub, param_name, orig * getattr(sub, param_name + '_mask'))
+        return _hook
+
     def _set_capture(self, on: bool) -> None:
         for h in self._capture_handles:
             h.remove()
@@ -276,12 +334,15 @@ class Sparsifier:
             return
         for i, t in enumerate(self.targets):
             self._capture_handles.append(t.module.register_forward_pre_hook(self._make_capture_hook(i)))
+            owner = self._parent(i)
+            if owner is not None:  # the weight the parent computes only gets a gradient when the child is not called
+                self._capture_handles.append(owner[0].register_forward_pre_hook(self._make_capture_hook(i, owner[1])))
 
-    def _make_capture_hook(self, i: int):
+    def _make_capture_hook(self, i: int, child: str = ''):
         name = self.targets[i].param_name
 
         def _hook(module: nn.Module, inputs: Any) -> None:
-            w = getattr(module, name)
+            w = getattr(module.get_submodule(child), name)
             if torch.is_grad_enabled() and w.requires_grad:
                 w.register_hook(lambda g: self._accumulate_grad(i, g))
         return _hook
@@ -314,7 +375,7 @@ class Sparsifier:
         tensors += [g for g in self._dense_grads if g is not None]
         if not tensors:
             return True
-        return bool(torch.stack([torch.isfinite(x).all() for x in tensors]).all())
+        return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
 
     @torch.no_grad()
     def update(self) -> None:
@@ -326,74 +387,140 @@ class Sparsifier:
             self.clear_dense_grads()
             return
         rate = self.prune_rate
-        old = [t.mask for t in self.targets]
-        dropped = self.method.drop_counts(self, rate)
-        kept = [self._drop_lowest(i, k) for i, k in enumerate(dropped)]
-        grown = self.method.grow_counts(self, dropped, kept)
-        new = [self._grow_highest(i, k, kept[i], old[i]) for i, k in enumerate(grown)]
-        new = self._broadcast_masks(new)
-        self._apply_masks(new, keep=self._broadcast_masks(kept))
+        n_drop = self.method.drop_counts(self, rate)
+        drops, kept = zip(*[self._drop_lowest(i, k) for i, k in enumerate(n_drop)]) if n_drop else ((), ())
+        n_grow = self.method.grow_counts(self, list(n_drop), list(kept))
+        grows = [self._grow_highest(i, k, kept[i], self.counts[i] - d) for i, (k, d) in enumerate(zip(n_grow, n_drop))]
+        n = len(self.targets)
+        both = self._broadcast_indices(list(drops) + grows)
+        self._apply_update(both[:n], both[n:])
         self.clear_dense_grads()
         self.method.after_update(self)
         self._record(prune_rate=rate)
 
-    def _drop_lowest(self, i: int, k: int) -> torch.Tensor:
+    def _drop_lowest(self, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Flat indices of the ``k`` lowest-scoring active weights of tensor ``i``, and the mask left after dropping."""
         mask = self.targets[i].mask
         kept = mask.clone()
-        if k > 0:
-            score = self.method.drop_score(self, i).float().masked_fill(~mask, math.inf)
-            kept.view(-1)[torch.topk(score.view(-1), k, largest=False, sorted=False).indices] = False
-        return kept
-
-    def _grow_highest(self, i: int, k: int, kept: torch.Tensor, old: torch.Tensor) -> torch.Tensor:
         if k <= 0:
-            return kept
-        blocked = kept | old if self.method.grow_excludes_dropped else kept
-        score = self.method.grow_score(self, i).float()
+            return torch.empty(0, dtype=torch.long, device=mask.device), kept
+        active = mask.view(-1).nonzero().squeeze(1)  # drop candidates: active weights only
+        score = self.method.drop_score(self, i).reshape(-1)[active].float()
+        drop = active[topk_indices(score.neg_(), k)]
+        kept.view(-1)[drop] = False
+        return drop, kept
+
+    def _grow_highest(self, i: int, k: int, kept: torch.Tensor, n_kept: int) -> torch.Tensor:
+        """Flat indices of ``k`` positions of tensor ``i`` to grow, all inactive after the drop (``n_kept`` active)."""
+        t = self.targets[i]
+        if k <= 0:
+            return torch.empty(0, dtype=torch.long, device=kept.device)
+        excl_dropped = self.method.grow_excludes_dropped
+        blocked = (kept | t.mask) if excl_dropped else kept
+        n_blocked = self.counts[i] if excl_dropped else n_kept
+        score = self.method.grow_score(self, i)
+        if score is None:
+            if not self.grow_unexplored_first:
+                return self._sample_free(blocked.view(-1), k, t.numel - n_blocked)
+            # SET+: never-activated positions first, then the explored ones
+            fresh_blocked = (blocked | self.explored[i]).view(-1)
+            n_fresh = int((~fresh_blocked).sum())
+            first = self._sample_free(fresh_blocked, min(k, n_fresh), n_fresh)
+            if first.numel() == k:
+                return first
+            rest_blocked = blocked.view(-1).clone()
+            rest_blocked[first] = True
+            rest = self._sample_free(rest_blocked, k - first.numel(), t.numel - n_blocked - first.numel())
+            return torch.cat([first, rest])
+        score = score.float()
         if self.grow_unexplored_first:
             finite = score.masked_fill(blocked, 0.0)
             offset = finite.max() - finite.min() + 1.0
             score = torch.where(self.explored[i], score, score + offset)
         score = score.masked_fill(blocked, -math.inf)
-        new = kept.clone()
-        new.view(-1)[torch.topk(score.view(-1), k, sorted=False).indices] = True
-        return new
+        return topk_indices(score.view(-1), k)
 
-    def _apply_masks(self, new: list[torch.Tensor], keep: list[torch.Tensor] | None = None) -> None:
-        """Install new masks in place: zero dropped and grown weights and their optimizer state, track R_s.
+    def _sample_free(self, blocked: torch.Tensor, k: int, n_free: int) -> torch.Tensor:
+        """``k`` distinct flat positions drawn uniformly at random where ``blocked`` is False (exact, seeded)."""
+        device = blocked.device
+        if k <= 0:
+            return torch.empty(0, dtype=torch.long, device=device)
+        gen, n = self.generator(device), blocked.numel()
+        if n < 4096 or 4 * k > n_free:  # rejection sampling would draw too often: score the free positions
+            free = (~blocked).nonzero().squeeze(1)
+            return free[topk_indices(torch.rand(free.numel(), generator=gen, device=device), k)]
+        picked = torch.empty(0, dtype=torch.long, device=device)
+        while picked.numel() < k:
+            # draw with replacement, reject blocked, keep the first occurrence of each: a uniform k-subset
+            m = int((k - picked.numel()) * n / n_free * 1.3) + 64
+            draws = torch.randint(n, (m,), generator=gen, device=device)
+            picked = _first_occurrences(torch.cat([picked, draws[~blocked[draws]]]))[:k]
+        return picked
 
-        Args:
-            new: The new masks.
-            keep: Positions whose values and optimizer state survive (default: active before and after). A position
-                dropped and regrown in the same update is not in it, so it restarts at zero.
-        """
+    def _apply_update(self, drops: list[torch.Tensor], grows: list[torch.Tensor]) -> None:
+        """Install an update given as flat index sets: O(k) writes to masks, weights and optimizer state."""
+        newly = []
+        for i, (t, drop, grow) in enumerate(zip(self.targets, drops, grows)):
+            mask = t.mask.view(-1)
+            mask[drop] = False
+            mask[grow] = True
+            reset = torch.cat([drop, grow])  # dropped weights go to zero; grown ones start at zero
+            t.param.detach().view(-1).index_fill_(0, reset, 0.0)
+            for value in self._state_tensors(t):
+                value.view(-1).index_fill_(0, reset, 0.0)
+            explored = self.explored[i].view(-1)
+            newly.append((~explored[grow]).sum())
+            explored[grow] = True
+            self.counts[i] += grow.numel() - drop.numel()
+            refresh_weight(t.module, t.param_name)
+        if newly:
+            for i, c in enumerate(torch.stack(newly).tolist()):
+                self.explored_counts[i] += int(c)
+
+    def _broadcast_indices(self, indices: list[torch.Tensor]) -> list[torch.Tensor]:
+        """Rank 0's index sets on every rank (sizes first, then one concatenated tensor)."""
+        if _dist_world() <= 1:
+            return indices
+        device = self.targets[0].param.device
+        sizes = torch.tensor([x.numel() for x in indices], dtype=torch.long, device=device)
+        dist.broadcast(sizes, src=0)
+        if dist.get_rank() == 0:
+            flat = torch.cat([x.to(device) for x in indices])
+        else:
+            flat = torch.empty(int(sizes.sum()), dtype=torch.long, device=device)
+        dist.broadcast(flat, src=0)
+        return list(torch.split(flat, sizes.tolist()))
+
+    def _apply_masks(self, new: list[torch.Tensor]) -> None:
+        """Install whole new masks (initial topology, baselines): zero what changed and its optimizer state."""
         survivors = []
         for i, (t, m) in enumerate(zip(self.targets, new)):
-            surv = t.mask & m if keep is None else keep[i] & m
-            survivors.append(surv)
+            survivors.append(t.mask & m)
             t.mask.copy_(m)
-            t.param.mul_(surv)
+            t.param.mul_(survivors[-1])
             refresh_weight(t.module, t.param_name)
             self.explored[i] |= m
         self._zero_optimizer_state(survivors)
         self._refresh_counts()
 
     def _refresh_counts(self) -> None:
-        """Recount active and explored positions (one device sync; update steps only)."""
+        """Recount active and explored positions (one device sync)."""
         stats = torch.stack([x.sum() for x in [t.mask for t in self.targets] + self.explored]).tolist()
         n = len(self.targets)
         self.counts = [int(c) for c in stats[:n]]
         self.explored_counts = [int(c) for c in stats[n:]]
 
+    def _state_tensors(self, t: SparseTarget) -> list[torch.Tensor]:
+        """Optimizer-state tensors shaped like a sparse weight (momentum, Adam moments, ...)."""
+        state = self.optimizer.state.get(t.param) or {}
+        return [v for v in state.values()
+                if torch.is_tensor(v) and v.shape == t.param.shape and v.is_floating_point()]
+
     def _zero_optimizer_state(self, keep: list[torch.Tensor]) -> None:
         """Zero every optimizer-state tensor shaped like a sparse weight outside ``keep`` (momentum, Adam moments)."""
         for t, k in zip(self.targets, keep):
-            state = self.optimizer.state.get(t.param)
-            if not state:
-                continue
-            for value in state.values():
-                if torch.is_tensor(value) and value.shape == k.shape and value.is_floating_point():
-                    value.mul_(k)
+            for value in self._state_tensors(t):
+                value.mul_(k)
 
     def _broadcast_masks(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Make masks bit-identical on all ranks (rank 0's win)."""

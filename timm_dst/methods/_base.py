@@ -53,10 +53,13 @@ class SparseMethod:
         """How many inactive positions each tensor grows (default: what it dropped)."""
         return list(dropped)
 
-    def grow_score(self, sp: Sparsifier, i: int) -> torch.Tensor:
-        """Grow score of tensor ``i``'s positions (the highest-scoring inactive ones are grown)."""
-        p = sp.targets[i].param
-        return torch.rand(p.shape, generator=sp.generator(p.device), device=p.device)
+    def grow_score(self, sp: Sparsifier, i: int) -> torch.Tensor | None:
+        """Grow score of tensor ``i``'s positions (the highest-scoring inactive ones are grown).
+
+        None (the default) means uniformly at random among the inactive positions, which the controller samples
+        directly instead of scoring every position.
+        """
+        return None
 
     def after_update(self, sp: Sparsifier) -> None:
         """Called once the new masks are in place (per-method bookkeeping)."""
