@@ -158,10 +158,10 @@ def _check_invariants(sp, sparsity: float) -> None:
         for t, count in zip(sp.targets, sp.counts):
             if int(t.mask.sum()) != count:
                 raise RuntimeError(f'{t.name}: mask holds {int(t.mask.sum())} != budget {count}')
-            if bool((t.param[~t.mask] != 0).any()):
+            if bool(((t.param != 0) & ~t.mask).any()):
                 raise RuntimeError(f'{t.name}: masked positions non-zero in {t.param_name}_orig')
             w = getattr(t.module, t.param_name)
-            if bool((w[~t.mask] != 0).any()):
+            if bool(((w != 0) & ~t.mask).any()):
                 raise RuntimeError(f'{t.name}: masked positions non-zero in the effective weight')
         bad = [t.name for t in sp.targets
                if any(f in t.name for f in _FORBIDDEN) or _is_position_module(t.name.rsplit('.', 1)[0])]
