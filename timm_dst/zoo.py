@@ -37,15 +37,13 @@ __all__ = ['DEFAULT_SUITE', 'ZooResult', 'check_model', 'run_zoo', 'format_table
 
 # One small architecture per family; these run in CI (tests/test_zoo.py).
 DEFAULT_SUITE: tuple[str, ...] = (
-    'resnet18', 'resnext26ts', 'convnext_atto', 'vit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224',
+    'resnet10t', 'resnext26ts', 'convnext_atto', 'vit_tiny_patch16_224', 'deit_tiny_distilled_patch16_224',
     'swin_tiny_patch4_window7_224', 'efficientnet_b0', 'mobilenetv3_small_050', 'regnetx_002', 'densenet121',
-    'mixer_s32_224', 'levit_128s', 'coat_lite_tiny', 'poolformer_s12', 'nfnet_l0', 'resnetv2_50x1_bit',
-    'ghostnet_050', 'dla34', 'hrnet_w18_small', 'maxvit_nano_rw_256', 'convmixer_768_32', 'xcit_nano_12_p16_224',
-    'tf_efficientnet_b0', 'efficientnet_cc_b0_4e', 'beit_base_patch16_224', 'convit_tiny', 'cait_xxs24_224',
-    'pvt_v2_b0', 'twins_svt_small', 'mobilevit_xxs', 'edgenext_xx_small', 'efficientformer_l1',
-    'repvgg_a0', 'fastvit_t8', 'tinynet_e', 'lcnet_050', 'res2net50_14w_8s', 'sebotnet33ts_256',
-    'eva02_tiny_patch14_224', 'swinv2_cr_tiny_ns_224', 'crossvit_tiny_240', 'tnt_s_patch16_224',
-    'inception_v3', 'vgg11', 'mambaout_femto', 'hgnetv2_b0',
+    'mixer_s32_224', 'levit_128s', 'coat_lite_tiny', 'poolformer_s12', 'nf_regnet_b0', 'resnetv2_50x1_bit',
+    'ghostnet_050', 'dla46_c', 'hrnet_w18_small', 'maxvit_pico_rw_256', 'convmixer_768_32', 'xcit_nano_12_p16_224',
+    'tf_mobilenetv3_small_minimal_100', 'efficientnet_cc_b0_4e', 'eva02_tiny_patch14_224', 'convit_tiny',
+    'cait_xxs24_224', 'pvt_v2_b0', 'mobilevit_xxs', 'edgenext_xx_small', 'repvgg_a0', 'fastvit_t8', 'lcnet_050',
+    'gcvit_xxtiny', 'mambaout_femto', 'hgnetv2_b0', 'efficientformer_l1', 'eca_halonext26ts',
 )
 
 # Names (module or parameter path components) that must never be sparse: position embeddings, tokens, tables.
