@@ -7,7 +7,7 @@ import torch
 
 import timm_dst  # noqa: F401  (registers itop_mlp)
 
-torch.set_num_threads(2)
+torch.set_num_threads(1)  # tiny models: one intra-op thread is fastest and does not oversubscribe CI
 
 # name, create_model kwargs, input shape
 TINY_MODELS = {
