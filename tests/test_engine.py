@@ -11,8 +11,11 @@ from conftest import TINY_MODELS, make_tiny
 
 import timm_dst
 
-METHODS = ['dense', 'static', 'set', 'rigl', 'snfs', 'dsr', 'set-itop', 'rigl-itop']
+METHODS = ['dense', 'static', 'set', 'rigl', 'snfs', 'dsr', 'set-itop', 'rigl-itop',
+           'snip', 'lth', 'gmp', 'snip-set-itop', 'lth-set-itop']
 MOVING_BUDGETS = {'snfs', 'dsr'}  # methods that move budget between tensors (global total stays exact)
+SHRINKING = {'gmp'}  # the budget follows the cubic schedule down to the target
+STATIC = {'static', 'snip', 'lth'}
 
 
 def _make_optimizer(name: str, model: torch.nn.Module) -> torch.optim.Optimizer:
@@ -46,7 +49,9 @@ class InvariantChecker:
             assert mask.dtype == torch.bool
             # 1. exact counts
             assert int(mask.sum()) == sp.counts[i], t.name
-            if self.method not in MOVING_BUDGETS:
+            if self.method in SHRINKING:
+                assert sp.counts[i] <= self.initial_counts[i], t.name
+            elif self.method not in MOVING_BUDGETS:
                 assert sp.counts[i] == self.initial_counts[i], t.name
             # 2. no stale values: zero in weight_orig and in the effective weight
             assert not orig[~mask].any(), t.name
@@ -63,7 +68,11 @@ class InvariantChecker:
             # 5. per-tensor R_s never decreases
             assert (sp.explored[i] >= self.prev_explored[i]).all()
             assert (sp.explored[i] >= mask).all()
-        assert sum(sp.counts) == self.total
+        if self.method in SHRINKING:
+            assert sum(sp.counts) <= self.total
+            self.total = sum(sp.counts)
+        else:
+            assert sum(sp.counts) == self.total
         assert sp.itop_rate >= self.prev_rs - 1e-12
         if sp.counts != self.initial_counts:
             self.budgets_moved = True
@@ -87,21 +96,28 @@ def _train(model, opt, x, y, steps: int) -> None:
 def test_invariants(tiny_kind: str, method: str, opt_name: str):
     model, x, y = make_tiny(tiny_kind)
     opt = _make_optimizer(opt_name, model)
-    kwargs = dict(dsr_np=2000) if method == 'dsr' else {}
+    trained = model.state_dict()  # LTH: the current weights stand in for a trained dense model
+    kwargs = {'dsr': dict(dsr_np=2000), 'gmp': dict(update_end=10),
+              'snip': dict(snip_batches=(x, y)), 'snip-set-itop': dict(snip_batches=(x, y)),
+              'lth': dict(lth_trained_state=trained), 'lth-set-itop': dict(lth_trained_state=trained)}.get(method, {})
+    kwargs = {'update_end': 40, **kwargs}
     sp = timm_dst.create_sparsifier(model, opt, method=method, sparsity=0.9, update_interval=2, total_steps=40,
-                                    update_end=40, seed=3, **kwargs)
+                                    seed=3, **kwargs)
     if method == 'dense':
         assert sp.density == 1.0 and sp.itop_rate == 1.0
         assert not any(k.endswith('_mask') for k in model.state_dict())
         _train(model, opt, x, y, 2)
         return
     total = sum(t.numel for t in sp.targets)
-    assert sum(sp.counts) == round(0.1 * total)
+    if method not in SHRINKING:
+        assert sum(sp.counts) == round(0.1 * total)
     assert sp.itop_rate == pytest.approx(sp.density)  # 5. R_s starts at the density
     checker = InvariantChecker(sp, opt, method)
     _train(model, opt, x, y, 12)
     assert sp.step == 12
-    if method == 'static':
+    if method in SHRINKING:
+        assert sum(sp.counts) == round(0.1 * total)  # the cubic schedule ended at step 10
+    elif method in STATIC:
         assert checker.n_updates == 0
         assert sp.itop_rate == pytest.approx(sp.density)
     else:
