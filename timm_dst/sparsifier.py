@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from .distributions import DISTRIBUTIONS, layer_counts
 from .methods._base import SparseMethod
-from .reparam import attach_mask, refresh_weight, unwrap_model
+from .reparam import attach_mask, effective_weight, refresh_weight, unwrap_model
 from .schedules import UpdateSchedule, prune_rate_at, resolve_step
 from .targets import SparseTarget, find_targets
 
@@ -321,9 +321,8 @@ class Sparsifier:
     def _make_refresh_hook(self, child: str, param_name: str):
         def _hook(module: nn.Module, inputs: Any) -> None:
             sub = module.get_submodule(child)  # relative lookup: works in deep copies (timm EMA) too
-            orig = getattr(sub, param_name + '_orig', None)
-            if orig is not None:  # masks folded: nothing to refresh
-                setattr(sub, param_name, orig * getattr(sub, param_name + '_mask'))
+            if hasattr(sub, param_name + '_orig'):  # masks folded: nothing to refresh
+                setattr(sub, param_name, effective_weight(sub, param_name))
         return _hook
 
     def _set_capture(self, on: bool) -> None:
