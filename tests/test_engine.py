@@ -290,6 +290,17 @@ def test_deepcopy_and_ema_compatible():
     for t in sp.targets:
         ema_mask = ema.module.get_buffer(t.name + '_mask')
         assert ema_mask.dtype == torch.bool and torch.equal(ema_mask, t.mask)
+    # the averaged weight_orig is not zero at positions dropped since: the EMA model's forward still masks them
+    with torch.no_grad():
+        ema.module(x)
+    stale = 0
+    for t in sp.targets:
+        mod_name, p_name = t.name.rsplit('.', 1)
+        ema_mod = ema.module.get_submodule(mod_name)
+        masked = ~ema_mod.get_buffer(p_name + '_mask')
+        stale += int(getattr(ema_mod, p_name + '_orig')[masked].ne(0).sum())
+        assert not getattr(ema_mod, p_name)[masked].any()
+    assert stale > 0
 
 
 def test_non_finite_gradient_skips_update():

@@ -7,6 +7,7 @@ compiled graphs and DDP keep referencing the same buffer.
 """
 from __future__ import annotations
 
+import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
 
@@ -26,10 +27,10 @@ class DSTMask(prune.BasePruningMethod):
 
     Used once per tensor by :func:`attach_mask`; later topology changes write into the ``<name>_mask`` buffer.
     Unlike ``prune.custom_from_mask``, the forward pre-hook does not compute ``orig * mask`` (a full copy and
-    multiply per forward, and another in the backward): ``module.<name>`` is a view of ``<name>_orig``, and a hook on
-    ``<name>_orig`` masks its gradient before it accumulates. That is exact because the sparsifier keeps ``orig``
-    zero wherever the mask is False (DESIGN invariant 2), so ``orig == orig * mask`` and ``orig.grad`` is the
-    gradient ``orig * mask`` would give.
+    multiply per forward, and another in the backward): on the module the sparsifier controls, ``module.<name>`` is a
+    view of ``<name>_orig``, and a hook on ``<name>_orig`` masks its gradient before it accumulates. That is exact
+    because the sparsifier keeps ``orig`` zero wherever the mask is False (DESIGN invariant 2), so
+    ``orig == orig * mask`` and ``orig.grad`` is the gradient ``orig * mask`` would give.
     """
 
     PRUNING_TYPE = 'unstructured'
@@ -37,6 +38,7 @@ class DSTMask(prune.BasePruningMethod):
     def __init__(self, mask: torch.Tensor):
         self.mask = mask
         self._grad_hook = None
+        self._owner: weakref.ref | None = None
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         if self.mask.shape != t.shape:
@@ -44,7 +46,16 @@ class DSTMask(prune.BasePruningMethod):
         return self.mask.to(device=t.device, dtype=torch.bool)
 
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
-        return effective_weight(module, self._tensor_name)
+        """A view of ``orig`` on the module the sparsifier controls; ``orig * mask`` on copies of it (timm's EMA
+        averages ``orig``, which is then not exactly zero at positions dropped since)."""
+        orig = getattr(module, self._tensor_name + '_orig')
+        if self._owner is not None and self._owner() is module:
+            return orig.view_as(orig)
+        return orig * getattr(module, self._tensor_name + '_mask')
+
+    def __getstate__(self) -> dict:
+        # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
+        return {**self.__dict__, '_owner': None, '_grad_hook': None}
 
     def install_grad_mask(self, module: nn.Module) -> None:
         """Mask ``<name>_orig``'s gradient before accumulation (looked up per call: ``module.to()`` swaps buffers)."""
@@ -54,6 +65,7 @@ class DSTMask(prune.BasePruningMethod):
             return torch.where(getattr(module, name + '_mask'), grad, 0.0)  # 2-3x faster than grad * bool_mask
 
         self._grad_hook = getattr(module, name + '_orig').register_hook(_mask_grad)
+        self._owner = weakref.ref(module)
 
     def remove(self, module: nn.Module) -> None:
         if self._grad_hook is not None:
@@ -63,9 +75,12 @@ class DSTMask(prune.BasePruningMethod):
 
 
 def effective_weight(module: nn.Module, name: str) -> torch.Tensor:
-    """The weight the forward uses: a view of ``<name>_orig`` (zero where masked), connected to autograd."""
+    """The weight the forward of ``module`` uses for its masked tensor ``name`` (see :meth:`DSTMask.apply_mask`)."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, DSTMask) and hook._tensor_name == name:
+            return hook.apply_mask(module)
     orig = getattr(module, name + '_orig')
-    return orig.view_as(orig)
+    return orig * getattr(module, name + '_mask')
 
 
 def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
