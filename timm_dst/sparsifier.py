@@ -211,8 +211,7 @@ class Sparsifier:
         if remask_every_step is None:
             remask_every_step = type(self.optimizer) not in _ZERO_PRESERVING
         self.remask_every_step = bool(remask_every_step)
-        self._origs = [t.param for t in self.targets]
-        self._masks = [t.mask for t in self.targets]
+        self._origs = [t.param for t in self.targets]  # parameters keep their identity across module.to()
         self._step_hook = self.optimizer.register_step_post_hook(self._on_step)
         # some timm blocks read a child's weight in their own forward (BEiT / EVA / Swin V2 attention:
         # F.linear(x, self.qkv.weight, qkv_bias)), so the child's prune hook never runs: refresh it from the parent too
@@ -302,7 +301,7 @@ class Sparsifier:
         self.step += 1
         if self.remask_every_step:
             with torch.no_grad():
-                torch._foreach_mul_(self._origs, self._masks)
+                torch._foreach_mul_(self._origs, [t.mask for t in self.targets])  # buffers: looked up fresh
         self.method.on_step(self)
         if self.schedule.is_update_step(self.step):
             self.update()
@@ -385,6 +384,9 @@ class Sparsifier:
             warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: topology update skipped', stacklevel=2)
             self.clear_dense_grads()
             return
+        for i, t in enumerate(self.targets):  # the model may have moved since attaching (module.to swaps buffers)
+            if self.explored[i].device != t.mask.device:
+                self.explored[i] = self.explored[i].to(t.mask.device)
         rate = self.prune_rate
         n_drop = self.method.drop_counts(self, rate)
         drops, kept = zip(*[self._drop_lowest(i, k) for i, k in enumerate(n_drop)]) if n_drop else ((), ())
