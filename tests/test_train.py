@@ -265,3 +265,104 @@ def test_docs_cover_every_flag():
     missing = [a.option_strings[0] for a in parser._actions
                if a.option_strings and a.dest != 'help' and f'`{a.option_strings[0]}`' not in doc]
     assert not missing, f'flags missing from docs/cli.md: {missing}'
+
+
+def test_snip_scores_the_first_training_batch(tmp_path, monkeypatch):
+    from timm_dst.methods import snip
+    seen = {}
+    orig = snip.SNIP.init_masks
+
+    def _spy(self, sp):
+        seen['batches'], seen['num'] = self.batches, self.num_batches
+        seen['first'] = next(iter(self.batches))
+        return orig(self, sp)
+
+    monkeypatch.setattr(snip.SNIP, 'init_masks', _spy)
+    _run(tmp_path, '--epochs', 1, '--dst', 'snip')
+    assert isinstance(seen['batches'], torch.utils.data.DataLoader) and seen['num'] == 1
+    assert seen['first'][0].shape[0] == 32  # a training batch (the training batch size)
+    ckpt = _ckpt(tmp_path)
+    _check_invariants(ckpt['model'], ckpt['sparsifier'])
+    summary = json.loads((tmp_path / 'dst_summary.json').read_text())
+    assert summary['method'] == 'snip' and abs(summary['density'] - 0.2) < 0.01
+
+
+def _lth_phase2_start(monkeypatch):
+    """Record the weights and masks phase 2 of LTH starts from."""
+    from timm_dst import train as train_mod
+    starts = []
+    orig = train_mod._Run.fit
+
+    def _spy(self):
+        if self.args.dst == 'lth' and not self.args.resume:
+            starts.append({k: v.detach().clone() for k, v in self.model.state_dict().items()})
+        return orig(self)
+
+    monkeypatch.setattr(train_mod._Run, 'fit', _spy)
+    return starts
+
+
+def test_lth_two_phases(tmp_path, monkeypatch):
+    starts = _lth_phase2_start(monkeypatch)
+    lth = ['--dst', 'lth', '--epochs', 2, '--lth-rewind-step', 3]
+    _run(tmp_path / 'a', *lth)
+    dense_dir = tmp_path / 'a' / 'dense'
+    dense = _ckpt(dense_dir)
+    assert dense['num_updates'] == 14 and dense['args']['dst'] == 'dense'
+    assert not any(k.endswith('_mask') for k in dense['model'])
+    rewind = torch.load(dense_dir / 'rewind.pth', weights_only=True)
+    assert not torch.equal(rewind['head.weight'], dense['model']['head.weight'])  # step 3, not the end
+    # the mask: global magnitude top-k of the final dense weights
+    start = starts[0]
+    masks = {k[:-len('_mask')]: v for k, v in start.items() if k.endswith('_mask')}
+    assert masks
+    kept = torch.cat([dense['model'][n][m].abs() for n, m in masks.items()])
+    pruned = torch.cat([dense['model'][n][~m].abs() for n, m in masks.items()])
+    assert kept.numel() == round(0.2 * (kept.numel() + pruned.numel()))
+    assert kept.min() >= pruned.max()
+    # phase 2 starts from the rewind point on surviving weights (and exactly on everything else)
+    for n, m in masks.items():
+        assert torch.equal(start[n + '_orig'][m], rewind[n][m]), n
+        assert not start[n + '_orig'][~m].any(), n
+    for k, v in rewind.items():
+        if k not in masks:
+            assert torch.equal(start[k], v), k
+    results = json.loads((tmp_path / 'a' / 'results.json').read_text())
+    assert results['method'] == 'lth' and results['lth']['rewind_step'] == 3
+    assert results['lth']['train_flops_both_phases_ratio'] > 1.0
+    from timm_dst._config import parse_args  # phase 2 alone runs again from its args.yaml
+    args = parse_args(['-c', str(tmp_path / 'a' / 'args.yaml')])
+    assert args.lth_trained_state.endswith(LAST) and args.lth_rewind_state.endswith('rewind.pth')
+
+    # killed in phase 1, then in phase 2: resuming continues in the right phase and ends where the straight run did
+    _run(tmp_path / 'b', *lth, '--stop-after-updates', 4)
+    assert not (tmp_path / 'b' / 'dense' / 'results.json').exists() and not (tmp_path / 'b' / LAST).exists()
+    # --stop-after-updates counts both phases: 14 dense steps, then 7 of phase 2
+    _run(tmp_path / 'b', *lth, '--stop-after-updates', 21, '--resume', tmp_path / 'b' / 'dense' / LAST)
+    assert (tmp_path / 'b' / 'dense' / 'results.json').exists() and _ckpt(tmp_path / 'b')['num_updates'] == 7
+    assert not (tmp_path / 'b' / 'results.json').exists()
+    _run(tmp_path / 'b', *lth, '--resume', tmp_path / 'b')
+    a, b = _ckpt(tmp_path / 'a'), _ckpt(tmp_path / 'b')
+    assert a['num_updates'] == b['num_updates'] == 14
+    for k in a['model']:
+        assert torch.equal(a['model'][k], b['model'][k]), k
+    _check_invariants(b['model'], b['sparsifier'])
+
+
+def test_flops_in_outputs(tmp_path):
+    _run(tmp_path, '--epochs', 2, '--dst', 'rigl', '--sparsity', 0.9)
+    summary = json.loads((tmp_path / 'dst_summary.json').read_text())
+    for key in ('inference_flops', 'inference_flops_dense', 'inference_flops_ratio', 'train_flops',
+                'train_flops_dense', 'train_flops_ratio'):
+        assert key in summary, key
+    density = summary['density']
+    assert summary['inference_flops'] < summary['inference_flops_dense']
+    assert summary['inference_flops_ratio'] < 1.0
+    assert abs(summary['inference_flops_ratio'] - density) < 0.05  # an MLP: all FLOPs are in the sparse layers
+    # RigL: sparse steps plus dense weight gradients on the steps of its updates (3, 6, 9: it stops at 75%)
+    assert summary['dense_grad_steps'] == 3 and summary['steps'] == 14
+    assert density < summary['inference_flops_ratio'] + 1e-9 < summary['train_flops_ratio'] < 1.0
+    # 2 epochs of 210 samples (the last batch of each is partial), dense training = 3 f_D per sample
+    assert summary['train_flops_dense'] == pytest.approx(3 * summary['inference_flops_dense'] * 420)
+    results = json.loads((tmp_path / 'results.json').read_text())
+    assert results['train_flops'] == summary['train_flops']

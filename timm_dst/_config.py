@@ -245,6 +245,9 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                    help='re-apply masks after every optimizer step (automatic for optimizers that need it)')
     g.add_argument('--dst-seed', type=int, default=None,
                    help='seed of the sparsifier\'s generator (default: --seed; the same on every rank)')
+    g.add_argument('--lth-rewind-step', type=int, default=None, metavar='K',
+                   help='lth, lth-set-itop without --lth-trained-state: rewind to the dense weights at optimizer step '
+                        'K (late rewinding; default 0, the initialisation)')
     g.add_argument('--dst-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='KEY=VALUE',
                    help='further keyword arguments for timm_dst.create_sparsifier')
     for dest, info in method_flags().items():
@@ -264,7 +267,11 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--stop-after-updates', type=int, default=None, metavar='N',
                    help='checkpoint and stop after N optimizer steps in total (to split a run over time-limited '
                         'jobs; continue with --resume)')
-    g.add_argument('-j', '--workers', type=int, default=0, metavar='N', help='data-loading worker processes')
+    g.add_argument('-j', '--workers', type=int, default=0, metavar='N',
+                   help='data-loading worker processes (in-memory data sets always load in the main process)')
+    g.add_argument('--threads', type=int, default=None, metavar='N',
+                   help='intra-op CPU threads, torch.set_num_threads (default: torch\'s; 1 is fastest for small '
+                        'models on a busy CPU)')
     g.add_argument('--pin-mem', action='store_true', default=False, help='pin loader memory')
     g.add_argument('--output', default='', type=str, metavar='PATH',
                    help='run folder (default ./output/train/<date-time>-<model>)')
@@ -337,6 +344,8 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             parser.error(f'--{flag.replace("_", "-")} {v!r}: a float is a fraction of training in [0, 1]')
     if args.update_interval is not None and args.update_interval < 1:
         parser.error(f'--update-interval {args.update_interval!r} must be a positive number of optimizer steps')
+    if args.threads is not None and args.threads < 1:
+        parser.error(f'--threads {args.threads!r} must be >= 1')
     for flag in ('epochs', 'batch_size', 'grad_accum_steps', 'log_interval'):
         if getattr(args, flag) < 1:
             parser.error(f'--{flag.replace("_", "-")} {getattr(args, flag)!r} must be >= 1')
@@ -348,7 +357,24 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         args.pretrained = True
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         parser.error(f'--initial-checkpoint {args.initial_checkpoint!r}: no such file')
-    if args.resume:
+    lth = args.dst in ('lth', 'lth-set-itop')
+    if args.lth_rewind_step is not None:
+        if not lth or args.lth_trained_state:
+            parser.error('--lth-rewind-step is for --dst lth / lth-set-itop without --lth-trained-state (the CLI '
+                         'then trains the dense phase itself and saves the rewind point)')
+        if args.lth_rewind_step < 0:
+            parser.error(f'--lth-rewind-step {args.lth_rewind_step!r} must be >= 0')
+    if lth and args.lth_rewind_state and not args.lth_trained_state:
+        parser.error('--lth-rewind-state needs --lth-trained-state (without it the CLI trains the dense phase and '
+                     'saves its own rewind point: see --lth-rewind-step)')
+    for flag in ('lth_trained_state', 'lth_rewind_state', 'snip_batches'):
+        path = getattr(args, flag, None)
+        if path and not os.path.isfile(path):
+            parser.error(f'--{flag.replace("_", "-")} {path!r}: no such file')
+    if args.resume and lth and not args.lth_trained_state:
+        if not os.path.exists(args.resume):  # both LTH phases: a run folder or either phase's checkpoint
+            parser.error(f'--resume: {args.resume!r}: no such checkpoint file or run folder')
+    elif args.resume:
         from ._checkpoint import resolve_resume
         try:
             args.resume = resolve_resume(args.resume)

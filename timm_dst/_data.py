@@ -18,7 +18,7 @@ from torch.utils.data import BatchSampler, DataLoader, Dataset, Sampler, Subset
 
 __all__ = [
     'DATASETS', 'FASHION_MNIST_DIR', 'DataInfo', 'EpochSampler', 'TensorImageDataset', 'read_idx', 'check_dataset',
-    'create_datasets', 'create_loader', 'normalize_dataset_name',
+    'collate', 'create_datasets', 'create_loader', 'in_memory', 'normalize_dataset_name',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -129,6 +129,32 @@ class TensorImageDataset(Dataset):
             img = self.transform(img)
         return img, int(self.targets[index])
 
+    def __getitems__(self, indices: list[int]) -> Any:
+        """A whole batch in one gather: ``(images, targets)`` when the transform is a plain normalisation (done on the
+        batch), else the list of samples (per-sample transforms, e.g. random crops, differ between samples)."""
+        if self.transform is not None and not isinstance(self.transform, _Normalize):
+            return [self[i] for i in indices]
+        idx = torch.as_tensor(indices, dtype=torch.long)
+        imgs = self.images.index_select(0, idx).float()
+        scale = 1.0 / 255.0 if self.images.dtype == torch.uint8 else 1.0
+        if self.transform is not None:
+            imgs = self.transform.batch(imgs, scale)
+        elif scale != 1.0:
+            imgs.mul_(scale)
+        return _Batch((imgs, self.targets.index_select(0, idx)))
+
+
+class _Batch(tuple):
+    """A batch already collated by :meth:`TensorImageDataset.__getitems__` (passed through by :func:`collate`)."""
+
+
+def collate(data: Any) -> Any:
+    """``default_collate``, except for batches gathered whole by a tensor data set (returned as they are)."""
+    if isinstance(data, _Batch):
+        return tuple(data)
+    from torch.utils.data import default_collate
+    return default_collate(data)
+
 
 def _synthetic(num_samples: int, num_classes: int, shape: tuple[int, int, int], seed: int,
                prototype_seed: int = 1234) -> TensorImageDataset:
@@ -216,6 +242,10 @@ class _Normalize:
 
     def __call__(self, img: torch.Tensor) -> torch.Tensor:
         return (img - self.mean) / self.std
+
+    def batch(self, imgs: torch.Tensor, scale: float = 1.0) -> torch.Tensor:
+        """``(imgs * scale - mean) / std`` of a float (N, C, H, W) batch, in one fused op."""
+        return torch.addcmul(-self.mean / self.std, imgs, scale / self.std)
 
 
 def _pil_transform(info: DataInfo, is_training: bool, args: Any) -> Callable:
@@ -380,13 +410,26 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def in_memory(dataset: Dataset | None) -> bool:
+    """Whether ``dataset`` (or the data set under a ``Subset``) is held in one tensor: batches are gathered whole,
+    worker processes would only add overhead."""
+    while isinstance(dataset, Subset):
+        dataset = dataset.dataset
+    return isinstance(dataset, TensorImageDataset)
+
+
 def create_loader(dataset: Dataset, batch_size: int, is_training: bool, seed: int = 0, workers: int = 0,
                   pin_memory: bool = False, drop_last: bool = False) -> DataLoader:
-    """A DataLoader over an :class:`EpochSampler` (to be passed through ``accelerator.prepare``)."""
+    """A DataLoader over an :class:`EpochSampler` (to be passed through ``accelerator.prepare``).
+
+    In-memory tensor data sets are loaded in the main process (``workers`` is ignored), a whole batch at a time.
+    """
+    if in_memory(dataset):
+        workers = 0
     sampler = EpochSampler(len(dataset), seed=seed, shuffle=is_training)
     batch_sampler = BatchSampler(sampler, batch_size, drop_last=drop_last)
     return DataLoader(dataset, batch_sampler=batch_sampler, num_workers=workers, pin_memory=pin_memory,
-                      persistent_workers=workers > 0)
+                      persistent_workers=workers > 0, collate_fn=collate)
 
 
 def describe_sizes(info: DataInfo) -> str:

@@ -36,9 +36,9 @@ from ._checkpoint import (
     set_rng_state,
 )
 from ._config import args_to_yaml, dst_kwargs, parse_args
-from ._data import DataInfo, create_datasets, create_loader, describe_sizes
+from ._data import DataInfo, create_datasets, create_loader, describe_sizes, in_memory
 
-__all__ = ['main', 'train', 'TrainingDivergedError']
+__all__ = ['main', 'train', 'train_lth', 'TrainingDivergedError']
 
 _logger = logging.getLogger('timm_dst.train')
 
@@ -49,6 +49,11 @@ CONFIG_YAML = 'args.yaml'
 EXPORT_BEST = 'model_best.safetensors'
 EXPORT_LAST = 'model_last.safetensors'
 _CKPT_VERSION = 1
+SNIP_METHODS = ('snip', 'snip-set-itop')
+LTH_METHODS = ('lth', 'lth-set-itop')
+LTH_DENSE_DIR = 'dense'
+LTH_REWIND = 'rewind.pth'
+_EVAL_BATCH_IN_MEMORY = 1024  # evaluation batch of in-memory data (unless --validation-batch-size)
 
 
 class TrainingDivergedError(RuntimeError):
@@ -150,14 +155,32 @@ def _truncate_summary(path: str, completed_epochs: int) -> None:
             writer.writerows(keep)
 
 
-def dst_summary(sparsifier: Any) -> dict[str, Any]:
-    """The ``dst_summary.json`` content: per-tensor density and explored fraction, final R_s, update history."""
-    return {
+def dst_summary(sparsifier: Any, flops: Any | None = None) -> dict[str, Any]:
+    """The ``dst_summary.json`` content: per-tensor density and explored fraction, final R_s, update history, and
+    with ``flops`` (a :class:`timm_dst.flops.TrainingFlops`) inference and training FLOPs (docs/flops.md)."""
+    out = {
         'method': sparsifier.method_name, 'sparsity': sparsifier.sparsity, 'distribution': sparsifier.distribution,
         'density': sparsifier.density, 'itop_rate': sparsifier.itop_rate, 'step': sparsifier.step,
         'total_steps': sparsifier.total_steps, 'updates': max(len(sparsifier.history) - 1, 0),
-        'tensors': sparsifier.summary(), 'history': sparsifier.history,
     }
+    if flops is not None:
+        out.update(flops.summary())
+    out.update({'tensors': sparsifier.summary(), 'history': sparsifier.history})
+    return out
+
+
+def _fmt_flops(x: float) -> str:
+    for unit, scale in (('P', 1e15), ('T', 1e12), ('G', 1e9), ('M', 1e6), ('K', 1e3)):
+        if abs(x) >= scale:
+            return f'{x / scale:.3g}{unit}'
+    return f'{x:.3g}'
+
+
+def flops_line(summary: dict[str, Any]) -> str:
+    """``inference FLOPs ... | training FLOPs ...`` of a :meth:`TrainingFlops.summary`."""
+    return (f'inference FLOPs/sample {_fmt_flops(summary["inference_flops"])} '
+            f'(dense {_fmt_flops(summary["inference_flops_dense"])}, {summary["inference_flops_ratio"]:.4f}x) | '
+            f'training FLOPs {_fmt_flops(summary["train_flops"])} ({summary["train_flops_ratio"]:.4f}x dense)')
 
 
 @torch.no_grad()
@@ -190,11 +213,14 @@ def evaluate(model: nn.Module, loader: Any, accelerator: Any, desc: str = 'eval'
 class _Run:
     """State and steps of one training run (kept together so checkpoints see all of it)."""
 
-    def __init__(self, args: argparse.Namespace):
+    def __init__(self, args: argparse.Namespace, rewind: tuple[int, str] | None = None):
         from accelerate import Accelerator
         from accelerate.utils import broadcast_object_list, set_seed
 
         self.args = args
+        self.rewind = rewind  # (optimizer step, file): save the weights there (the dense phase of LTH)
+        if args.threads:
+            torch.set_num_threads(args.threads)
         mixed = ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else 'no'
         self.accelerator = acc = Accelerator(
             mixed_precision=mixed, gradient_accumulation_steps=args.grad_accum_steps,
@@ -265,7 +291,8 @@ class _Run:
             self.model, opt=args.opt, lr=args.lr, weight_decay=args.weight_decay, momentum=args.momentum,
             layer_decay=args.layer_decay, **opt_kwargs)
 
-        bs_eval = args.validation_batch_size or args.batch_size
+        bs_eval = args.validation_batch_size or (
+            max(args.batch_size, _EVAL_BATCH_IN_MEMORY) if in_memory(self.train_ds) else args.batch_size)
         self.train_loader = create_loader(self.train_ds, args.batch_size, True, seed=args.seed, workers=args.workers,
                                           pin_memory=args.pin_mem)
         self.train_sampler = self.train_loader.batch_sampler.sampler
@@ -291,6 +318,11 @@ class _Run:
         self.total_steps = self.num_epochs * self.updates_per_epoch
 
         kwargs = dst_kwargs(args)
+        if args.dst in SNIP_METHODS and 'snip_batches' not in kwargs:
+            # score on the first training batch(es), from the unprepared loader (every rank scores the same batches;
+            # on a resume the scores are computed again, then the checkpoint's masks replace them)
+            kwargs['snip_batches'] = self.train_loader
+            kwargs.setdefault('snip_num_batches', 1)
         try:
             self.sparsifier = create_sparsifier(self.model, self.optimizer, method=args.dst,
                                                 total_steps=self.total_steps, **kwargs)
@@ -298,6 +330,8 @@ class _Run:
             raise SystemExit(f'timm-dst-train: error: {e}') from e
         _logger.info(f'{self.sparsifier!r} | {self.updates_per_epoch} optimizer steps per epoch, '
                      f'{self.total_steps} in all')
+        from .flops import TrainingFlops
+        self.flops = TrainingFlops(self.model, (self.info.in_chans, *self.info.img_size), self.sparsifier)
 
         self.ema = None
         if args.model_ema:
@@ -333,6 +367,10 @@ class _Run:
             self.ema.load_state_dict(ckpt['ema'])
         self.start_epoch, self.start_batch = ckpt['next_epoch'], ckpt['next_batch']
         self.num_updates = ckpt['num_updates']
+        if ckpt.get('flops') is not None:
+            self.flops.load_state_dict(ckpt['flops'])
+        else:
+            _logger.warning(f'--resume {args.resume}: no FLOPs count in the checkpoint; training FLOPs count from here')
         self.best_metric, self.best_epoch = ckpt.get('best_metric'), ckpt.get('best_epoch')
         self.meters = dict(ckpt.get('meters') or self.meters)
         self._resume_scaler = ckpt.get('scaler')
@@ -389,7 +427,7 @@ class _Run:
                 'model': self.model.state_dict(), 'optimizer': self.optimizer.state_dict(),
                 'scheduler': self.scheduler.state_dict() if self.scheduler is not None else None,
                 'ema': self.ema.state_dict() if self.ema is not None else None,
-                'sparsifier': self.sparsifier.state_dict(),
+                'sparsifier': self.sparsifier.state_dict(), 'flops': self.flops.state_dict(),
                 'scaler': acc.scaler.state_dict() if acc.scaler is not None else None,
                 'best_metric': self.best_metric, 'best_epoch': self.best_epoch, 'meters': dict(self.meters),
                 'rng': rngs, 'num_processes': acc.num_processes, 'model_kwargs': self.model_kwargs,
@@ -429,6 +467,7 @@ class _Run:
         pbar = tqdm(total=n_batches, initial=skip, desc=f'epoch {epoch + 1}/{self.num_epochs}',
                     disable=not self.progress, leave=False, dynamic_ncols=True)
         stopped_mid = False
+        step_samples = 0
         for batch_idx, (x, y) in enumerate(loader, start=skip):
             if args.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
@@ -443,6 +482,11 @@ class _Run:
                         from timm.utils import dispatch_clip_grad
                         acc.unscale_gradients()
                         dispatch_clip_grad(self.model.parameters(), args.clip_grad, mode=args.clip_mode)
+                step_samples += y.shape[0]
+                if acc.sync_gradients:
+                    # before the step: the sparsifier's post-step hook may change the masks
+                    self.flops.step(samples=step_samples * acc.num_processes)
+                    step_samples = 0
                 self.optimizer_p.step()
                 self.optimizer_p.zero_grad(set_to_none=True)
             loss_d = loss.detach()
@@ -453,6 +497,8 @@ class _Run:
             if not acc.sync_gradients:
                 continue
             self.num_updates += 1
+            if self.rewind is not None and self.num_updates == self.rewind[0]:
+                self._save_rewind()
             if self.ema is not None:
                 self.ema.update(self.model, step=self.num_updates)
             if self.scheduler is not None:
@@ -480,6 +526,14 @@ class _Run:
         meters = self.meters
         return {'loss': meters['loss_sum'] / max(meters['count'], 1)}, stopped_mid
 
+    def _save_rewind(self) -> None:
+        """Save the LTH rewind point (plain timm weights and buffers, CPU) atomically."""
+        from .methods.lth import capture_weights
+        if self.is_main:
+            save_atomic(capture_weights(self.model), self.rewind[1])
+            _logger.info(f'lth: rewind point at optimizer step {self.num_updates} saved to {self.rewind[1]}')
+        self.accelerator.wait_for_everyone()
+
     def _fold_meters(self, loss_sum: torch.Tensor, count: int) -> None:
         """Add this process's running loss to the all-rank meters kept in checkpoints."""
         acc = self.accelerator
@@ -497,6 +551,12 @@ class _Run:
         args, acc, sp = self.args, self.accelerator, self.sparsifier
         t_start = time.time()
         summary_path = os.path.join(self.output_dir, SUMMARY_CSV)
+        if self.rewind is not None and not os.path.isfile(self.rewind[1]) and self.num_updates >= self.rewind[0]:
+            if self.num_updates > self.rewind[0]:
+                raise SystemExit(f'timm-dst-train: error: the LTH rewind point (step {self.rewind[0]}) '
+                                 f'{self.rewind[1]} is missing and the run is at step {self.num_updates}: '
+                                 'start the dense phase again (remove its folder)')
+            self._save_rewind()
         better = (lambda a, b: a < b) if args.eval_metric == 'loss' else (lambda a, b: a > b)
         ema_eval = self.ema is not None and not (args.model_ema_force_cpu and acc.device.type != 'cpu')
         for epoch in range(self.start_epoch, self.num_epochs):
@@ -530,7 +590,7 @@ class _Run:
                 if improved:
                     link_atomic(last, os.path.join(self.output_dir, BEST))
                     self.export(os.path.join(self.output_dir, EXPORT_BEST), use_ema=self.ema is not None)
-                _write_json_atomic(dst_summary(sp), os.path.join(self.output_dir, DST_SUMMARY))
+                _write_json_atomic(dst_summary(sp, self.flops), os.path.join(self.output_dir, DST_SUMMARY))
             acc.wait_for_everyone()
             self._log_epoch(row)
             if args.stop_after_updates is not None and self.num_updates >= args.stop_after_updates \
@@ -571,6 +631,7 @@ class _Run:
                           f'pretrained_cfg_overlay=dict(file=...), **model_kwargs)'),
             'model_kwargs': self.model_kwargs,
         }
+        results.update(self.flops.summary())
         exports = {'last': last_export}
         if os.path.isfile(best_export):
             exports['best'] = best_export
@@ -589,21 +650,139 @@ class _Run:
                         'explored': [e.cpu() for e in sp.explored]},
                        os.path.join(self.output_dir, f'masks_rank{acc.process_index}.pt'))
         if self.is_main:
-            _write_json_atomic(dst_summary(sp), os.path.join(self.output_dir, DST_SUMMARY))
+            _write_json_atomic(dst_summary(sp, self.flops), os.path.join(self.output_dir, DST_SUMMARY))
             _write_json_atomic(results, os.path.join(self.output_dir, RESULTS))
         tb = results.get('test_best') or results.get('test_last')
         test = f'test top1 {tb["top1"]:.2f} (best-on-validation weights)' if tb else 'no test split'
-        _logger.info(f'done in {wall:.1f}s | {test} | density {sp.density:.4f} | R_s {sp.itop_rate:.4f} | '
-                     f'best val {args.eval_metric} {self.best_metric} at epoch {self.best_epoch} | '
-                     f'weights {exports.get("best", last_export)}')
+        _logger.info(f'done in {wall:.1f}s | best val {args.eval_metric} {self.best_metric:.4g} at epoch '
+                     f'{self.best_epoch} | weights {exports.get("best", last_export)}'
+                     if self.best_metric is not None else f'done in {wall:.1f}s | weights {last_export}')
+        _logger.info(f'{flops_line(self.flops.summary())}')
+        _logger.info(f'RESULT {args.model} {sp.method_name} | {test} | density {sp.density:.4f} | '
+                     f'R_s {sp.itop_rate:.4f}')
         acc.wait_for_everyone()
         acc.end_training()
         return results
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
-    """Run the training described by parsed ``args``; returns the results (also written to ``results.json``)."""
+    """Run the training described by parsed ``args``; returns the results (also written to ``results.json``).
+
+    ``--dst lth`` / ``lth-set-itop`` without ``--lth-trained-state`` runs both LTH phases (see :func:`train_lth`).
+    """
+    if args.dst in LTH_METHODS and not args.lth_trained_state:
+        return train_lth(args)
     return _Run(args).fit()
+
+
+# DST flags that mean nothing to the dense phase of LTH (reset to their defaults there)
+_DENSE_PHASE_RESET = (
+    'sparsity', 'sparse_init', 'mask_init', 'update_interval', 'prune_rate', 'prune_rate_schedule', 'prune_rate_min',
+    'update_start', 'update_end', 'update_milestones', 'grow_unexplored_first', 'include', 'exclude',
+    'dense_first_layer', 'dense_classifier', 'remask_every_step', 'lth_trained_state', 'lth_rewind_state',
+    'lth_rewind_step',
+)
+
+
+def _lth_root(args: argparse.Namespace) -> str:
+    if args.output:
+        return _output_dir(args)
+    if args.resume:
+        root = os.path.abspath(args.resume)
+        root = root if os.path.isdir(root) else os.path.dirname(root)
+        return os.path.dirname(root) if os.path.basename(root) == LTH_DENSE_DIR else root
+    return _output_dir(args)
+
+
+def train_lth(args: argparse.Namespace) -> dict[str, Any]:
+    """Both phases of the Lottery Ticket Hypothesis in one command.
+
+    Phase 1 trains the model dense (``--dst dense``, same schedule, epochs and seed) in ``<output>/dense`` and saves
+    the rewind point, the weights at optimizer step ``--lth-rewind-step`` (default 0: the initialisation), to
+    ``<output>/dense/rewind.pth``. Phase 2 prunes the final dense weights once, globally by magnitude, rewinds every
+    weight to the rewind point and retrains sparse (``--dst lth`` or ``lth-set-itop``) in ``<output>``, whose
+    ``args.yaml`` runs phase 2 alone again (``--lth-trained-state`` / ``--lth-rewind-state`` set).
+
+    ``--resume <output>`` continues in the right phase: phase 1 from ``dense/last.pth.tar`` while
+    ``dense/results.json`` is missing, else phase 2 from ``<output>/last.pth.tar`` (a fresh phase 2 when it has none).
+    ``--stop-after-updates N`` counts the optimizer steps of both phases together.
+    """
+    out = _lth_root(args)
+    dense_dir = os.path.join(out, LTH_DENSE_DIR)
+    rewind_file = os.path.join(dense_dir, LTH_REWIND)
+    dense_last = os.path.join(dense_dir, LAST)
+    dense_done = os.path.isfile(os.path.join(dense_dir, RESULTS)) and os.path.isfile(dense_last)
+    resuming = bool(args.resume)
+    rewind_step = args.lth_rewind_step or 0
+
+    if not dense_done:
+        a1 = argparse.Namespace(**vars(args))
+        for dest in _DENSE_PHASE_RESET:
+            setattr(a1, dest, None)
+        for dest in _method_only_dests():
+            setattr(a1, dest, None)
+        a1.dst, a1.dst_kwargs, a1.output, a1.experiment = 'dense', {}, dense_dir, ''
+        a1.resume = dense_last if resuming and os.path.isfile(dense_last) else ''
+        _logger.info(f'lth phase 1/2: dense training in {dense_dir} (rewind point: optimizer step {rewind_step})')
+        dense = _Run(a1, rewind=(rewind_step, rewind_file)).fit()
+        if dense.get('stopped'):
+            dense['lth_phase'] = 1
+            return dense
+        _reset_accelerate_state()
+    elif resuming:
+        _logger.info(f'lth: the dense phase in {dense_dir} is complete')
+    if not os.path.isfile(rewind_file):
+        raise SystemExit(f'timm-dst-train: error: the LTH rewind point {rewind_file} is missing')
+
+    a2 = argparse.Namespace(**vars(args))
+    a2.output, a2.experiment, a2.lth_rewind_step = out, '', None
+    a2.lth_trained_state, a2.lth_rewind_state = dense_last, rewind_file
+    last = os.path.join(out, LAST)
+    a2.resume = last if resuming and os.path.isfile(last) else ''
+    if args.stop_after_updates is not None:  # counts the steps of both phases
+        left = args.stop_after_updates - _dense_steps(dense_last)
+        if left <= 0 and not a2.resume:
+            _logger.info(f'stopped after the dense phase (--stop-after-updates); continue with --resume {out}')
+            return {'stopped': True, 'optimizer_steps': 0, 'lth_phase': 2}
+        a2.stop_after_updates = max(left, 1)
+    _logger.info(f'lth phase 2/2: prune the dense weights of {dense_last} to sparsity {args.sparsity}, rewind to '
+                 f'{rewind_file} (step {rewind_step}), retrain with --dst {args.dst} in {out}')
+    results = _Run(a2).fit()
+    if results.get('stopped'):
+        results['lth_phase'] = 2
+        return results
+    with open(os.path.join(dense_dir, RESULTS)) as f:
+        dense_results = json.load(f)
+    both = dense_results.get('train_flops', 0.0) + results['train_flops']
+    both_dense = dense_results.get('train_flops_dense', 0.0) + results['train_flops_dense']
+    results['lth'] = {
+        'dense_dir': dense_dir, 'rewind_state': rewind_file, 'rewind_step': rewind_step,
+        'dense_test_last': dense_results.get('test_last'), 'dense_train_flops': dense_results.get('train_flops'),
+        'train_flops_both_phases': both,
+        # both phases against one dense run of the same length (LTH's real cost: > 1)
+        'train_flops_both_phases_ratio': both / results['train_flops_dense'] if results['train_flops_dense'] else None,
+        'train_flops_dense_both_phases': both_dense,
+    }
+    _write_json_atomic(results, os.path.join(out, RESULTS))
+    _logger.info(f'lth: both phases {_fmt_flops(both)} training FLOPs '
+                 f'({results["lth"]["train_flops_both_phases_ratio"]:.4f}x one dense run)')
+    return results
+
+
+def _dense_steps(path: str) -> int:
+    return int(torch.load(path, map_location='cpu', weights_only=False)['num_updates'])
+
+
+def _method_only_dests() -> list[str]:
+    from ._config import method_flags
+    return list(method_flags())
+
+
+def _reset_accelerate_state() -> None:
+    """Let the next phase build its own Accelerator (the process group, if any, is kept)."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(reset_partial_state=False)
+    GradientState._reset_state()
 
 
 def main(argv: list[str] | None = None) -> None:
