@@ -1,9 +1,12 @@
 """Shared fixtures: tiny models of three kinds (MLP, timm CNN, timm ViT) and their inputs."""
 from __future__ import annotations
 
+import copy
+
 import pytest
 import timm
 import torch
+import torch.nn.functional as F
 
 import timm_dst  # noqa: F401  (registers itop_mlp)
 
@@ -31,3 +34,34 @@ def make_tiny(kind: str, seed: int = 0):
 @pytest.fixture(params=list(TINY_MODELS))
 def tiny_kind(request) -> str:
     return request.param
+
+
+def train_steps(model, opt, x, y, steps: int) -> None:
+    """``steps`` plain training steps on one batch (the loop a user writes)."""
+    for _ in range(steps):
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+
+
+def check_exact_resume(build, x, y, before: int, after: int):
+    """``before`` steps, save, ``after`` more; a fresh build loaded from the save and trained ``after`` steps must
+    match: masks identical, weights equal up to float nondeterminism, R_s equal. ``build()`` returns
+    ``(model, optimizer, sparsifier)``. Returns both sparsifiers."""
+    model, opt, sp = build()
+    train_steps(model, opt, x, y, before)
+    ckpt = copy.deepcopy({'model': model.state_dict(), 'opt': opt.state_dict(), 'sp': sp.state_dict()})
+    train_steps(model, opt, x, y, after)
+    model2, opt2, sp2 = build()
+    model2.load_state_dict(ckpt['model'])
+    opt2.load_state_dict(ckpt['opt'])
+    sp2.load_state_dict(ckpt['sp'])
+    assert sp2.step == before
+    train_steps(model2, opt2, x, y, after)
+    for t1, t2 in zip(sp.targets, sp2.targets):
+        assert torch.equal(t1.mask, t2.mask), t1.name
+    for (n, p1), p2 in zip(model.state_dict().items(), model2.state_dict().values()):
+        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
+    assert sp.itop_rate == sp2.itop_rate
+    return sp, sp2

@@ -7,7 +7,8 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, make_tiny
+from conftest import TINY_MODELS, check_exact_resume, make_tiny
+from conftest import train_steps as _train
 
 import timm_dst
 from timm_dst.methods.gmp import cubic_sparsity
@@ -23,12 +24,6 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-def _train(model, opt, x, y, steps: int) -> None:
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 def _global_topk(scores: dict[str, torch.Tensor], k: int) -> dict[str, torch.Tensor]:
@@ -276,21 +271,8 @@ def test_exact_resume_and_export(method: str):
                                         seed=5, **extra)
         return model, opt, sp
 
-    model, opt, sp = build()
-    _train(model, opt, x, y, 7)
-    ckpt = copy.deepcopy({'model': model.state_dict(), 'opt': opt.state_dict(), 'sp': sp.state_dict()})
-    _train(model, opt, x, y, 7)
-
-    model2, opt2, sp2 = build()
-    model2.load_state_dict(ckpt['model'])
-    opt2.load_state_dict(ckpt['opt'])
-    sp2.load_state_dict(ckpt['sp'])
-    assert sp2.step == 7
-    _train(model2, opt2, x, y, 7)
-    for t1, t2 in zip(sp.targets, sp2.targets):
-        assert torch.equal(t1.mask, t2.mask), t1.name
-    for (n, p1), p2 in zip(model.state_dict().items(), model2.state_dict().values()):
-        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
+    sp, sp2 = check_exact_resume(build, x, y, before=7, after=7)
+    model = sp.model
     assert sp.counts == sp2.counts and sp.itop_rate == sp2.itop_rate and sp.summary() == sp2.summary()
     assert sp.density == pytest.approx(0.1, abs=1e-3)
 

@@ -1,13 +1,12 @@
 """The invariants of DESIGN.md section 3, for every method, on an MLP, a timm CNN and a timm ViT."""
 from __future__ import annotations
 
-import copy
-
 import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, make_tiny
+from conftest import TINY_MODELS, check_exact_resume, make_tiny
+from conftest import train_steps as _train
 
 import timm_dst
 
@@ -83,12 +82,6 @@ class InvariantChecker:
         self.prev_rs = sp.itop_rate
 
 
-def _train(model, opt, x, y, steps: int) -> None:
-    for _ in range(steps):
-        loss = F.cross_entropy(model(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
 
 
 @pytest.mark.parametrize('opt_name', ['sgd', 'adamw'])
@@ -208,30 +201,14 @@ def test_grow_unexplored_first_raises_rs():
 
 @pytest.mark.parametrize('method', ['set', 'rigl', 'snfs', 'dsr'])
 def test_exact_resume(method: str):
-    kwargs = dict(sparsity=0.9, update_interval=2, total_steps=20, seed=5)
-
     def build():
-        model, x, y = make_tiny('cnn')
+        model, _, _ = make_tiny('cnn')
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
-        sp = timm_dst.create_sparsifier(model, opt, method=method, **kwargs)
-        return model, opt, sp, x, y
+        return model, opt, timm_dst.create_sparsifier(model, opt, method=method, sparsity=0.9, update_interval=2,
+                                                      total_steps=20, seed=5)
 
-    model, opt, sp, x, y = build()
-    _train(model, opt, x, y, 9)
-    ckpt = copy.deepcopy({'model': model.state_dict(), 'opt': opt.state_dict(), 'sp': sp.state_dict()})
-    _train(model, opt, x, y, 7)
-
-    model2, opt2, sp2, _, _ = build()
-    model2.load_state_dict(ckpt['model'])
-    opt2.load_state_dict(ckpt['opt'])
-    sp2.load_state_dict(ckpt['sp'])
-    assert sp2.step == 9
-    _train(model2, opt2, x, y, 7)
-    for t1, t2 in zip(sp.targets, sp2.targets):
-        assert torch.equal(t1.mask, t2.mask), t1.name
-    for (n, p1), p2 in zip(model.state_dict().items(), model2.state_dict().values()):
-        torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
-    assert sp.itop_rate == sp2.itop_rate
+    _, x, y = make_tiny('cnn')
+    check_exact_resume(build, x, y, before=9, after=7)
 
 
 def test_state_dict_round_trip(tiny_kind: str):

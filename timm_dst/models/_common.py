@@ -6,7 +6,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-__all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'cifar_cfg', 'ClassifierMixin', 'PoolFcHead']
+__all__ = ['CIFAR10_MEAN', 'CIFAR10_STD', 'cifar_cfg', 'ClassifierMixin', 'LinearHeadMixin', 'PoolFcHead']
 
 CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
@@ -19,6 +19,21 @@ def cifar_cfg(url: str = '', **kwargs: Any) -> dict[str, Any]:
         'interpolation': 'bilinear', 'fixed_input_size': True, 'mean': CIFAR10_MEAN, 'std': CIFAR10_STD,
         'first_conv': 'stem.conv', 'classifier': 'head.fc', 'license': 'apache-2.0', **kwargs,
     }
+
+
+class LinearHeadMixin:
+    """timm's classifier interface for models whose classifier is a plain ``self.head`` linear layer."""
+
+    num_features: int
+    num_classes: int
+    head: nn.Module
+
+    def get_classifier(self) -> nn.Module:
+        return self.head
+
+    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
+        self.num_classes = num_classes
+        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
 
 class ClassifierMixin:

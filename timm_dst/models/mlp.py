@@ -5,12 +5,12 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import cifar_cfg
+from ._common import LinearHeadMixin, cifar_cfg
 
 __all__ = ['ItopMlp']
 
 
-class ItopMlp(nn.Module):
+class ItopMlp(LinearHeadMixin, nn.Module):
     """Three-layer MLP; the input size comes from the data (``in_chans * img_size ** 2``).
 
     Args:
@@ -34,13 +34,6 @@ class ItopMlp(nn.Module):
         self.features = nn.Sequential(*layers)
         self.num_features = width
         self.head = nn.Linear(width, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x.flatten(1))

@@ -10,7 +10,7 @@ import torch
 import torch.nn as nn
 from timm.models import build_model_with_cfg, generate_default_cfgs, register_model
 
-from ._common import cifar_cfg
+from ._common import LinearHeadMixin, cifar_cfg
 
 __all__ = ['CifarVgg']
 
@@ -20,7 +20,7 @@ _CONFIGS: dict[str, list] = {
 }
 
 
-class CifarVgg(nn.Module):
+class CifarVgg(LinearHeadMixin, nn.Module):
     """VGG-16 for 32x32 inputs: conv-BN-ReLU stacks, then FC 512 - BN - FC 512 - BN - classifier.
 
     Args:
@@ -51,13 +51,6 @@ class CifarVgg(nn.Module):
         )
         self.num_features = fc_dim
         self.head = nn.Linear(fc_dim, num_classes) if num_classes > 0 else nn.Identity()
-
-    def get_classifier(self) -> nn.Module:
-        return self.head
-
-    def reset_classifier(self, num_classes: int, global_pool: str | None = None) -> None:
-        self.num_classes = num_classes
-        self.head = nn.Linear(self.num_features, num_classes) if num_classes > 0 else nn.Identity()
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.features(x)
