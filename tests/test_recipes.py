@@ -175,10 +175,32 @@ def _run_recipe(path: str, tmp_path_factory, full_size: bool = False) -> None:
         assert os.path.isfile(os.path.join(out, 'last.pth.tar'))  # stopped after a few steps
 
 
-@pytest.mark.parametrize('path', RECIPES)
+def _signature(path: str) -> tuple:
+    """What decides the code a run goes through: recipes that differ only in sparsity, ΔT, batch size, epochs or lr
+    anchors share one."""
+    c = _load(path)
+    return (c.get('model'), c.get('dataset'), c.get('dst'), c.get('sparse_init'), bool(c.get('grow_unexplored_first')),
+            bool(c.get('update_milestones')), c.get('sched'), bool(c.get('dense_first_layer')), bool(c.get('exclude')))
+
+
+_FIRST: dict[tuple, str] = {}
+for _p in RECIPES:
+    _FIRST.setdefault(_signature(_p), _p)
+RUN_FAST = sorted(_FIRST.values())  # one recipe per signature in CI (about 30, a few minutes on 2 cores)
+RUN_SLOW = [p for p in RECIPES if p not in RUN_FAST]
+
+
+@pytest.mark.parametrize('path', RUN_FAST)
 def test_recipe_runs(path, tmp_path_factory):
-    """A few optimizer steps of each recipe (synthetic data of its shape where its data set is absent; ImageNet
-    recipes at 64 px)."""
+    """A few optimizer steps of one recipe per signature (synthetic data of its shape where its data set is absent;
+    ImageNet recipes at 64 px)."""
+    _run_recipe(path, tmp_path_factory)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize('path', RUN_SLOW)
+def test_recipe_runs_variants(path, tmp_path_factory):
+    """The same for every other recipe (variants of a signature run in CI): ``pytest -m slow``."""
     _run_recipe(path, tmp_path_factory)
 
 

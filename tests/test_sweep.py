@@ -92,7 +92,7 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
         assert len(list(csv.DictReader(f))) == 4
     # third pass: everything done, nothing run
     capsys.readouterr()
-    assert sweep.main(args) == 0
+    assert sweep.main(args + ['--ref', f'self={out}']) == 0  # a reference line from a sweep.csv
     assert '0 run(s) to do' in capsys.readouterr().out
     with open(out / 'sweep.json') as f:
         assert json.load(f)['grid'] == {'update_interval': [2, 1000]}

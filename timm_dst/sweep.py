@@ -37,7 +37,7 @@ from typing import Any
 import yaml
 
 __all__ = ['parse_grid', 'grid_points', 'point_name', 'run_command', 'run_state', 'collect', 'aggregate',
-           'write_csv', 'plot', 'main']
+           'write_csv', 'read_reference', 'plot', 'main']
 
 RESULTS = 'results.json'
 LAST = 'last.pth.tar'
@@ -210,8 +210,23 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
             w.writerow({k: (json.dumps(v) if isinstance(v, (list, dict)) else v) for k, v in r.items()})
 
 
-def plot(stats: list[dict[str, Any]], x: str, lines: str | None, path: str, title: str = '') -> None:
-    """Test top-1 and R_s against ``x``, one line per value of ``lines``, error bars one std, saved as PNG."""
+def read_reference(spec: str) -> tuple[str, float, float]:
+    """``LABEL=SWEEP_DIR`` -> (label, mean test top-1, its std) of the first point of that sweep's sweep.csv."""
+    label, _, folder = spec.partition('=')
+    path = os.path.join(folder, 'sweep.csv')
+    if not label or not os.path.isfile(path):
+        raise ValueError(f'--ref {spec!r}: expected LABEL=SWEEP_DIR with a SWEEP_DIR/sweep.csv')
+    with open(path) as f:
+        row = next(csv.DictReader(f))
+    return label, float(row['test_top1_mean']), float(row.get('test_top1_std') or 0.0)
+
+
+def plot(stats: list[dict[str, Any]], x: str, lines: str | None, path: str, title: str = '',
+         refs: Sequence[tuple[str, float, float]] = ()) -> None:
+    """Test top-1 and R_s against ``x``, one line per value of ``lines``, error bars one std, saved as PNG.
+
+    ``refs`` are horizontal reference lines on the accuracy plot: (label, mean, std), e.g. the dense model.
+    """
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
@@ -229,6 +244,8 @@ def plot(stats: list[dict[str, Any]], x: str, lines: str | None, path: str, titl
             ys = [r.get(f + '_mean', float('nan')) for r in rows]
             es = [r.get(f + '_std', 0.0) for r in rows]
             ax.errorbar(xs, ys, yerr=es, marker='o', capsize=3, label=name)
+    for i, (label, mean, std) in enumerate(refs):
+        axes[0].axhline(mean, color='k', ls=('--', ':', '-.')[i % 3], lw=1, label=f'{label} ({mean:.2f} ± {std:.2f})')
     for ax, ylabel in zip(axes, ('test top-1 (%)', 'R_s (in-time over-parameterization rate)')):
         ax.set_xlabel('ΔT (update interval)' if x == 'update_interval' else x)
         ax.set_ylabel(ylabel)
@@ -237,7 +254,7 @@ def plot(stats: list[dict[str, Any]], x: str, lines: str | None, path: str, titl
             vals = [s[x] for s in stats]
             if min(vals) > 0 and max(vals) / min(vals) >= 10:
                 ax.set_xscale('log')
-        if lines:
+        if lines or (refs and ax is axes[0]):
             ax.legend(fontsize=8)
     n = sorted({s['n_seeds'] for s in stats})
     fig.suptitle(f'{title} (mean ± std over {"/".join(map(str, n))} seeds)'.strip(), fontsize=10)
@@ -262,6 +279,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--lines', default=None, help='one line per value of this key (default: the second grid key)')
     p.add_argument('--figure', default=None, help='PNG path (default OUT/sweep.png)')
     p.add_argument('--title', default=None, help='figure title (default: the recipe name)')
+    p.add_argument('--ref', action='append', default=[], metavar='LABEL=SWEEP_DIR',
+                   help='horizontal line at the mean test top-1 of another sweep (e.g. dense=runs/dense); repeatable')
     p.add_argument('--no-plot', action='store_true', help='do not draw the figure')
     p.add_argument('--collect-only', action='store_true', help='do not train; collect and plot what is there')
     p.add_argument('--dry-run', action='store_true', help='print the commands of the runs still to do, and stop')
@@ -330,7 +349,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f'timm-dst-sweep: {len(rows)} run(s) in {out}/runs.csv, {len(stats)} point(s) in {out}/sweep.csv')
     if not args.no_plot and x is not None:
         fig = args.figure or os.path.join(out, 'sweep.png')
-        plot(stats, x, lines, fig, args.title if args.title is not None else name)
+        try:
+            refs = [read_reference(r) for r in args.ref]
+        except ValueError as e:
+            raise SystemExit(f'timm-dst-sweep: {e}') from None
+        plot(stats, x, lines, fig, args.title if args.title is not None else name, refs)
         print(f'timm-dst-sweep: figure {fig}')
     if failed:
         print(f'timm-dst-sweep: {failed} run(s) failed; see <run>/sweep_run.log', file=sys.stderr)
