@@ -65,3 +65,17 @@ def check_exact_resume(build, x, y, before: int, after: int):
         torch.testing.assert_close(p1, p2, rtol=1e-5, atol=1e-6, msg=n)
     assert sp.itop_rate == sp2.itop_rate
     return sp, sp2
+
+
+def check_export(model, kind: str, x) -> dict:
+    """``export_state_dict(model)`` loads strictly into a fresh timm model of ``kind`` with equal outputs on ``x``."""
+    exported = timm_dst.export_state_dict(model)
+    assert not any(k.endswith(('_orig', '_mask')) for k in exported)
+    name, kwargs, _ = TINY_MODELS[kind]
+    plain = timm.create_model(name, num_classes=10, **kwargs)
+    plain.load_state_dict(exported, strict=True)
+    model.eval()
+    plain.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(plain(x), model(x))
+    return exported

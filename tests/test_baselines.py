@@ -4,10 +4,9 @@ from __future__ import annotations
 import copy
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, check_exact_resume, make_tiny
+from conftest import check_exact_resume, check_export, make_tiny
 from conftest import train_steps as _train
 
 import timm_dst
@@ -276,11 +275,4 @@ def test_exact_resume_and_export(method: str):
     assert sp.counts == sp2.counts and sp.itop_rate == sp2.itop_rate and sp.summary() == sp2.summary()
     assert sp.density == pytest.approx(0.1, abs=1e-3)
 
-    exported = timm_dst.export_state_dict(model)
-    name, kwargs, _ = TINY_MODELS['cnn']
-    plain = timm.create_model(name, num_classes=10, **kwargs)
-    plain.load_state_dict(exported, strict=True)
-    model.eval()
-    plain.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(plain(x), model(x))
+    check_export(model, 'cnn', x)

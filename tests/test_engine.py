@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import TINY_MODELS, check_exact_resume, make_tiny
+from conftest import check_exact_resume, check_export, make_tiny
 from conftest import train_steps as _train
 
 import timm_dst
@@ -234,15 +234,7 @@ def test_export_loads_strictly_into_plain_timm(tiny_kind: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
     sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.9, update_interval=2, total_steps=20)
     _train(model, opt, x, y, 5)
-    exported = timm_dst.export_state_dict(model)
-    assert not any(k.endswith(('_orig', '_mask')) for k in exported)
-    name, kwargs, _ = TINY_MODELS[tiny_kind]
-    plain = timm.create_model(name, num_classes=10, **kwargs)
-    plain.load_state_dict(exported, strict=True)
-    model.eval()
-    plain.eval()
-    with torch.no_grad():
-        torch.testing.assert_close(plain(x), model(x))
+    exported = check_export(model, tiny_kind, x)
     zeros = sum(int((exported[t.name] == 0).sum()) for t in sp.targets)
     assert zeros >= sum(t.numel for t in sp.targets) - sum(sp.counts)
 
