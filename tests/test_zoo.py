@@ -122,3 +122,9 @@ def test_cli_table(capsys):
     out = capsys.readouterr().out
     assert '| resnet10t |' in out and '1 / 1 passed' in out
     assert format_table([], 'csv').startswith('model,params_m')
+
+
+def test_shared_relative_position_mlp_stays_dense():
+    model = timm.create_model('vit_srelpos_small_patch16_224', img_size=64, num_classes=10)
+    names = [t.name for t in timm_dst.find_targets(model)]
+    assert names and not any('rel_pos' in n for n in names)

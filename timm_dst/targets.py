@@ -23,7 +23,7 @@ DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv.
 # Module-path components (glob) of position-encoding modules: conv / linear layers under them stay dense by default.
 POSITION_MODULE_PATTERNS: tuple[str, ...] = (
     'pos_embed*', 'pos_embd', 'pos_block', 'pos_proj', 'pos_enc', 'pos_conv', 'cpe', 'crpe', 'cpb_mlp', 'meta_mlp',
-    'rel_pos*', 'relative_position*', 'rpe',
+    'rel_pos*', 'shared_rel_pos', 'relative_position*', 'rpe',
 )
 
 
