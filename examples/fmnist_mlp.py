@@ -8,26 +8,17 @@ Prints validation / test accuracy and R_s of each run. Uses the Debian package `
 from __future__ import annotations
 
 import argparse
-import gzip
 import os
 import time
 
-import numpy as np
 import timm
 import torch
 import torch.nn.functional as F
 
 import timm_dst
+from timm_dst._data import read_idx
 
 DATA_DIR = '/usr/share/datasets/fashion-mnist'
-
-
-def _read_idx(path: str) -> np.ndarray:
-    with gzip.open(path, 'rb') as f:
-        data = f.read()
-    ndim = data[3]
-    dims = [int.from_bytes(data[4 + 4 * i: 8 + 4 * i], 'big') for i in range(ndim)]
-    return np.frombuffer(data, dtype=np.uint8, offset=4 + 4 * ndim).reshape(dims)
 
 
 def load_fashion_mnist(data_dir: str = DATA_DIR):
@@ -35,10 +26,10 @@ def load_fashion_mnist(data_dir: str = DATA_DIR):
         raise SystemExit(f'Fashion-MNIST not found in {data_dir}: apt-get install dataset-fashion-mnist')
     out = {}
     for split, prefix in (('train', 'train'), ('test', 't10k')):
-        x = _read_idx(os.path.join(data_dir, f'{prefix}-images-idx3-ubyte.gz'))
-        y = _read_idx(os.path.join(data_dir, f'{prefix}-labels-idx1-ubyte.gz'))
-        x = (torch.from_numpy(x.copy()).float().div_(255.0) - 0.2860) / 0.3530
-        out[split] = (x.unsqueeze(1), torch.from_numpy(y.astype(np.int64)))
+        x = read_idx(os.path.join(data_dir, f'{prefix}-images-idx3-ubyte.gz'))
+        y = read_idx(os.path.join(data_dir, f'{prefix}-labels-idx1-ubyte.gz'))
+        x = (x.float().div_(255.0) - 0.2860) / 0.3530
+        out[split] = (x.unsqueeze(1), y.long())
     return out
 
 

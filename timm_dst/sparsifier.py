@@ -204,10 +204,9 @@ class Sparsifier:
         masks = self._broadcast_masks(masks)
         for t, m in zip(self.targets, masks):
             attach_mask(t.module, t.param_name, m)
-        self.counts = [int(c) for c in torch.stack([t.mask.sum() for t in self.targets]).tolist()]
         self._zero_optimizer_state([t.mask for t in self.targets])
         self.explored = [t.mask.detach().clone() for t in self.targets]
-        self.explored_counts = list(self.counts)
+        self._refresh_counts()
         if remask_every_step is None:
             remask_every_step = type(self.optimizer) not in _ZERO_PRESERVING
         self.remask_every_step = bool(remask_every_step)
