@@ -39,6 +39,7 @@ class DSTMask(prune.BasePruningMethod):
         self.mask = mask
         self._grad_hook = None
         self._owner: weakref.ref | None = None
+        self._index_cache: tuple | None = None
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         if self.mask.shape != t.shape:
@@ -55,17 +56,54 @@ class DSTMask(prune.BasePruningMethod):
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
-        return {**self.__dict__, '_owner': None, '_grad_hook': None}
+        return {**self.__dict__, '_owner': None, '_grad_hook': None, '_index_cache': None}
 
     def install_grad_mask(self, module: nn.Module) -> None:
         """Mask ``<name>_orig``'s gradient before accumulation (looked up per call: ``module.to()`` swaps buffers)."""
         name = self._tensor_name
 
         def _mask_grad(grad: torch.Tensor) -> torch.Tensor:
-            return torch.where(getattr(module, name + '_mask'), grad, 0.0)  # 2-3x faster than grad * bool_mask
+            return self.masked_grad(grad, getattr(module, name + '_mask'))
 
         self._grad_hook = getattr(module, name + '_orig').register_hook(_mask_grad)
         self._owner = weakref.ref(module)
+
+    def masked_grad(self, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """``grad`` with zeros where ``mask`` is False, as a new tensor.
+
+        On CPU, ``torch.where`` with a bool condition runs at 0.7-6 ns per element (one thread, slower the denser the
+        mask) while a gather / scatter over the smaller of the active and inactive index sets costs 0.1-0.8 ns: the
+        sorted int64 indices are cached here and recomputed only when the mask changes (its version counter moves or
+        the buffer is replaced). They cost 8 bytes per index, so they are kept only where the smaller set is at most
+        a quarter of the tensor (at most 2 bytes per weight; 0.8 at 90% sparsity). Elsewhere, and on accelerators
+        (where ``where`` is a bandwidth-bound kernel), ``torch.where`` is used.
+        """
+        if grad.device.type != 'cpu' or not grad.is_contiguous() or grad.shape != mask.shape:
+            return torch.where(mask, grad, 0.0)
+        index, keep = self._grad_index(mask)
+        if index is None:
+            return torch.where(mask, grad, 0.0)
+        if keep:
+            out = torch.zeros_like(grad)
+            out.view(-1).index_copy_(0, index, grad.view(-1).index_select(0, index))
+            return out
+        return grad.clone().view(-1).index_fill_(0, index, 0.0).view_as(grad)
+
+    def _grad_index(self, mask: torch.Tensor) -> tuple[torch.Tensor | None, bool]:
+        """Cached (indices, keep): the active positions (keep=True) or the inactive ones, or None when too many."""
+        cache = self._index_cache
+        version = mask._version
+        if cache is not None and cache[0]() is mask and cache[1] == version:
+            return cache[2], cache[3]
+        n, n_active = mask.numel(), int(torch.count_nonzero(mask))
+        keep = 2 * n_active <= n
+        if min(n_active, n - n_active) > n // 4:
+            index = None
+        else:
+            flat = mask.view(-1)
+            index = (flat if keep else ~flat).nonzero().squeeze(1)
+        self._index_cache = (weakref.ref(mask), version, index, keep)
+        return index, keep
 
     def remove(self, module: nn.Module) -> None:
         if self._grad_hook is not None:

@@ -424,7 +424,7 @@ class Sparsifier:
                 return self._sample_free(blocked.view(-1), k, t.numel - n_blocked)
             # SET+: never-activated positions first, then the explored ones
             fresh_blocked = (blocked | self.explored[i]).view(-1)
-            n_fresh = int((~fresh_blocked).sum())
+            n_fresh = fresh_blocked.numel() - int(torch.count_nonzero(fresh_blocked))
             first = self._sample_free(fresh_blocked, min(k, n_fresh), n_fresh)
             if first.numel() == k:
                 return first
@@ -505,7 +505,7 @@ class Sparsifier:
 
     def _refresh_counts(self) -> None:
         """Recount active and explored positions (one device sync)."""
-        stats = torch.stack([x.sum() for x in [t.mask for t in self.targets] + self.explored]).tolist()
+        stats = torch.stack([torch.count_nonzero(x) for x in [t.mask for t in self.targets] + self.explored]).tolist()
         n = len(self.targets)
         self.counts = [int(c) for c in stats[:n]]
         self.explored_counts = [int(c) for c in stats[n:]]

@@ -154,8 +154,9 @@ def _check_invariants(sp, sparsity: float) -> None:
         raise RuntimeError(f'expected two topology updates, got step={sp.step}, records={len(sp.history)}')
     with torch.no_grad():
         for t, count in zip(sp.targets, sp.counts):
-            if int(t.mask.sum()) != count:
-                raise RuntimeError(f'{t.name}: mask holds {int(t.mask.sum())} != budget {count}')
+            held = int(torch.count_nonzero(t.mask))
+            if held != count:
+                raise RuntimeError(f'{t.name}: mask holds {held} != budget {count}')
             if bool(((t.param != 0) & ~t.mask).any()):
                 raise RuntimeError(f'{t.name}: masked positions non-zero in {t.param_name}_orig')
             w = getattr(t.module, t.param_name)

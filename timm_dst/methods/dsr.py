@@ -47,7 +47,7 @@ class DSR(SparseMethod):
 
     def drop_counts(self, sp: Sparsifier, rate: float) -> list[int]:
         below = torch.stack([
-            ((t.param.detach().abs() < self.threshold) & t.mask).sum() for t in sp.targets]).tolist()
+            torch.count_nonzero((t.param.detach().abs() < self.threshold) & t.mask) for t in sp.targets]).tolist()
         dropped = [int(b) for b in below]
         k, np_target = sum(dropped), self.np_target or max(1, int(round(0.1 * sum(sp.counts))))
         if k > (1.0 + self.tolerance) * np_target:

@@ -96,7 +96,7 @@ class GMP(SparseMethod):
         if self.global_:
             total = int(round((1.0 - self.initial_sparsity) * sum(numels)))
             masks = sp.global_topk_masks([t.param.detach().abs() for t in sp.targets], total)
-            self.initial_counts = [int(m.sum()) for m in masks]
+            self.initial_counts = [int(torch.count_nonzero(m)) for m in masks]
             return masks
         counts = layer_counts([t.shape for t in sp.targets], self.initial_sparsity, sp.distribution)
         self.initial_counts = [max(c, f) for c, f in zip(counts, self.final_counts)]  # never below the end point
