@@ -279,7 +279,7 @@ class Sparsifier:
             else:
                 score = torch.rand(p.numel(), generator=cpu_gen).to(p.device)
             mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
-            mask[torch.topk(score, count, sorted=False).indices] = True
+            mask[topk_indices(score, count)] = True
             masks.append(mask.view_as(p))
         return masks
 

@@ -237,6 +237,9 @@ def check_model(
         stage = 'invariants'
         _check_invariants(sp, sparsity)
         stage = 'export + reload'
+        sp.optimizer.state.clear()  # free gradients and momentum before building the second copy (big models)
+        model.zero_grad(set_to_none=True)
+        sp.clear_dense_grads()
         state = timm_dst.export_state_dict(model)
         torch.manual_seed(1)
         fresh = timm.create_model(name, pretrained=False, **kwargs)
@@ -270,11 +273,15 @@ def _worker(tasks: mp.Queue, results: mp.Queue, opts: dict[str, Any]) -> None:
         if name is None:
             return
         results.put(('start', name, None))
-        if opts['max_params'] is not None:
+        if opts['max_params'] is not None or opts['min_params'] is not None:
             n = _param_count_m(name)
-            if n is not None and n > opts['max_params']:
-                results.put(('done', name, asdict(ZooResult(model=name, status='skip', params_m=n,
-                                                            reason=f'> {opts["max_params"]:g}M params'))))
+            reason = None
+            if n is not None and opts['max_params'] is not None and n > opts['max_params']:
+                reason = f'> {opts["max_params"]:g}M params'
+            if n is not None and opts['min_params'] is not None and n <= opts['min_params']:
+                reason = f'<= {opts["min_params"]:g}M params'
+            if reason is not None:
+                results.put(('done', name, asdict(ZooResult(model=name, status='skip', params_m=n, reason=reason))))
                 continue
         res = check_model(name, img_size=opts['img_size'], batch_size=opts['batch_size'],
                           sparsity=opts['sparsity'], method=opts['method'])
@@ -289,6 +296,7 @@ def run_zoo(
         method: str = 'rigl-itop',
         timeout: float = 300.0,
         max_params: float | None = None,
+        min_params: float | None = None,
         threads: int = 1,
         callback: Any = None,
 ) -> list[ZooResult]:
@@ -299,6 +307,7 @@ def run_zoo(
         img_size, batch_size, sparsity, method: As in :func:`check_model`.
         timeout: Seconds allowed per model (a timed-out model is a ``timeout`` row and the worker restarts).
         max_params: Skip models above this many million parameters (counted on the meta device).
+        min_params: Skip models at or below this many million parameters.
         threads: ``torch.set_num_threads`` in the worker.
         callback: Called with each :class:`ZooResult` as it completes.
 
@@ -307,7 +316,7 @@ def run_zoo(
     """
     ctx = mp.get_context('spawn')
     opts = dict(img_size=img_size, batch_size=batch_size, sparsity=sparsity, method=method, max_params=max_params,
-                threads=threads)
+                min_params=min_params, threads=threads)
     pending = list(names)
     out: list[ZooResult] = []
 
@@ -434,6 +443,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--sparsity', type=float, default=0.9)
     parser.add_argument('--method', default='rigl-itop')
     parser.add_argument('--max-params', type=float, default=None, help='skip models above this many M params')
+    parser.add_argument('--min-params', type=float, default=None,
+                        help='skip models at or below this many M params (to sweep the large ones separately)')
+    parser.add_argument('--shard', default=None, metavar='K/N',
+                        help='check only the K-th of N interleaved slices of the (shuffled) names, K in 0..N-1: '
+                             'run N processes with their own --output to use N cores')
     parser.add_argument('--timeout', type=float, default=300.0, help='seconds per model')
     parser.add_argument('--threads', type=int, default=1)
     parser.add_argument('--limit', type=int, default=None, help='only the first N names')
@@ -446,14 +460,22 @@ def main(argv: list[str] | None = None) -> int:
 
     names = _resolve_names(args.models, args.all)
     names = [n for n in names if not any(fnmatch.fnmatchcase(n, p) for p in args.exclude)]
+    if args.shuffle is not None:
+        import random
+        random.Random(args.shuffle).shuffle(names)
+    if args.shard is not None:
+        try:
+            k, n_shards = (int(v) for v in args.shard.split('/'))
+            if not 0 <= k < n_shards:
+                raise ValueError
+        except ValueError:
+            parser.error(f'--shard: expected K/N with 0 <= K < N (e.g. 0/2), got {args.shard!r}')
+        names = names[k::n_shards]
     previous: list[ZooResult] = []
     if args.resume and args.output and os.path.exists(args.output):
         previous = _read_csv(args.output)
         seen = {r.model for r in previous}
         names = [n for n in names if n not in seen]
-    if args.shuffle is not None:
-        import random
-        random.Random(args.shuffle).shuffle(names)
     if args.limit is not None:
         names = names[:args.limit]
 
@@ -472,7 +494,8 @@ def main(argv: list[str] | None = None) -> int:
             fh.flush()
 
     results = run_zoo(names, img_size=args.img_size, batch_size=args.batch_size, sparsity=args.sparsity,
-                      method=args.method, timeout=args.timeout, max_params=args.max_params, threads=args.threads,
+                      method=args.method, timeout=args.timeout, max_params=args.max_params, min_params=args.min_params,
+                      threads=args.threads,
                       callback=on_result)
     if writer is not None:
         fh.close()
