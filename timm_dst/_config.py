@@ -20,6 +20,7 @@ _CONTROLLER_KWARGS = {
     'sparsity', 'distribution', 'update_interval', 'total_steps', 'prune_rate', 'prune_rate_schedule',
     'prune_rate_min', 'update_start', 'update_end', 'update_milestones', 'grow_unexplored_first', 'sparse_init',
     'include', 'exclude', 'dense_first_layer', 'dense_classifier', 'remask_every_step', 'seed', 'method_name',
+    'sparse_kernel_density',
 }
 
 
@@ -243,6 +244,9 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--dense-classifier', action='store_true', default=None, help='keep the classifier dense')
     g.add_argument('--remask-every-step', action='store_true', default=None,
                    help='re-apply masks after every optimizer step (automatic for optimizers that need it)')
+    g.add_argument('--sparse-kernel-density', type=float, default=None, metavar='D',
+                   help='plain nn.Linear layers at or below this density run CSR kernels on CPU in float32 '
+                        '(default 0.05; 0 = dense kernels everywhere)')
     g.add_argument('--dst-seed', type=int, default=None,
                    help='seed of the sparsifier\'s generator (default: --seed; the same on every rank)')
     g.add_argument('--lth-rewind-step', type=int, default=None, metavar='K',
@@ -401,6 +405,7 @@ def dst_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         'update_milestones': 'update_milestones', 'grow_unexplored_first': 'grow_unexplored_first',
         'include': 'include', 'exclude': 'exclude', 'dense_first_layer': 'dense_first_layer',
         'dense_classifier': 'dense_classifier', 'remask_every_step': 'remask_every_step',
+        'sparse_kernel_density': 'sparse_kernel_density',
     }
     kw = {key: getattr(args, dest) for dest, key in mapping.items() if getattr(args, dest) is not None}
     for dest in method_flags():

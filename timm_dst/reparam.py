@@ -15,6 +15,8 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
+from ._sparse_linear import CsrStructure, SparseLinearForward, csr_structure
+
 __all__ = [
     'DSTMask', 'attach_mask', 'effective_weight', 'refresh_weight', 'fold_masks', 'export_state_dict', 'unwrap_model',
 ]
@@ -40,6 +42,9 @@ class DSTMask(prune.BasePruningMethod):
         self._grad_hook = None
         self._owner: weakref.ref | None = None
         self._index_cache: tuple | None = None
+        self._csr_cache: tuple | None = None
+        self.dense_grad_wanted = False  # set by the sparsifier on steps whose method reads the dense gradient
+        self.presparse_grad: torch.Tensor | None = None  # a gradient the sparse kernels produced already masked
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         if self.mask.shape != t.shape:
@@ -56,13 +61,17 @@ class DSTMask(prune.BasePruningMethod):
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
-        return {**self.__dict__, '_owner': None, '_grad_hook': None, '_index_cache': None}
+        return {**self.__dict__, '_owner': None, '_grad_hook': None, '_index_cache': None, '_csr_cache': None,
+                'presparse_grad': None}
 
     def install_grad_mask(self, module: nn.Module) -> None:
         """Mask ``<name>_orig``'s gradient before accumulation (looked up per call: ``module.to()`` swaps buffers)."""
         name = self._tensor_name
 
         def _mask_grad(grad: torch.Tensor) -> torch.Tensor:
+            done, self.presparse_grad = self.presparse_grad, None
+            if grad is done:  # from the sparse kernels: zero outside the mask by construction
+                return grad
             return self.masked_grad(grad, getattr(module, name + '_mask'))
 
         self._grad_hook = getattr(module, name + '_orig').register_hook(_mask_grad)
@@ -105,7 +114,29 @@ class DSTMask(prune.BasePruningMethod):
         self._index_cache = (weakref.ref(mask), version, index, keep)
         return index, keep
 
+    def install_sparse_kernels(self, module: nn.Module, max_density: float) -> bool:
+        """Give a plain ``nn.Linear`` CSR kernels below ``max_density`` (see :mod:`timm_dst._sparse_linear`).
+
+        Returns:
+            Whether they were installed (only on exact ``nn.Linear`` modules, masked on ``weight``).
+        """
+        if type(module) is not nn.Linear or self._tensor_name != 'weight' or max_density <= 0:
+            return False
+        module.forward = SparseLinearForward(module, self, max_density)
+        return True
+
+    def csr(self, mask: torch.Tensor, max_density: float) -> CsrStructure | None:
+        """The cached CSR structure of ``mask``, or None when its density is above ``max_density``."""
+        index, keep = self._grad_index(mask)
+        if index is None or not keep or mask.dim() != 2 or index.numel() > max_density * mask.numel():
+            return None
+        if self._csr_cache is None or self._csr_cache[0] is not index:
+            self._csr_cache = (index, csr_structure(index, tuple(mask.shape)))
+        return self._csr_cache[1]
+
     def remove(self, module: nn.Module) -> None:
+        if isinstance(module.__dict__.get('forward'), SparseLinearForward):
+            del module.forward
         if self._grad_hook is not None:
             self._grad_hook.remove()
             self._grad_hook = None
@@ -121,13 +152,16 @@ def effective_weight(module: nn.Module, name: str) -> torch.Tensor:
     return orig * getattr(module, name + '_mask')
 
 
-def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
+def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> DSTMask:
     """Attach a bool mask to ``module.<name>`` through :class:`DSTMask` and zero the masked values of ``<name>_orig``.
 
     Args:
         module: Module owning the parameter.
         name: Parameter name inside ``module`` (e.g. ``'weight'``).
         mask: Bool tensor of the parameter's shape, True = active.
+
+    Returns:
+        The :class:`DSTMask` now attached.
     """
     if prune.is_pruned(module) and hasattr(module, name + '_mask'):
         raise ValueError(f'{type(module).__name__}.{name} already carries a mask; attach masks only once')
@@ -136,6 +170,7 @@ def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> None:
     with torch.no_grad():
         getattr(module, name + '_orig').mul_(getattr(module, name + '_mask'))
     refresh_weight(module, name)
+    return method
 
 
 def refresh_weight(module: nn.Module, name: str) -> None:

@@ -13,7 +13,8 @@ import torch.nn as nn
 
 from .distributions import DISTRIBUTIONS, layer_counts
 from .methods._base import SparseMethod
-from .reparam import attach_mask, effective_weight, refresh_weight, unwrap_model
+from ._sparse_linear import DEFAULT_MAX_DENSITY
+from .reparam import DSTMask, attach_mask, effective_weight, refresh_weight, unwrap_model
 from .schedules import UpdateSchedule, prune_rate_at, resolve_step
 from .targets import SparseTarget, find_targets
 
@@ -110,6 +111,9 @@ class Sparsifier:
         remask_every_step: Multiply each weight by its mask after every optimizer step. None = only for optimizers not
             known to keep zeros at zero (anything but SGD / Adam / AdamW / RMSprop / Adagrad).
         seed: Seed of the sparsifier's own generator (identical on all ranks).
+        sparse_kernel_density: Plain ``nn.Linear`` layers at or below this density run CSR kernels on CPU in float32
+            (forward, input and weight gradients; see :mod:`timm_dst._sparse_linear`); 0 keeps every layer on the
+            dense kernels.
     """
 
     def __init__(
@@ -137,6 +141,7 @@ class Sparsifier:
             dense_classifier: bool = False,
             remask_every_step: bool | None = None,
             seed: int = 0,
+            sparse_kernel_density: float = DEFAULT_MAX_DENSITY,
     ):
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f'sparsity={sparsity!r} is not accepted: give a float in [0, 1)')
@@ -146,6 +151,9 @@ class Sparsifier:
             raise ValueError(f'sparse_init={sparse_init!r} is not known; accepted: {", ".join(SPARSE_INITS)}')
         if not 0.0 <= prune_rate <= 1.0:
             raise ValueError(f'prune_rate={prune_rate!r} must lie in [0, 1]')
+        if isinstance(sparse_kernel_density, bool) or not 0.0 <= float(sparse_kernel_density) <= 1.0:
+            raise ValueError(f'sparse_kernel_density={sparse_kernel_density!r} is not accepted: give a float in [0, 1] '
+                             '(0 turns the sparse kernels off)')
         if total_steps is not None and int(total_steps) < 1:
             raise ValueError(f'total_steps={total_steps!r} must be a positive number of optimizer steps')
         self.model = unwrap_model(model)
@@ -202,8 +210,11 @@ class Sparsifier:
         if masks is None:
             masks = self._initial_masks()
         masks = self._broadcast_masks(masks)
+        self.sparse_kernel_density = float(sparse_kernel_density)
+        self._mask_methods: list[DSTMask] = []
         for t, m in zip(self.targets, masks):
-            attach_mask(t.module, t.param_name, m)
+            self._mask_methods.append(attach_mask(t.module, t.param_name, m))
+            self._mask_methods[-1].install_sparse_kernels(t.module, self.sparse_kernel_density)
         self._zero_optimizer_state([t.mask for t in self.targets])
         self.explored = [t.mask.detach().clone() for t in self.targets]
         self._refresh_counts()
@@ -327,6 +338,8 @@ class Sparsifier:
         for h in self._capture_handles:
             h.remove()
         self._capture_handles = []
+        for method in getattr(self, '_mask_methods', ()):  # the dense gradient needs the dense kernels
+            method.dense_grad_wanted = on
         if not on:
             return
         for i, t in enumerate(self.targets):

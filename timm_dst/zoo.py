@@ -265,10 +265,34 @@ def check_model(
 
 # --------------------------------------------------------------------------------------------------------------------
 # worker process for long sweeps
+def _rss_gib() -> float:
+    """Resident memory of this process in GiB (Linux ``/proc``; 0 where unavailable)."""
+    try:
+        with open('/proc/self/statm') as f:
+            return int(f.read().split()[1]) * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def _release_memory() -> None:
+    """Drop cycles and hand freed heap pages back to the OS (glibc keeps them otherwise: a worker that built hundreds
+    of models grew to 6 GiB and pushed the machine into reclaim)."""
+    import ctypes
+    import gc
+    gc.collect()
+    try:
+        ctypes.CDLL('libc.so.6').malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _worker(tasks: mp.Queue, results: mp.Queue, opts: dict[str, Any]) -> None:
     torch.set_num_threads(opts['threads'])
     import timm_dst  # noqa: F401
     while True:
+        _release_memory()
+        if _rss_gib() > opts['worker_max_rss']:
+            return  # the parent starts a fresh worker on what is left
         name = tasks.get()
         if name is None:
             return
@@ -298,6 +322,7 @@ def run_zoo(
         max_params: float | None = None,
         min_params: float | None = None,
         threads: int = 1,
+        worker_max_rss: float = 3.0,
         callback: Any = None,
 ) -> list[ZooResult]:
     """Check ``names`` in a worker process restarted after a crash or a per-model timeout.
@@ -309,6 +334,7 @@ def run_zoo(
         max_params: Skip models above this many million parameters (counted on the meta device).
         min_params: Skip models at or below this many million parameters.
         threads: ``torch.set_num_threads`` in the worker.
+        worker_max_rss: A worker whose resident memory stays above this many GiB between models is replaced.
         callback: Called with each :class:`ZooResult` as it completes.
 
     Returns:
@@ -316,7 +342,7 @@ def run_zoo(
     """
     ctx = mp.get_context('spawn')
     opts = dict(img_size=img_size, batch_size=batch_size, sparsity=sparsity, method=method, max_params=max_params,
-                min_params=min_params, threads=threads)
+                min_params=min_params, threads=threads, worker_max_rss=worker_max_rss)
     pending = list(names)
     out: list[ZooResult] = []
 
@@ -450,6 +476,8 @@ def main(argv: list[str] | None = None) -> int:
                              'run N processes with their own --output to use N cores')
     parser.add_argument('--timeout', type=float, default=300.0, help='seconds per model')
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--worker-max-rss', type=float, default=3.0, metavar='GIB',
+                        help='replace the worker process when its resident memory stays above this between models')
     parser.add_argument('--limit', type=int, default=None, help='only the first N names')
     parser.add_argument('--shuffle', type=int, default=None, metavar='SEED',
                         help='check the names in a seeded random order (a representative sample when cut short)')
@@ -495,8 +523,7 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_zoo(names, img_size=args.img_size, batch_size=args.batch_size, sparsity=args.sparsity,
                       method=args.method, timeout=args.timeout, max_params=args.max_params, min_params=args.min_params,
-                      threads=args.threads,
-                      callback=on_result)
+                      threads=args.threads, worker_max_rss=args.worker_max_rss, callback=on_result)
     if writer is not None:
         fh.close()
     print(format_table(previous + results, args.format))

@@ -1,0 +1,142 @@
+"""CSR kernels for low-density ``nn.Linear`` layers: same outputs and gradients as the dense masked layer, the dense
+path wherever the sparse one would differ, and training that matches the dense kernels."""
+from __future__ import annotations
+
+import copy
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import timm_dst
+from timm_dst._sparse_linear import SparseLinearForward
+from timm_dst.reparam import DSTMask
+
+from conftest import train_steps
+
+
+def _mlp(bias: bool = True) -> nn.Module:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(48, 96, bias=bias), nn.ReLU(), nn.Linear(96, 64, bias=bias), nn.ReLU(),
+                         nn.Linear(64, 10, bias=bias))
+
+
+def _sparsify(model: nn.Module, density: float = timm_dst.Sparsifier.__init__.__kwdefaults__['sparse_kernel_density'],
+              method: str = 'static', **kw):
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
+    sp = timm_dst.create_sparsifier(model, opt, method=method, sparsity=0.97, distribution='uniform',
+                                    total_steps=100, sparse_kernel_density=density, **kw)
+    return opt, sp
+
+
+def _kernels(model: nn.Module) -> list[bool]:
+    return [isinstance(m.__dict__.get('forward'), SparseLinearForward) for m in model.modules()
+            if isinstance(m, nn.Linear)]
+
+
+@pytest.mark.parametrize('bias', [True, False])
+@pytest.mark.parametrize('shape', [(5, 48), (2, 3, 48)])
+def test_outputs_and_gradients_equal_the_dense_masked_layer(bias: bool, shape: tuple[int, ...]):
+    model = _mlp(bias)
+    _sparsify(model)
+    assert all(_kernels(model))
+    ref = _mlp(bias)
+    ref.load_state_dict(timm_dst.export_state_dict(model))
+    x = torch.randn(*shape, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    y, y_ref = model(x), ref(x_ref)
+    torch.testing.assert_close(y, y_ref)
+    y.square().sum().backward()
+    y_ref.square().sum().backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    masked = [m for m in model.modules() if hasattr(m, 'weight_mask')]
+    for m, r in zip(masked, [m for m in ref.modules() if isinstance(m, nn.Linear)]):
+        assert not bool(m.weight_orig.grad[~m.weight_mask].any()), 'gradient non-zero outside the mask'
+        torch.testing.assert_close(m.weight_orig.grad, r.weight.grad * m.weight_mask)
+        if bias:
+            torch.testing.assert_close(m.bias.grad, r.bias.grad)
+
+
+def test_kernel_gradients_skip_the_mask_hook(monkeypatch):
+    calls = []
+    real = DSTMask.masked_grad
+    monkeypatch.setattr(DSTMask, 'masked_grad', lambda self, g, m: calls.append(1) or real(self, g, m))
+    model = _mlp()
+    opt, sp = _sparsify(model)
+    train_steps(model, opt, torch.randn(8, 48), torch.randint(0, 10, (8,)), 3)
+    assert calls == []  # masked by construction
+    model_dense = _mlp()
+    opt, sp = _sparsify(model_dense, density=0.0)
+    assert not any(_kernels(model_dense))
+    train_steps(model_dense, opt, torch.randn(8, 48), torch.randint(0, 10, (8,)), 3)
+    assert len(calls) == 3 * 3
+
+
+@pytest.mark.parametrize('method', ['set-itop', 'rigl-itop', 'snfs'])
+def test_training_matches_the_dense_kernels(method: str):
+    """Same masks, R_s and (up to float summation order) weights as ``sparse_kernel_density=0``; RigL / SNFS read the
+    dense gradient, which the sparse kernels would not give, so those steps take the dense path."""
+    x, y = torch.randn(16, 48, generator=torch.Generator().manual_seed(1)), torch.randint(0, 10, (16,))
+    runs = []
+    for density in (0.05, 0.0):
+        model = _mlp()
+        opt, sp = _sparsify(model, density=density, method=method, update_interval=3)
+        train_steps(model, opt, x, y, 10)
+        runs.append((model, sp))
+    (m1, s1), (m0, s0) = runs
+    assert all(_kernels(m1)) and not any(_kernels(m0))
+    assert len(s1.history) == len(s0.history) > 1
+    for t1, t0 in zip(s1.targets, s0.targets):
+        assert torch.equal(t1.mask, t0.mask), t1.name
+    assert s1.itop_rate == s0.itop_rate > s1.density
+    torch.testing.assert_close(timm_dst.export_state_dict(m1), timm_dst.export_state_dict(m0), rtol=1e-4, atol=1e-5)
+
+
+def test_dense_path_for_copies_autocast_and_dense_layers():
+    model = _mlp()
+    _sparsify(model)
+    x = torch.randn(4, 48)
+    # an EMA-style copy is not kept zero by the sparsifier: it computes orig * mask on the dense path
+    ema = copy.deepcopy(model)
+    with torch.no_grad():
+        for m in ema.modules():
+            if hasattr(m, 'weight_orig'):
+                m.weight_orig.add_(1.0)  # averaged weights are non-zero at masked positions
+    assert torch.equal(timm_dst.export_state_dict(ema)['0.weight'] == 0, ~model[0].weight_mask)
+    ref = _mlp()
+    ref.load_state_dict(timm_dst.export_state_dict(ema))
+    torch.testing.assert_close(ema(x), ref(x))
+    # bf16 autocast: the dense kernels, so the result is what autocast gives for the dense layer
+    ref.load_state_dict(timm_dst.export_state_dict(model))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        out, out_ref = model(x), ref(x)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, out_ref)
+    # a layer above the density limit keeps the dense kernels
+    wide = _mlp()
+    _sparsify(wide, density=0.01)
+    assert all(_kernels(wide))
+    assert all(m.forward.method.csr(m.weight_mask, 0.01) is None for m in wide.modules() if hasattr(m, 'weight_mask'))
+
+
+def test_folding_restores_the_plain_forward_and_bad_values_fail():
+    model = _mlp()
+    _sparsify(model)
+    timm_dst.fold_masks(model)
+    assert not any(_kernels(model)) and all('forward' not in m.__dict__ for m in model.modules())
+    with pytest.raises(ValueError, match='sparse_kernel_density'):
+        _sparsify(_mlp(), density=1.5)
+
+
+def test_itop_mlp_uses_the_kernels_at_the_paper_sparsity():
+    model = timm.create_model('itop_mlp', num_classes=10, in_chans=1, img_size=28)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sp = timm_dst.create_sparsifier(model, opt, method='set-itop', sparsity=0.98, distribution='er', total_steps=10)
+    on = {t.name: isinstance(t.module.__dict__.get('forward'), SparseLinearForward) and
+          t.module.forward.method.csr(t.mask, sp.sparse_kernel_density) is not None for t in sp.targets}
+    assert on == {'features.0.weight': True, 'features.2.weight': True, 'head.weight': False}  # ER: head ~70% dense
+    loss = F.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.arange(4))
+    loss.backward()
+    assert all(not bool(t.param.grad[~t.mask].any()) for t in sp.targets)

@@ -1,0 +1,135 @@
+"""Sparse CPU kernels for masked ``nn.Linear`` layers: a step whose cost falls with the density.
+
+At the densities of the ITOP / DSR experiments (a few percent), the dense GEMMs of a masked linear layer multiply
+mostly zeros, and masking the weight gradient adds a pass over the whole tensor. On CPU, CSR kernels over the active
+weights are several times faster below about 5% density (``benchmarks/step_overhead.py``; the break-even is near 10%):
+
+- forward ``y = x W^T + b`` as ``(W_csr x^T)^T``;
+- input gradient ``dL/dx = dL/dy W`` as ``(W^T_csr dL/dy^T)^T``;
+- weight gradient at the active positions only (``torch.sparse.sampled_addmm``), written into a zero tensor: the
+  gradient is masked by construction, so the gradient hook of :class:`timm_dst.reparam.DSTMask` passes it through.
+
+The values are gathered from ``weight_orig`` on every call, so they follow the optimizer; the CSR structure is cached
+per mask version and rebuilt after a topology update. The dense path (``F.linear``) is taken whenever the sparse one
+would not give the same result: autocast, dtypes other than float32, accelerators, ``torch.compile`` tracing, copies of
+the model (EMA), and steps where a method needs the dense gradient (RigL, SNFS).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+__all__ = ['CsrStructure', 'csr_structure', 'SparseLinearForward', 'DEFAULT_MAX_DENSITY']
+
+# torch warns once per process that CSR support is in beta; these kernels (csr @ dense, sampled_addmm) are tested here
+warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta', category=UserWarning)
+
+DEFAULT_MAX_DENSITY = 0.05  # CSR kernels below this layer density (CPU, float32); measured break-even is near 0.1
+
+
+@dataclass
+class CsrStructure:
+    """The CSR structure of a 2-D mask and of its transpose (values are gathered per call)."""
+
+    index: torch.Tensor      # sorted flat indices of the active positions (= CSR value order)
+    crow: torch.Tensor
+    col: torch.Tensor
+    perm_t: torch.Tensor     # values of W^T in CSR order = values[perm_t]
+    crow_t: torch.Tensor
+    col_t: torch.Tensor
+    shape: tuple[int, int]
+
+
+def csr_structure(index: torch.Tensor, shape: tuple[int, int]) -> CsrStructure:
+    """CSR structure (and the transpose's) of the 2-D mask whose sorted active flat indices are ``index``.
+
+    Row pointers and column indices are int32 when they fit (half the memory of int64; the CPU kernels accept both).
+    """
+    rows_n, cols_n = shape
+    itype = torch.int32 if index.numel() < 2 ** 31 - 1 else torch.long
+    rows, cols = index // cols_n, index % cols_n
+    crow = torch.zeros(rows_n + 1, dtype=itype, device=index.device)
+    crow[1:] = torch.bincount(rows, minlength=rows_n).cumsum(0)
+    perm_t = torch.argsort(cols * rows_n + rows)
+    crow_t = torch.zeros(cols_n + 1, dtype=itype, device=index.device)
+    crow_t[1:] = torch.bincount(cols, minlength=cols_n).cumsum(0)
+    return CsrStructure(index=index, crow=crow, col=cols.to(itype), perm_t=perm_t, crow_t=crow_t,
+                        col_t=rows[perm_t].to(itype), shape=(rows_n, cols_n))
+
+
+class _SparseLinearFn(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` for a 2-D ``x`` whose weight is zero outside ``s`` (exactly the masked layer)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: CsrStructure,
+                method: Any) -> torch.Tensor:
+        values = weight.reshape(-1)[s.index]
+        w = torch.sparse_csr_tensor(s.crow, s.col, values, s.shape, check_invariants=False)
+        y = torch.sparse.mm(w, x.t()).t().contiguous()
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, values)
+        ctx.s, ctx.method, ctx.weight_dtype = s, method, weight.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, values = ctx.saved_tensors
+        s: CsrStructure = ctx.s
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            wt = torch.sparse_csr_tensor(s.crow_t, s.col_t, values[s.perm_t], (s.shape[1], s.shape[0]),
+                                         check_invariants=False)
+            grad_x = torch.sparse.mm(wt, grad_y.t()).t().contiguous()
+        if ctx.needs_input_grad[1]:
+            pattern = torch.sparse_csr_tensor(s.crow, s.col, values, s.shape, check_invariants=False)
+            grad_values = torch.sparse.sampled_addmm(pattern, grad_y.t(), x, beta=0.0).values()
+            grad_w = torch.zeros(s.shape[0] * s.shape[1], dtype=ctx.weight_dtype, device=x.device)
+            grad_w = grad_w.index_copy_(0, s.index, grad_values).view(s.shape)
+            ctx.method.presparse_grad = grad_w  # masked already: the gradient hook lets this exact tensor through
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum(0)
+        return grad_x, grad_w, grad_b, None, None
+
+
+def _autocast_on() -> bool:
+    try:
+        return torch.is_autocast_enabled('cpu')
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled()
+
+
+class SparseLinearForward:
+    """Instance ``forward`` of a masked ``nn.Linear``: CSR kernels when they apply, ``F.linear`` otherwise.
+
+    Installed by :meth:`timm_dst.reparam.DSTMask.install_sparse_kernels`; ``method`` is that :class:`DSTMask`.
+    """
+
+    def __init__(self, module: nn.Linear, method: Any, max_density: float = DEFAULT_MAX_DENSITY):
+        self.module = module
+        self.method = method
+        self.max_density = float(max_density)
+
+    def _structure(self, x: torch.Tensor) -> CsrStructure | None:
+        m, method = self.module, self.method
+        if method.dense_grad_wanted or method._owner is None or method._owner() is not m:
+            return None
+        orig = getattr(m, method._tensor_name + '_orig')
+        if (x.device.type != 'cpu' or x.dtype != torch.float32 or orig.dtype != torch.float32 or _autocast_on()
+                or torch.compiler.is_compiling() or torch.jit.is_scripting()):
+            return None
+        return method.csr(getattr(m, method._tensor_name + '_mask'), self.max_density)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        m = self.module
+        s = self._structure(x)
+        if s is None:
+            return F.linear(x, m.weight, m.bias)
+        orig = getattr(m, self.method._tensor_name + '_orig')
+        y = _SparseLinearFn.apply(x.reshape(-1, x.shape[-1]), orig, m.bias, s, self.method)
+        return y.reshape(*x.shape[:-1], y.shape[-1])
