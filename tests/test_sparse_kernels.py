@@ -9,12 +9,11 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from conftest import train_steps
 
 import timm_dst
 from timm_dst._sparse_linear import SparseLinearForward
 from timm_dst.reparam import DSTMask
-
-from conftest import train_steps
 
 
 def _mlp(bias: bool = True) -> nn.Module:

@@ -11,9 +11,9 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ._sparse_linear import DEFAULT_MAX_DENSITY
 from .distributions import DISTRIBUTIONS, layer_counts
 from .methods._base import SparseMethod
-from ._sparse_linear import DEFAULT_MAX_DENSITY
 from .reparam import DSTMask, attach_mask, effective_weight, refresh_weight, unwrap_model
 from .schedules import UpdateSchedule, prune_rate_at, resolve_step
 from .targets import SparseTarget, find_targets
