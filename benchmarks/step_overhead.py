@@ -36,6 +36,10 @@ def _parse_kwargs(items: list[str]) -> dict:
     return out
 
 
+def _kernel_kwargs(args) -> dict:
+    return {} if args.sparse_kernel_density is None else {'sparse_kernel_density': args.sparse_kernel_density}
+
+
 def _setup(args, sparse: bool):
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
@@ -45,7 +49,7 @@ def _setup(args, sparse: bool):
     if sparse:
         sp = timm_dst.create_sparsifier(model, opt, method=args.method, sparsity=args.sparsity,
                                         update_interval=args.measure_every or args.update_interval,
-                                        total_steps=10 ** 6, update_end=None)
+                                        total_steps=10 ** 6, update_end=None, **_kernel_kwargs(args))
     return model, opt, sp
 
 
@@ -79,6 +83,8 @@ def main() -> None:
     p.add_argument('--num-classes', type=int, default=10)
     p.add_argument('--blocks', type=int, default=5, help='interleaved blocks per variant')
     p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--sparse-kernel-density', type=float, default=None,
+                   help="CSR kernels for nn.Linear layers at or below this density (default: the library's; 0 = off)")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     steps = args.block_steps or args.measure_every or args.update_interval

@@ -274,6 +274,19 @@ def _rss_gib() -> float:
         return 0.0
 
 
+# float32 copies of the weights the check holds at its peak: weights, gradients, momentum, RigL's dense gradients,
+# the exported state_dict and the fresh model it loads into
+_WEIGHT_COPIES = 5
+
+
+def _ram_gib() -> float:
+    """Physical memory in GiB (0 where unknown)."""
+    try:
+        return os.sysconf('SC_PHYS_PAGES') * os.sysconf('SC_PAGE_SIZE') / 2 ** 30
+    except (OSError, ValueError):
+        return 0.0
+
+
 def _release_memory() -> None:
     """Drop cycles and hand freed heap pages back to the OS (glibc keeps them otherwise: a worker that built hundreds
     of models grew to 6 GiB and pushed the machine into reclaim)."""
@@ -297,13 +310,17 @@ def _worker(tasks: mp.Queue, results: mp.Queue, opts: dict[str, Any]) -> None:
         if name is None:
             return
         results.put(('start', name, None))
-        if opts['max_params'] is not None or opts['min_params'] is not None:
-            n = _param_count_m(name)
+        n = _param_count_m(name)
+        if n is not None:
             reason = None
-            if n is not None and opts['max_params'] is not None and n > opts['max_params']:
+            if opts['max_params'] is not None and n > opts['max_params']:
                 reason = f'> {opts["max_params"]:g}M params'
-            if n is not None and opts['min_params'] is not None and n <= opts['min_params']:
+            if opts['min_params'] is not None and n <= opts['min_params']:
                 reason = f'<= {opts["min_params"]:g}M params'
+            need, have = n * 1e6 * 4 * _WEIGHT_COPIES / 2 ** 30, _ram_gib()
+            if have and need > have:
+                reason = (f'needs ~{need:.0f} GiB ({_WEIGHT_COPIES} float32 copies of {n:.0f}M weights), '
+                          f'this machine has {have:.0f} GiB')
             if reason is not None:
                 results.put(('done', name, asdict(ZooResult(model=name, status='skip', params_m=n, reason=reason))))
                 continue
