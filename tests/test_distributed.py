@@ -41,6 +41,8 @@ def _worker(rank: int, world: int, port: int, method: str, out_dir: str) -> None
         before = [t.mask.clone() for t in sp.targets]
         opt.step()
         changed = any(not torch.equal(b, t.mask) for b, t in zip(before, sp.targets))
+        # the gradient is masked before DDP reduces it: masked positions stay zero on every rank
+        assert all(not bool(t.param[~t.mask].any()) for t in sp.targets), f'non-zero masked weight at {step + 1}'
         n_updates += int(changed)
         flat = torch.cat([t.mask.flatten() for t in sp.targets]).to(torch.uint8)
         gathered = [torch.empty_like(flat) for _ in range(world)]
