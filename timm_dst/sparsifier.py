@@ -198,6 +198,8 @@ class Sparsifier:
         self._capture_handles: list[Any] = []
         self._step_hook = None
         self.total_numel = sum(t.numel for t in self.targets)
+        self.sparse_kernel_density = float(sparse_kernel_density)
+        self._mask_methods: list[DSTMask] = []  # the attached DSTMask of each target
 
         if not method.attaches:
             self.counts = [t.numel for t in self.targets]
@@ -210,8 +212,6 @@ class Sparsifier:
         if masks is None:
             masks = self._initial_masks()
         masks = self._broadcast_masks(masks)
-        self.sparse_kernel_density = float(sparse_kernel_density)
-        self._mask_methods: list[DSTMask] = []
         for t, m in zip(self.targets, masks):
             self._mask_methods.append(attach_mask(t.module, t.param_name, m))
             self._mask_methods[-1].install_sparse_kernels(t.module, self.sparse_kernel_density)
@@ -338,7 +338,7 @@ class Sparsifier:
         for h in self._capture_handles:
             h.remove()
         self._capture_handles = []
-        for method in getattr(self, '_mask_methods', ()):  # the dense gradient needs the dense kernels
+        for method in self._mask_methods:  # the dense gradient needs the dense kernels
             method.dense_grad_wanted = on
         if not on:
             return
