@@ -339,7 +339,8 @@ def test_topk_indices_is_exact(kind: str):
 
 @pytest.mark.parametrize('density', [0.0, 0.02, 0.3, 0.6, 0.97, 1.0])
 def test_masked_grad_equals_where_and_follows_mask_changes(density: float):
-    """The CPU gradient mask (cached active indices or float mask) gives exactly ``where(mask, grad, 0)``, also after the mask changes."""
+    """The CPU gradient mask (cached active indices or float mask) gives exactly ``where(mask, grad, 0)``, also after
+    the mask changes."""
     from timm_dst.reparam import DSTMask
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(37, 53, generator=gen) < density
