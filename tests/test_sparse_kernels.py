@@ -13,7 +13,6 @@ from conftest import train_steps
 
 import timm_dst
 from timm_dst._sparse_linear import SparseLinearForward
-from timm_dst.reparam import DSTMask
 
 
 def _mlp(bias: bool = True) -> nn.Module:
@@ -56,21 +55,6 @@ def test_outputs_and_gradients_equal_the_dense_masked_layer(bias: bool, shape: t
         torch.testing.assert_close(m.weight_orig.grad, r.weight.grad * m.weight_mask)
         if bias:
             torch.testing.assert_close(m.bias.grad, r.bias.grad)
-
-
-def test_kernel_gradients_skip_the_mask_hook(monkeypatch):
-    calls = []
-    real = DSTMask.masked_grad
-    monkeypatch.setattr(DSTMask, 'masked_grad', lambda self, g, m: calls.append(1) or real(self, g, m))
-    model = _mlp()
-    opt, sp = _sparsify(model)
-    train_steps(model, opt, torch.randn(8, 48), torch.randint(0, 10, (8,)), 3)
-    assert calls == []  # masked by construction
-    model_dense = _mlp()
-    opt, sp = _sparsify(model_dense, density=0.0)
-    assert not any(_kernels(model_dense))
-    train_steps(model_dense, opt, torch.randn(8, 48), torch.randint(0, 10, (8,)), 3)
-    assert len(calls) == 3 * 3
 
 
 @pytest.mark.parametrize('method', ['set-itop', 'rigl-itop', 'snfs'])

@@ -6,8 +6,7 @@ weights are several times faster below about 5% density (``benchmarks/step_overh
 
 - forward ``y = x W^T + b`` as ``(W_csr x^T)^T``;
 - input gradient ``dL/dx = dL/dy W`` as ``(W^T_csr dL/dy^T)^T``;
-- weight gradient at the active positions only (``torch.sparse.sampled_addmm``), written into a zero tensor: the
-  gradient is masked by construction, so the gradient hook of :class:`timm_dst.reparam.DSTMask` passes it through.
+- weight gradient at the active positions only (``torch.sparse.sampled_addmm``), written into a zero tensor.
 
 The values are gathered from ``weight_orig`` on every call, so they follow the optimizer; the CSR structure is cached
 per mask version and rebuilt after a topology update. The dense path (``F.linear``) is taken whenever the sparse one
@@ -66,15 +65,14 @@ class _SparseLinearFn(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` for a 2-D ``x`` whose weight is zero outside ``s`` (exactly the masked layer)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: CsrStructure,
-                method: Any) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: CsrStructure) -> torch.Tensor:
         values = weight.reshape(-1)[s.index]
         w = torch.sparse_csr_tensor(s.crow, s.col, values, s.shape, check_invariants=False)
         y = torch.sparse.mm(w, x.t()).t().contiguous()
         if bias is not None:
             y = y + bias
         ctx.save_for_backward(x, values)
-        ctx.s, ctx.method, ctx.weight_dtype = s, method, weight.dtype
+        ctx.s, ctx.weight_dtype = s, weight.dtype
         return y
 
     @staticmethod
@@ -91,10 +89,9 @@ class _SparseLinearFn(torch.autograd.Function):
             grad_values = torch.sparse.sampled_addmm(pattern, grad_y.t(), x, beta=0.0).values()
             grad_w = torch.zeros(s.shape[0] * s.shape[1], dtype=ctx.weight_dtype, device=x.device)
             grad_w = grad_w.index_copy_(0, s.index, grad_values).view(s.shape)
-            ctx.method.presparse_grad = grad_w  # masked already: the gradient hook lets this exact tensor through
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
-        return grad_x, grad_w, grad_b, None, None
+        return grad_x, grad_w, grad_b, None
 
 
 def _autocast_on() -> bool:
@@ -131,5 +128,5 @@ class SparseLinearForward:
         if s is None:
             return F.linear(x, m.weight, m.bias)
         orig = getattr(m, self.method._tensor_name + '_orig')
-        y = _SparseLinearFn.apply(x.reshape(-1, x.shape[-1]), orig, m.bias, s, self.method)
+        y = _SparseLinearFn.apply(x.reshape(-1, x.shape[-1]), orig, m.bias, s)
         return y.reshape(*x.shape[:-1], y.shape[-1])
