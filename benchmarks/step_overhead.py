@@ -4,8 +4,8 @@ Dense and sparse copies of the model train in interleaved blocks; every step is 
 median of its ordinary steps plus the extra cost of an update amortised over ΔT (``--update-interval``): the update
 step's and that of the step after it, which rebuilds the per-mask caches (gradient mask, sparse-kernel structure)
 once per update: ``(median(ordinary) + (extra(update steps) + extra(steps after)) / ΔT) / median(dense)``. To keep
-big models affordable, updates can be triggered more often while measuring (``--measure-every``) and amortised over the real
-ΔT. Machines are noisy: read ratios, not absolute times.
+big models affordable, updates can be triggered more often while measuring (``--measure-every``) and amortised over
+the real ΔT. Machines are noisy: read ratios, not absolute times.
 
     python benchmarks/step_overhead.py --model itop_mlp --model-kwargs in_chans=1 img_size=28 -b 128
     python benchmarks/step_overhead.py --model resnet50 --img-size 128 -b 32 --measure-every 5 --blocks 4
