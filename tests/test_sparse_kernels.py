@@ -123,3 +123,15 @@ def test_itop_mlp_uses_the_kernels_at_the_paper_sparsity():
     loss = F.cross_entropy(model(torch.randn(4, 1, 28, 28)), torch.arange(4))
     loss.backward()
     assert all(not bool(t.param.grad[~t.mask].any()) for t in sp.targets)
+
+
+def test_compiled_model_takes_the_dense_path_and_matches_eager():
+    model = _mlp()
+    opt, sp = _sparsify(model)
+    x = torch.randn(6, 48)
+    eager = model(x)
+    compiled = torch.compile(model, backend='aot_eager')
+    out = compiled(x)
+    torch.testing.assert_close(out, eager)
+    out.square().sum().backward()
+    assert all(not bool(t.param.grad[~t.mask].any()) for t in sp.targets)

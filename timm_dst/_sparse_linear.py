@@ -94,6 +94,11 @@ class _SparseLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None
 
 
+def _compiling() -> bool:
+    fn = getattr(torch.compiler, 'is_compiling', None)  # torch >= 2.3
+    return bool(fn()) if fn is not None else bool(torch._dynamo.is_compiling())
+
+
 def _autocast_on() -> bool:
     try:
         return torch.is_autocast_enabled('cpu')
@@ -113,12 +118,13 @@ class SparseLinearForward:
         self.max_density = float(max_density)
 
     def _structure(self, x: torch.Tensor) -> CsrStructure | None:
+        if _compiling() or torch.jit.is_scripting():
+            return None
         m, method = self.module, self.method
         if method.dense_grad_wanted or method._owner is None or method._owner() is not m:
             return None
         orig = getattr(m, method._tensor_name + '_orig')
-        if (x.device.type != 'cpu' or x.dtype != torch.float32 or orig.dtype != torch.float32 or _autocast_on()
-                or torch.compiler.is_compiling() or torch.jit.is_scripting()):
+        if x.device.type != 'cpu' or x.dtype != torch.float32 or orig.dtype != torch.float32 or _autocast_on():
             return None
         return method.csr(getattr(m, method._tensor_name + '_mask'), self.max_density)
 
