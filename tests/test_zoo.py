@@ -124,6 +124,19 @@ def test_cli_table(capsys):
     assert format_table([], 'csv').startswith('model,params_m')
 
 
+def test_sweep_replaces_a_grown_worker_and_skips_what_does_not_fit(tmp_path):
+    """A worker above --worker-max-rss is replaced between models (every model here: 0 GiB) and no row is lost; a model
+    whose weights would not fit in memory is a skip row that says why, not a crash."""
+    import timm_dst.zoo as zoo
+    out = tmp_path / 'zoo.csv'
+    assert main(['--models', 'resnet10t', 'test_vit', '--img-size', '32', '--worker-max-rss', '0',
+                 '--output', str(out), '--format', 'csv']) == 0
+    rows = zoo._read_csv(str(out))
+    assert [r.model for r in rows] == ['resnet10t', 'test_vit'] and all(r.status == 'pass' for r in rows)
+    skipped = zoo.run_zoo(['resnet10t'], img_size=32, threads=1, max_memory=0.01)  # needs ~0.1 GiB
+    assert skipped[0].status == 'skip' and 'GiB' in skipped[0].reason and '--max-memory' in skipped[0].reason
+
+
 def test_shared_relative_position_mlp_stays_dense():
     model = timm.create_model('vit_srelpos_small_patch16_224', img_size=64, num_classes=10)
     names = [t.name for t in timm_dst.find_targets(model)]

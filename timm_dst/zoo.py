@@ -303,9 +303,6 @@ def _worker(tasks: mp.Queue, results: mp.Queue, opts: dict[str, Any]) -> None:
     torch.set_num_threads(opts['threads'])
     import timm_dst  # noqa: F401
     while True:
-        _release_memory()
-        if _rss_gib() > opts['worker_max_rss']:
-            return  # the parent starts a fresh worker on what is left
         name = tasks.get()
         if name is None:
             return
@@ -317,16 +314,19 @@ def _worker(tasks: mp.Queue, results: mp.Queue, opts: dict[str, Any]) -> None:
                 reason = f'> {opts["max_params"]:g}M params'
             if opts['min_params'] is not None and n <= opts['min_params']:
                 reason = f'<= {opts["min_params"]:g}M params'
-            need, have = n * 1e6 * 4 * _WEIGHT_COPIES / 2 ** 30, _ram_gib()
+            need, have = n * 1e6 * 4 * _WEIGHT_COPIES / 2 ** 30, opts['max_memory']
             if have and need > have:
                 reason = (f'needs ~{need:.0f} GiB ({_WEIGHT_COPIES} float32 copies of {n:.0f}M weights), '
-                          f'this machine has {have:.0f} GiB')
+                          f'over the {have:.1f} GiB allowed (--max-memory; default: this machine\'s RAM)')
             if reason is not None:
                 results.put(('done', name, asdict(ZooResult(model=name, status='skip', params_m=n, reason=reason))))
                 continue
         res = check_model(name, img_size=opts['img_size'], batch_size=opts['batch_size'],
                           sparsity=opts['sparsity'], method=opts['method'])
         results.put(('done', name, asdict(res)))
+        _release_memory()
+        if _rss_gib() > opts['worker_max_rss']:
+            return  # after at least one model: the parent starts a fresh worker on what is left
 
 
 def run_zoo(
@@ -340,6 +340,7 @@ def run_zoo(
         min_params: float | None = None,
         threads: int = 1,
         worker_max_rss: float = 3.0,
+        max_memory: float | None = None,
         callback: Any = None,
 ) -> list[ZooResult]:
     """Check ``names`` in a worker process restarted after a crash or a per-model timeout.
@@ -352,6 +353,8 @@ def run_zoo(
         min_params: Skip models at or below this many million parameters.
         threads: ``torch.set_num_threads`` in the worker.
         worker_max_rss: A worker whose resident memory stays above this many GiB between models is replaced.
+        max_memory: GiB one check may use; models whose weights would need more are ``skip`` rows saying so
+            (default: the machine's RAM; give each of N parallel shards 1/N of it).
         callback: Called with each :class:`ZooResult` as it completes.
 
     Returns:
@@ -359,7 +362,8 @@ def run_zoo(
     """
     ctx = mp.get_context('spawn')
     opts = dict(img_size=img_size, batch_size=batch_size, sparsity=sparsity, method=method, max_params=max_params,
-                min_params=min_params, threads=threads, worker_max_rss=worker_max_rss)
+                min_params=min_params, threads=threads, worker_max_rss=worker_max_rss,
+                max_memory=max_memory if max_memory is not None else _ram_gib())
     pending = list(names)
     out: list[ZooResult] = []
 
@@ -493,6 +497,9 @@ def main(argv: list[str] | None = None) -> int:
                              'run N processes with their own --output to use N cores')
     parser.add_argument('--timeout', type=float, default=300.0, help='seconds per model')
     parser.add_argument('--threads', type=int, default=1)
+    parser.add_argument('--max-memory', type=float, default=None, metavar='GIB',
+                        help="memory one check may use (default: this machine's RAM); larger models are skip rows. "
+                             'Give each of N parallel --shard processes 1/N of the RAM')
     parser.add_argument('--worker-max-rss', type=float, default=3.0, metavar='GIB',
                         help='replace the worker process when its resident memory stays above this between models')
     parser.add_argument('--limit', type=int, default=None, help='only the first N names')
@@ -540,7 +547,8 @@ def main(argv: list[str] | None = None) -> int:
 
     results = run_zoo(names, img_size=args.img_size, batch_size=args.batch_size, sparsity=args.sparsity,
                       method=args.method, timeout=args.timeout, max_params=args.max_params, min_params=args.min_params,
-                      threads=args.threads, worker_max_rss=args.worker_max_rss, callback=on_result)
+                      threads=args.threads, worker_max_rss=args.worker_max_rss, max_memory=args.max_memory,
+                      callback=on_result)
     if writer is not None:
         fh.close()
     print(format_table(previous + results, args.format))
