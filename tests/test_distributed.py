@@ -56,6 +56,7 @@ def _worker(rank: int, world: int, port: int, method: str, out_dir: str) -> None
     if rank == 0:
         with open(os.path.join(out_dir, f'{method}.ok'), 'w') as f:
             f.write(f'{n_updates} {sp.itop_rate}')
+    dist.barrier()  # both ranks done with their collectives before the group goes away (gloo aborts otherwise)
     dist.destroy_process_group()
 
 
