@@ -43,7 +43,6 @@ class DSTMask(prune.BasePruningMethod):
         self._grad_hook = None
         self._owner: weakref.ref | None = None
         self._index_cache: tuple | None = None
-        self._csr_cache: tuple | None = None
         self.dense_grad_wanted = False  # set by the sparsifier on steps whose method reads the dense gradient
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
@@ -61,7 +60,7 @@ class DSTMask(prune.BasePruningMethod):
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
-        return {**self.__dict__, '_owner': None, '_grad_hook': None, '_index_cache': None, '_csr_cache': None}
+        return {**self.__dict__, '_owner': None, '_grad_hook': None, '_index_cache': None}
 
     def install_grad_mask(self, module: nn.Module) -> None:
         """Mask ``<name>_orig.grad`` in place right after each accumulation into it, before DDP's reducer reads it
@@ -104,7 +103,8 @@ class DSTMask(prune.BasePruningMethod):
 
     def _mask_cache(self, mask: torch.Tensor) -> dict:
         """Per-version facts about ``mask``: ``n_active``, ``index`` (sorted active flat indices when at most
-        :data:`INDEX_MAX_DENSITY` is active, else None) and, filled on demand, the mask in gradient dtypes."""
+        :data:`INDEX_MAX_DENSITY` is active, else None) and, filled on demand, the mask in gradient dtypes and the CSR
+        structure of the sparse kernels."""
         cache = self._index_cache
         if cache is not None and cache['ref']() is mask and cache['version'] == mask._version:
             return cache
@@ -131,10 +131,9 @@ class DSTMask(prune.BasePruningMethod):
             return None
         if cache['index'] is None:  # a limit above INDEX_MAX_DENSITY: the kernels need the indices all the same
             cache['index'] = mask.view(-1).nonzero().squeeze(1)
-        index = cache['index']
-        if self._csr_cache is None or self._csr_cache[0] is not index:
-            self._csr_cache = (index, csr_structure(index, tuple(mask.shape)))
-        return self._csr_cache[1]
+        if 'csr' not in cache:  # per mask version, like the rest of the cache
+            cache['csr'] = csr_structure(cache['index'], tuple(mask.shape))
+        return cache['csr']
 
     def remove(self, module: nn.Module) -> None:
         if isinstance(module.__dict__.get('forward'), SparseLinearForward):
