@@ -121,7 +121,7 @@ class SparseLinearForward:
         if _compiling() or torch.jit.is_scripting():
             return None
         m, method = self.module, self.method
-        if method.dense_grad_wanted or method._owner is None or method._owner() is not m:
+        if method.dense_grad_wanted or not method.owns(m):
             return None
         orig = getattr(m, method._tensor_name + '_orig')
         if x.device.type != 'cpu' or x.dtype != torch.float32 or orig.dtype != torch.float32 or _autocast_on():

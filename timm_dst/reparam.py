@@ -30,10 +30,11 @@ class DSTMask(prune.BasePruningMethod):
 
     Used once per tensor by :func:`attach_mask`; later topology changes write into the ``<name>_mask`` buffer.
     Unlike ``prune.custom_from_mask``, the forward pre-hook does not compute ``orig * mask`` (a full copy and
-    multiply per forward, and another in the backward): on the module the sparsifier controls, ``module.<name>`` is a
-    view of ``<name>_orig``, and a hook on ``<name>_orig`` masks its gradient as it accumulates. That is exact
-    because the sparsifier keeps ``orig`` zero wherever the mask is False (DESIGN invariant 2), so
-    ``orig == orig * mask`` and the masked ``orig.grad`` is the gradient ``orig * mask`` would give.
+    multiply per forward, and another in the backward): on the module the sparsifier controls, ``module.<name>`` *is*
+    the parameter ``<name>_orig`` (an instance attribute, not a second registered parameter), so its forward pre-hook
+    has nothing to do, and a hook on ``<name>_orig`` masks its gradient as it accumulates. That is exact because the
+    sparsifier keeps ``orig`` zero wherever the mask is False (DESIGN invariant 2), so ``orig == orig * mask`` and the
+    masked ``orig.grad`` is the gradient ``orig * mask`` would give.
     """
 
     PRUNING_TYPE = 'unstructured'
@@ -50,12 +51,24 @@ class DSTMask(prune.BasePruningMethod):
             raise ValueError(f'mask shape {tuple(self.mask.shape)} does not match tensor shape {tuple(t.shape)}')
         return self.mask.to(device=t.device, dtype=torch.bool)
 
+    def __call__(self, module: nn.Module, inputs: object) -> None:
+        """Forward pre-hook: on the controlled module, check that ``module.<name>`` still is ``<name>_orig`` (a
+        conversion that replaced the parameter object would have left a stale alias); on copies, ``orig * mask``."""
+        if self.owns(module):
+            _alias_orig(module, self._tensor_name)
+        else:
+            setattr(module, self._tensor_name, self.apply_mask(module))
+
+    def owns(self, module: nn.Module) -> bool:
+        """Whether ``module`` is the one the sparsifier controls (not a ``deepcopy`` of it, such as timm's EMA)."""
+        return self._owner is not None and self._owner() is module
+
     def apply_mask(self, module: nn.Module) -> torch.Tensor:
-        """A view of ``orig`` on the module the sparsifier controls; ``orig * mask`` on copies of it (timm's EMA
+        """``orig`` itself on the module the sparsifier controls; ``orig * mask`` on copies of it (timm's EMA
         averages ``orig``, which is then not exactly zero at positions dropped since)."""
         orig = getattr(module, self._tensor_name + '_orig')
-        if self._owner is not None and self._owner() is module:
-            return orig.view_as(orig)
+        if self.owns(module):
+            return orig
         return orig * getattr(module, self._tensor_name + '_mask')
 
     def __getstate__(self) -> dict:
@@ -174,9 +187,24 @@ def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> DSTMask:
     return method
 
 
+def _alias_orig(module: nn.Module, name: str) -> None:
+    """Make ``module.<name>`` the parameter ``<name>_orig`` itself, as a plain instance attribute (``nn.Module``'s
+    ``__setattr__`` would register it as a second parameter). ``copy.deepcopy`` and pickling keep the alias pointing
+    at the copy's own ``<name>_orig``."""
+    orig = module._parameters[name + '_orig']
+    if module.__dict__.get(name) is not orig:
+        object.__setattr__(module, name, orig)
+
+
 def refresh_weight(module: nn.Module, name: str) -> None:
-    """Reset ``module.<name>`` to a detached alias of ``<name>_orig`` (keeps ``copy.deepcopy`` working)."""
-    setattr(module, name, getattr(module, name + '_orig').detach())
+    """Reset ``module.<name>``: ``<name>_orig`` itself on the module the sparsifier controls (its forward and any
+    parent reading ``module.<name>`` then train ``<name>_orig`` directly), a detached ``orig * mask`` elsewhere."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, DSTMask) and hook._tensor_name == name and hook.owns(module):
+            _alias_orig(module, name)
+            return
+    with torch.no_grad():
+        setattr(module, name, getattr(module, name + '_orig') * getattr(module, name + '_mask'))
 
 
 def unwrap_model(model: nn.Module) -> nn.Module:

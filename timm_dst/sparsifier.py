@@ -1,9 +1,11 @@
 """The controller: masks, exact counts, the optimizer step hook, optimizer-state surgery, R_s, rank sync, state."""
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import warnings
+import weakref
 from collections.abc import Sequence
 from typing import Any
 
@@ -224,13 +226,14 @@ class Sparsifier:
         self._origs = [t.param for t in self.targets]  # parameters keep their identity across module.to()
         self._step_hook = self.optimizer.register_step_post_hook(self._on_step)
         # some timm blocks read a child's weight in their own forward (BEiT / EVA / Swin V2 attention:
-        # F.linear(x, self.qkv.weight, qkv_bias)), so the child's prune hook never runs: refresh it from the parent too
+        # F.linear(x, self.qkv.weight, qkv_bias)), so the child's prune hook never runs. On the controlled model the
+        # child's weight is its `_orig` parameter anyway; copies of it (timm's EMA) need `orig * mask` from the parent
         self._parent_handles = []
         for i, t in enumerate(self.targets):
             owner = self._parent(i)
             if owner is not None:
                 self._parent_handles.append(
-                    owner[0].register_forward_pre_hook(self._make_refresh_hook(owner[1], t.param_name)))
+                    owner[0].register_forward_pre_hook(self._make_refresh_hook(owner[0], owner[1], t.param_name)))
         self._set_capture(self.method.needs_dense_grad(self, 1))
         self._record(prune_rate=0.0)
 
@@ -327,8 +330,13 @@ class Sparsifier:
         parent, _, child = name.rpartition('.')
         return self.model.get_submodule(parent), child
 
-    def _make_refresh_hook(self, child: str, param_name: str):
+    @staticmethod
+    def _make_refresh_hook(parent: nn.Module, child: str, param_name: str):
+        controlled = weakref.ref(parent)
+
         def _hook(module: nn.Module, inputs: Any) -> None:
+            if module is controlled():  # the child's weight is its parameter: nothing to refresh
+                return
             sub = module.get_submodule(child)  # relative lookup: works in deep copies (timm EMA) too
             if hasattr(sub, param_name + '_orig'):  # masks folded: nothing to refresh
                 setattr(sub, param_name, effective_weight(sub, param_name))
@@ -342,20 +350,10 @@ class Sparsifier:
             method.dense_grad_wanted = on
         if not on:
             return
+        # a hook on the parameter itself sees its whole gradient (every use in the graph, the child's forward or a
+        # parent reading the child's weight) before it accumulates into .grad and is masked there
         for i, t in enumerate(self.targets):
-            self._capture_handles.append(t.module.register_forward_pre_hook(self._make_capture_hook(i)))
-            owner = self._parent(i)
-            if owner is not None:  # the weight the parent computes only gets a gradient when the child is not called
-                self._capture_handles.append(owner[0].register_forward_pre_hook(self._make_capture_hook(i, owner[1])))
-
-    def _make_capture_hook(self, i: int, child: str = ''):
-        name = self.targets[i].param_name
-
-        def _hook(module: nn.Module, inputs: Any) -> None:
-            w = getattr(module.get_submodule(child), name)
-            if torch.is_grad_enabled() and w.requires_grad:
-                w.register_hook(lambda g: self._accumulate_grad(i, g))
-        return _hook
+            self._capture_handles.append(t.param.register_hook(functools.partial(self._accumulate_grad, i)))
 
     def _accumulate_grad(self, i: int, grad: torch.Tensor) -> None:
         g = grad.detach().float()
