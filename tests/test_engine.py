@@ -272,6 +272,33 @@ def test_deepcopy_and_ema_compatible():
     assert stale > 0
 
 
+def test_weight_is_the_trained_parameter_and_functional_call_overrides_it():
+    """On the controlled model ``module.weight`` is ``weight_orig`` itself (no second registered parameter); copies get
+    their own; ``torch.func.functional_call`` still substitutes the parameters it is given."""
+    import copy
+    model, x, y = make_tiny('cnn')
+    n_params = len(list(model.parameters()))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.9, update_interval=1, total_steps=10)
+    _train(model, opt, x, y, 2)  # two topology updates
+    assert len(list(model.parameters())) == n_params
+    for t in sp.targets:
+        assert getattr(t.module, t.param_name) is t.param
+        assert t.param_name not in t.module._parameters
+    twin = copy.deepcopy(model)
+    for t in sp.targets:
+        sub = twin.get_submodule(t.name.rsplit('.', 1)[0])
+        assert getattr(sub, t.param_name) is getattr(sub, t.param_name + '_orig') is not t.param
+    model.eval()
+    params = {k: v.detach() * 2 for k, v in model.named_parameters()}
+    doubled = copy.deepcopy(model)
+    with torch.no_grad():
+        for p in doubled.parameters():
+            p.mul_(2)
+        torch.testing.assert_close(torch.func.functional_call(model, params, (x,)), doubled(x))
+        torch.testing.assert_close(model(x), twin.eval()(x))  # the original parameters are back
+
+
 def test_non_finite_gradient_skips_update():
     model, x, y = make_tiny('mlp')
     opt = torch.optim.SGD(model.parameters(), lr=0.05)

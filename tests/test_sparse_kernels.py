@@ -69,7 +69,10 @@ def test_training_matches_the_dense_kernels(method: str):
         train_steps(model, opt, x, y, 10)
         runs.append((model, sp))
     (m1, s1), (m0, s0) = runs
-    assert all(_kernels(m1)) and not any(_kernels(m0))
+    # kernels exactly where the budget is at most 5% (SNFS moves budgets between layers; the rest pay nothing)
+    expected = {id(t.module): c <= 0.05 * t.numel for t, c in zip(s1.targets, s1.counts)}
+    assert _kernels(m1) == [expected[id(m)] for m in m1.modules() if isinstance(m, nn.Linear)]
+    assert any(expected.values()) and not any(_kernels(m0))
     assert len(s1.history) == len(s0.history) > 1
     for t1, t0 in zip(s1.targets, s0.targets):
         assert torch.equal(t1.mask, t0.mask), t1.name
@@ -97,11 +100,10 @@ def test_dense_path_for_copies_autocast_and_dense_layers():
         out, out_ref = model(x), ref(x)
     assert out.dtype == torch.bfloat16
     torch.testing.assert_close(out, out_ref)
-    # a layer above the density limit keeps the dense kernels
+    # layers above the density limit keep nn.Linear's own forward (nothing to check per call)
     wide = _mlp()
     _sparsify(wide, density=0.01)
-    assert all(_kernels(wide))
-    assert all(m.forward.method.csr(m.weight_mask, 0.01) is None for m in wide.modules() if hasattr(m, 'weight_mask'))
+    assert not any(_kernels(wide))
 
 
 def test_folding_restores_the_plain_forward_and_bad_values_fail():

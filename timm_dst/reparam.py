@@ -126,16 +126,28 @@ class DSTMask(prune.BasePruningMethod):
         self._index_cache = {'ref': weakref.ref(mask), 'version': mask._version, 'n_active': n_active, 'index': index}
         return self._index_cache
 
-    def install_sparse_kernels(self, module: nn.Module, max_density: float) -> bool:
-        """Give a plain ``nn.Linear`` CSR kernels below ``max_density`` (see :mod:`timm_dst._sparse_linear`).
+    def install_sparse_kernels(self, module: nn.Module, max_density: float, n_active: int) -> bool:
+        """Give a plain ``nn.Linear`` CSR kernels while at most ``max_density`` of it is active (see
+        :mod:`timm_dst._sparse_linear`); take them away above it, so denser layers pay nothing per call. Called again
+        whenever the layer's budget changes (DSR moves budgets between layers).
+
+        Args:
+            module: The module this mask is attached to.
+            max_density: Density limit of the kernels (0: never).
+            n_active: Active weights in the mask now.
 
         Returns:
-            Whether they were installed (only on exact ``nn.Linear`` modules, masked on ``weight``).
+            Whether the kernels are installed (only on exact ``nn.Linear`` modules, masked on ``weight``).
         """
-        if type(module) is not nn.Linear or self._tensor_name != 'weight' or max_density <= 0:
-            return False
-        module.forward = SparseLinearForward(module, self, max_density)
-        return True
+        installed = isinstance(module.__dict__.get('forward'), SparseLinearForward)
+        numel = getattr(module, self._tensor_name + '_mask').numel()
+        wanted = (type(module) is nn.Linear and self._tensor_name == 'weight' and max_density > 0
+                  and n_active <= max_density * numel)
+        if wanted and not installed:
+            module.forward = SparseLinearForward(module, self, max_density)
+        elif installed and not wanted:
+            del module.forward
+        return wanted
 
     def csr(self, mask: torch.Tensor, max_density: float) -> CsrStructure | None:
         """The cached CSR structure of ``mask``, or None when its density is above ``max_density``."""
@@ -191,7 +203,7 @@ def _alias_orig(module: nn.Module, name: str) -> None:
     """Make ``module.<name>`` the parameter ``<name>_orig`` itself, as a plain instance attribute (``nn.Module``'s
     ``__setattr__`` would register it as a second parameter). ``copy.deepcopy`` and pickling keep the alias pointing
     at the copy's own ``<name>_orig``."""
-    orig = module._parameters[name + '_orig']
+    orig = getattr(module, name + '_orig')  # looked up per call: torch.func.functional_call substitutes it
     if module.__dict__.get(name) is not orig:
         object.__setattr__(module, name, orig)
 

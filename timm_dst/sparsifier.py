@@ -67,17 +67,6 @@ def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     return candidates[torch.topk(score[candidates], k, sorted=False).indices]
 
 
-def _first_occurrences(x: torch.Tensor) -> torch.Tensor:
-    """The distinct values of a 1-D tensor in order of first occurrence."""
-    if x.numel() == 0:
-        return x
-    uniq, inverse = torch.unique(x, return_inverse=True)
-    positions = torch.arange(x.numel(), device=x.device)
-    first = torch.full((uniq.numel(),), x.numel(), dtype=torch.long, device=x.device)
-    first.scatter_reduce_(0, inverse, positions, reduce='amin')
-    return x[first.sort().values]
-
-
 def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -216,7 +205,6 @@ class Sparsifier:
         masks = self._broadcast_masks(masks)
         for t, m in zip(self.targets, masks):
             self._mask_methods.append(attach_mask(t.module, t.param_name, m))
-            self._mask_methods[-1].install_sparse_kernels(t.module, self.sparse_kernel_density)
         self._zero_optimizer_state([t.mask for t in self.targets])
         self.explored = [t.mask.detach().clone() for t in self.targets]
         self._refresh_counts()
@@ -465,7 +453,11 @@ class Sparsifier:
             # draw with replacement, reject blocked, keep the first occurrence of each: a uniform k-subset
             m = int((k - picked.numel()) * n / n_free * 1.3) + 64
             draws = torch.randint(n, (m,), generator=gen, device=device)
-            picked = _first_occurrences(torch.cat([picked, draws[~blocked[draws]]]))[:k]
+            picked = torch.unique(torch.cat([picked, draws[~blocked[draws]]]))
+        # every free position is equally likely to be among the distinct draws, so a uniform k-subset of them is a
+        # uniform k-subset of the free positions
+        if picked.numel() > k:
+            picked = picked[torch.randperm(picked.numel(), generator=gen, device=device)[:k]]
         return picked
 
     def _apply_update(self, drops: list[torch.Tensor], grows: list[torch.Tensor]) -> None:
@@ -487,6 +479,7 @@ class Sparsifier:
         if newly:
             for i, c in enumerate(torch.stack(newly).tolist()):
                 self.explored_counts[i] += int(c)
+        self._place_kernels()
 
     def _broadcast_indices(self, indices: list[torch.Tensor]) -> list[torch.Tensor]:
         """Rank 0's index sets on every rank (sizes first, then one concatenated tensor)."""
@@ -520,6 +513,12 @@ class Sparsifier:
         n = len(self.targets)
         self.counts = [int(c) for c in stats[:n]]
         self.explored_counts = [int(c) for c in stats[n:]]
+        self._place_kernels()
+
+    def _place_kernels(self) -> None:
+        """Sparse kernels on the linear layers whose budget is at most ``sparse_kernel_density``, none elsewhere."""
+        for t, method, count in zip(self.targets, self._mask_methods, self.counts):
+            method.install_sparse_kernels(t.module, self.sparse_kernel_density, count)
 
     def _state_tensors(self, t: SparseTarget) -> list[torch.Tensor]:
         """Optimizer-state tensors shaped like a sparse weight (momentum, Adam moments, ...)."""
