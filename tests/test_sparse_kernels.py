@@ -137,3 +137,40 @@ def test_compiled_model_takes_the_dense_path_and_matches_eager():
     torch.testing.assert_close(out, eager)
     out.square().sum().backward()
     assert all(not bool(t.param.grad[~t.mask].any()) for t in sp.targets)
+
+
+def test_kernel_gradient_is_masked_once_and_sums_with_other_contributions_are_masked(monkeypatch):
+    """The kernels' weight gradient is produced masked, so the accumulation hook leaves it alone; anything else summed
+    into ``.grad`` (another read of the weight, an earlier micro-batch, a user's tensor hook) is masked there."""
+    from timm_dst.reparam import DSTMask
+    calls = []
+    real = DSTMask.mask_grad_
+    monkeypatch.setattr(DSTMask, 'mask_grad_', lambda self, g, m: calls.append(g.shape) or real(self, g, m))
+    model = _mlp()
+    _sparsify(model)
+    lin = model[0]
+    x = torch.randn(8, 48)
+    model(x).square().sum().backward()
+    assert calls == [], 'the kernels produced masked gradients; masking them again is wasted work'
+    good = lin.weight_orig.grad.clone()
+    assert not good[~lin.weight_mask].any()
+
+    def outside(g: torch.Tensor) -> bool:
+        return bool(g[~lin.weight_mask].any())
+
+    # a second read of the weight in the same graph: its (dense) gradient is summed with the kernel's
+    model.zero_grad(set_to_none=True)
+    (model(x).square().sum() + (lin.weight + 1.0).sum()).backward()
+    assert not outside(lin.weight_orig.grad)
+    torch.testing.assert_close(lin.weight_orig.grad, (good + 1.0) * lin.weight_mask)
+    # accumulation over micro-batches, the second one reading the weight again
+    model.zero_grad(set_to_none=True)
+    model(x).square().sum().backward()
+    (model(x).square().sum() + (lin.weight + 1.0).sum()).backward()
+    torch.testing.assert_close(lin.weight_orig.grad, (2 * good + 1.0) * lin.weight_mask)
+    # a user's hook that returns a different gradient
+    model.zero_grad(set_to_none=True)
+    handle = lin.weight_orig.register_hook(lambda g: g + 1.0)
+    model(x).square().sum().backward()
+    handle.remove()
+    torch.testing.assert_close(lin.weight_orig.grad, (good + 1.0) * lin.weight_mask)

@@ -65,33 +65,39 @@ class _SparseLinearFn(torch.autograd.Function):
     """``F.linear(x, weight, bias)`` for a 2-D ``x`` whose weight is zero outside ``s`` (exactly the masked layer)."""
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: CsrStructure) -> torch.Tensor:
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: CsrStructure,
+                method: Any) -> torch.Tensor:
+        # x of any rank (..., in_features), flattened here rather than by the caller: the output is then a tensor of
+        # its own, not a view, so an in-place op after the layer (ReLU(inplace=True)) needs no CopySlices in backward
+        x_shape = x.shape
+        x = x.reshape(-1, x_shape[-1])
         values = weight.reshape(-1)[s.index]
         w = torch.sparse_csr_tensor(s.crow, s.col, values, s.shape, check_invariants=False)
-        y = torch.sparse.mm(w, x.t()).t().contiguous()
-        if bias is not None:
-            y = y + bias
+        y = torch.sparse.mm(w, x.t()).t()
+        y = y + bias if bias is not None else y.contiguous()
         ctx.save_for_backward(x, values)
-        ctx.s, ctx.weight_dtype = s, weight.dtype
-        return y
+        ctx.s, ctx.weight_dtype, ctx.x_shape, ctx.method = s, weight.dtype, x_shape, method
+        return y.view(*x_shape[:-1], s.shape[0]) if len(x_shape) != 2 else y
 
     @staticmethod
     def backward(ctx, grad_y: torch.Tensor):
         x, values = ctx.saved_tensors
         s: CsrStructure = ctx.s
+        grad_y = grad_y.reshape(-1, s.shape[0])
         grad_x = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             wt = torch.sparse_csr_tensor(s.crow_t, s.col_t, values[s.perm_t], (s.shape[1], s.shape[0]),
                                          check_invariants=False)
-            grad_x = torch.sparse.mm(wt, grad_y.t()).t().contiguous()
+            grad_x = torch.sparse.mm(wt, grad_y.t()).t().reshape(ctx.x_shape)
         if ctx.needs_input_grad[1]:
             pattern = torch.sparse_csr_tensor(s.crow, s.col, values, s.shape, check_invariants=False)
             grad_values = torch.sparse.sampled_addmm(pattern, grad_y.t(), x, beta=0.0).values()
             grad_w = torch.zeros(s.shape[0] * s.shape[1], dtype=ctx.weight_dtype, device=x.device)
             grad_w = grad_w.index_copy_(0, s.index, grad_values).view(s.shape)
+            ctx.method.note_masked_grad(grad_w)  # the gradient hook need not mask it again if it arrives alone
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
-        return grad_x, grad_w, grad_b, None
+        return grad_x, grad_w, grad_b, None, None
 
 
 def _compiling() -> bool:
@@ -133,6 +139,4 @@ class SparseLinearForward:
         s = self._structure(x)
         if s is None:
             return F.linear(x, m.weight, m.bias)
-        orig = getattr(m, self.method._tensor_name + '_orig')
-        y = _SparseLinearFn.apply(x.reshape(-1, x.shape[-1]), orig, m.bias, s)
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return _SparseLinearFn.apply(x, getattr(m, self.method._tensor_name + '_orig'), m.bias, s, self.method)

@@ -44,6 +44,7 @@ class DSTMask(prune.BasePruningMethod):
         self._grad_hook = None
         self._owner: weakref.ref | None = None
         self._index_cache: tuple | None = None
+        self._masked_grad: tuple[int, int] | None = None  # (data_ptr, version) of a gradient produced masked
         self.dense_grad_wanted = False  # set by the sparsifier on steps whose method reads the dense gradient
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ class DSTMask(prune.BasePruningMethod):
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
-        return {**self.__dict__, '_owner': None, '_grad_hook': None, '_index_cache': None}
+        return {**self.__dict__, '_owner': None, '_grad_hook': None, '_index_cache': None, '_masked_grad': None}
 
     def install_grad_mask(self, module: nn.Module) -> None:
         """Mask ``<name>_orig.grad`` in place right after each accumulation into it, before DDP's reducer reads it
@@ -81,13 +82,22 @@ class DSTMask(prune.BasePruningMethod):
         name = self._tensor_name
 
         def _mask_grad(param: torch.Tensor) -> None:
-            # also after the sparse kernels, whose gradient is masked already: another contribution may have been
-            # summed into it (a parent module reading the weight), and masking in place costs little
-            if param.grad is not None:
-                self.mask_grad_(param.grad, getattr(module, name + '_mask'))
+            grad, produced, self._masked_grad = param.grad, self._masked_grad, None
+            if grad is None:
+                return
+            # the sparse kernels' gradient is masked already; it is still .grad, unchanged, only when autograd stored
+            # it as it was: any other contribution (a parent reading the weight, an earlier micro-batch, a user hook)
+            # means a different tensor or a bumped version, and then the sum is masked here
+            if produced is not None and produced == (grad.data_ptr(), grad._version):
+                return
+            self.mask_grad_(grad, getattr(module, name + '_mask'))
 
         self._grad_hook = getattr(module, name + '_orig').register_post_accumulate_grad_hook(_mask_grad)
         self._owner = weakref.ref(module)
+
+    def note_masked_grad(self, grad: torch.Tensor) -> None:
+        """Record a weight gradient produced already masked (by the sparse kernels), for the accumulation hook."""
+        self._masked_grad = (grad.data_ptr(), grad._version)
 
     def mask_grad_(self, grad: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Zero ``grad`` where ``mask`` is False, in place; returns ``grad``.
