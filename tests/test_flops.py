@@ -55,6 +55,19 @@ def test_inference_flops_mlp_uniform_dense_classifier():
     assert inference_flops(model, (784,))['sparse'] == pytest.approx(expected)
 
 
+def test_inference_flops_mlp_at_sparse_kernel_densities():
+    """At 98% the linear layers run CSR kernels, which ``torch.utils.flop_counter`` has no formula for: each layer is
+    still counted at its dense cost, scaled by its density."""
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = timm_dst.create_sparsifier(model, opt, method='static', sparsity=0.98, distribution='uniform',
+                                    dense_classifier=True)
+    assert any('forward' in m.__dict__ for m in model.modules()), 'expected the sparse kernels at 2% density'
+    out = inference_flops(model, (784,), sp)
+    assert out['dense'] == MLP_DENSE
+    assert out['sparse'] == pytest.approx(0.02 * (470_400 + 60_000) + 2_000)
+
+
 def test_inference_flops_cnn_known_densities():
     model = _cnn()
     total, _ = layer_flops(model, (3, 8, 8))

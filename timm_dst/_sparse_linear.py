@@ -15,7 +15,9 @@ the model (EMA), and steps where a method needs the dense gradient (RigL, SNFS).
 """
 from __future__ import annotations
 
+import contextlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,7 +25,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['CsrStructure', 'csr_structure', 'SparseLinearForward', 'DEFAULT_MAX_DENSITY']
+__all__ = ['CsrStructure', 'csr_structure', 'SparseLinearForward', 'DEFAULT_MAX_DENSITY', 'dense_kernels']
 
 # torch warns once per process that CSR support is in beta; these kernels (csr @ dense, sampled_addmm) are tested here
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta', category=UserWarning)
@@ -100,6 +102,22 @@ class _SparseLinearFn(torch.autograd.Function):
         return grad_x, grad_w, grad_b, None, None
 
 
+_dense_only = 0  # > 0 inside dense_kernels()
+
+
+@contextlib.contextmanager
+def dense_kernels() -> Iterator[None]:
+    """Run masked linear layers on the dense kernels inside this block: whatever measures the dense operations
+    (``torch.utils.flop_counter`` in :mod:`timm_dst.flops`) must see ``F.linear``, not the CSR products it has no
+    formula for."""
+    global _dense_only
+    _dense_only += 1
+    try:
+        yield
+    finally:
+        _dense_only -= 1
+
+
 def _compiling() -> bool:
     fn = getattr(torch.compiler, 'is_compiling', None)  # torch >= 2.3
     return bool(fn()) if fn is not None else bool(torch._dynamo.is_compiling())
@@ -124,7 +142,7 @@ class SparseLinearForward:
         self.max_density = float(max_density)
 
     def _structure(self, x: torch.Tensor) -> CsrStructure | None:
-        if _compiling() or torch.jit.is_scripting():
+        if _dense_only or _compiling() or torch.jit.is_scripting():
             return None
         m, method = self.module, self.method
         if method.dense_grad_wanted or not method.owns(m):

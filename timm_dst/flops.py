@@ -22,6 +22,7 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
+from ._sparse_linear import dense_kernels
 from .reparam import unwrap_model
 
 __all__ = ['layer_flops', 'inference_flops', 'TrainingFlops']
@@ -64,7 +65,7 @@ def layer_flops(
     was_training = model.training
     model.eval()
     try:
-        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        with torch.no_grad(), dense_kernels(), FlopCounterMode(display=False) as counter:
             model(x)
     finally:
         model.train(was_training)
