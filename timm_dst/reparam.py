@@ -179,11 +179,19 @@ class DSTMask(prune.BasePruningMethod):
         super().remove(module)
 
 
-def effective_weight(module: nn.Module, name: str) -> torch.Tensor:
-    """The weight the forward of ``module`` uses for its masked tensor ``name`` (see :meth:`DSTMask.apply_mask`)."""
+def _mask_method(module: nn.Module, name: str) -> DSTMask | None:
+    """The :class:`DSTMask` attached to ``module.<name>``, if any."""
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, DSTMask) and hook._tensor_name == name:
-            return hook.apply_mask(module)
+            return hook
+    return None
+
+
+def effective_weight(module: nn.Module, name: str) -> torch.Tensor:
+    """The weight the forward of ``module`` uses for its masked tensor ``name`` (see :meth:`DSTMask.apply_mask`)."""
+    method = _mask_method(module, name)
+    if method is not None:
+        return method.apply_mask(module)
     orig = getattr(module, name + '_orig')
     return orig * getattr(module, name + '_mask')
 
@@ -221,10 +229,10 @@ def _alias_orig(module: nn.Module, name: str) -> None:
 def refresh_weight(module: nn.Module, name: str) -> None:
     """Reset ``module.<name>``: ``<name>_orig`` itself on the module the sparsifier controls (its forward and any
     parent reading ``module.<name>`` then train ``<name>_orig`` directly), a detached ``orig * mask`` elsewhere."""
-    for hook in module._forward_pre_hooks.values():
-        if isinstance(hook, DSTMask) and hook._tensor_name == name and hook.owns(module):
-            _alias_orig(module, name)
-            return
+    method = _mask_method(module, name)
+    if method is not None and method.owns(module):
+        _alias_orig(module, name)
+        return
     with torch.no_grad():
         setattr(module, name, getattr(module, name + '_orig') * getattr(module, name + '_mask'))
 

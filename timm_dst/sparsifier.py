@@ -450,7 +450,7 @@ class Sparsifier:
             return free[topk_indices(torch.rand(free.numel(), generator=gen, device=device), k)]
         picked = torch.empty(0, dtype=torch.long, device=device)
         while picked.numel() < k:
-            # draw with replacement, reject blocked, keep the first occurrence of each: a uniform k-subset
+            # draw with replacement, reject blocked positions, keep the distinct ones
             m = int((k - picked.numel()) * n / n_free * 1.3) + 64
             draws = torch.randint(n, (m,), generator=gen, device=device)
             picked = torch.unique(torch.cat([picked, draws[~blocked[draws]]]))
