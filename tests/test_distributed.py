@@ -1,8 +1,8 @@
 """Two CPU processes (gloo): masks bit-identical on every rank after several ``set`` / ``rigl`` updates."""
 from __future__ import annotations
 
+import gc
 import os
-import socket
 
 import pytest
 import torch
@@ -11,15 +11,9 @@ import torch.multiprocessing as mp
 import torch.nn.functional as F
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, method: str, out_dir: str) -> None:
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port))
-    dist.init_process_group('gloo', rank=rank, world_size=world)
+def _worker(rank: int, world: int, method: str, out_dir: str) -> None:
+    # a file rendezvous: no TCP store served by rank 0, so no rank depends on another's process lifetime at exit
+    dist.init_process_group('gloo', init_method=f'file://{out_dir}/rendezvous', rank=rank, world_size=world)
     torch.set_num_threads(1)
     import timm
 
@@ -56,13 +50,16 @@ def _worker(rank: int, world: int, port: int, method: str, out_dir: str) -> None
     if rank == 0:
         with open(os.path.join(out_dir, f'{method}.ok'), 'w') as f:
             f.write(f'{n_updates} {sp.itop_rate}')
+    # DDP's reducer holds the process group and gradient buckets: release it before the group goes away
+    del ddp, sp, opt, model
+    gc.collect()
     dist.barrier()  # both ranks done with their collectives before the group goes away (gloo aborts otherwise)
     dist.destroy_process_group()
 
 
 @pytest.mark.parametrize('method', ['set', 'rigl'])
 def test_masks_identical_across_ranks(method: str, tmp_path):
-    mp.spawn(_worker, args=(2, _free_port(), method, str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_worker, args=(2, method, str(tmp_path)), nprocs=2, join=True)
     n_updates, rs = (tmp_path / f'{method}.ok').read_text().split()
     assert int(n_updates) == 4  # steps 2, 4, 6, 8
     assert float(rs) > 0.1

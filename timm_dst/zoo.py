@@ -274,9 +274,13 @@ def _rss_gib() -> float:
         return 0.0
 
 
-# float32 copies of the weights the check holds at its peak: weights, gradients, momentum, RigL's dense gradients,
-# the exported state_dict and the fresh model it loads into
-_WEIGHT_COPIES = 5
+# float32 copies of the weights the check holds at its peak, in training: weights, gradients, momentum, RigL's dense
+# gradients, the float copy of each mask that masks the gradient (timm_dst.reparam), the bool masks and ITOP's
+# ever-active masks, and the allocator's retained temporaries. Measured resident memory (rigl-itop, batch 2):
+# vit_base 6.5 copies and vit_large 6.6 above the libraries' ~0.7 GiB; a 1.01 B-parameter ViT was killed by the OOM
+# killer at 24.0 GiB (5.9 copies) while a 937 M one passed in 22 GiB
+_WEIGHT_COPIES = 6
+_BASE_GIB = 1.0  # torch, timm and the interpreter
 
 
 def _ram_gib() -> float:
@@ -314,9 +318,10 @@ def _worker(tasks: mp.Queue, results: mp.Queue, opts: dict[str, Any]) -> None:
                 reason = f'> {opts["max_params"]:g}M params'
             if opts['min_params'] is not None and n <= opts['min_params']:
                 reason = f'<= {opts["min_params"]:g}M params'
-            need, have = n * 1e6 * 4 * _WEIGHT_COPIES / 2 ** 30, opts['max_memory']
+            need, have = n * 1e6 * 4 * _WEIGHT_COPIES / 2 ** 30 + _BASE_GIB, opts['max_memory']
             if have and need > have:
-                reason = (f'needs ~{need:.0f} GiB ({_WEIGHT_COPIES} float32 copies of {n:.0f}M weights), '
+                reason = (f'needs ~{need:.0f} GiB ({_WEIGHT_COPIES} float32 copies of {n:.0f}M weights + '
+                          f'{_BASE_GIB:g} GiB), '
                           f'over the {have:.1f} GiB allowed (--max-memory; default: this machine\'s RAM)')
             if reason is not None:
                 results.put(('done', name, asdict(ZooResult(model=name, status='skip', params_m=n, reason=reason))))
