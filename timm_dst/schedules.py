@@ -45,7 +45,8 @@ class UpdateSchedule:
 
     ``milestones`` change the interval from a given step on (DSR: 100, then 200 / 400 / 800 from epochs 25/80/140):
     a sequence of ``(from_step, interval)`` pairs. Updates are counted from the last milestone, so a new period
-    starts cleanly where it begins.
+    starts cleanly where it begins. ``update_at_end`` adds one update at ``end`` when ``end`` is not on the grid
+    (a pruning schedule that must reach its final sparsity exactly at ``end``).
     """
 
     def __init__(
@@ -54,12 +55,14 @@ class UpdateSchedule:
             start: int = 0,
             end: int | None = None,
             milestones: Sequence[tuple[int, int]] | None = None,
+            update_at_end: bool = False,
     ):
         if int(interval) < 1:
             raise ValueError(f'update_interval={interval!r} must be a positive number of optimizer steps')
         self.interval = int(interval)
         self.start = int(start)
         self.end = end
+        self.update_at_end = bool(update_at_end)
         self.milestones = sorted((int(s), int(i)) for s, i in (milestones or []))
         for s, i in self.milestones:
             if i < 1:
@@ -76,8 +79,7 @@ class UpdateSchedule:
         """True when the optimizer step numbered ``step`` (1-based) is followed by a topology update."""
         if step <= self.start or (self.end is not None and step > self.end):
             return False
+        if self.update_at_end and step == self.end:
+            return True
         origin, interval = self._period(step)
         return (step - origin) % interval == 0 and step > origin
-
-    def state_dict(self) -> dict:
-        return {'interval': self.interval, 'start': self.start, 'end': self.end, 'milestones': self.milestones}

@@ -162,7 +162,8 @@ class Sparsifier:
         self.seed = int(seed)
         start = resolve_step(update_start, self.total_steps, 'update_start') or 0
         end = resolve_step(update_end, self.total_steps, 'update_end')
-        self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones)
+        self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones,
+                                       update_at_end=method.update_at_end)
         self.prune_rate_end = end if end is not None else self.total_steps
         if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores:
             raise ValueError(
@@ -188,9 +189,10 @@ class Sparsifier:
         self._dense_grads: list[torch.Tensor | None] = [None] * len(self.targets)
         self._capture_handles: list[Any] = []
         self._step_hook = None
+        self._parent_handles: list[Any] = []
         self.total_numel = sum(t.numel for t in self.targets)
         self.sparse_kernel_density = float(sparse_kernel_density)
-        self._mask_methods: list[DSTMask] = []  # the attached DSTMask of each target
+        self._dst_masks: list[DSTMask] = []  # the attached pruning hook (DSTMask) of each target
 
         if not method.attaches:
             self.counts = [t.numel for t in self.targets]
@@ -203,8 +205,9 @@ class Sparsifier:
         if masks is None:
             masks = self._initial_masks()
         masks = self._broadcast_masks(masks)
+        method.prepare(self)
         for t, m in zip(self.targets, masks):
-            self._mask_methods.append(attach_mask(t.module, t.param_name, m))
+            self._dst_masks.append(attach_mask(t.module, t.param_name, m))
         self._zero_optimizer_state([t.mask for t in self.targets])
         self.explored = [t.mask.detach().clone() for t in self.targets]
         self._refresh_counts()
@@ -216,7 +219,6 @@ class Sparsifier:
         # some timm blocks read a child's weight in their own forward (BEiT / EVA / Swin V2 attention:
         # F.linear(x, self.qkv.weight, qkv_bias)), so the child's prune hook never runs. On the controlled model the
         # child's weight is its `_orig` parameter anyway; copies of it (timm's EMA) need `orig * mask` from the parent
-        self._parent_handles = []
         for i, t in enumerate(self.targets):
             owner = self._parent(i)
             if owner is not None:
@@ -334,8 +336,8 @@ class Sparsifier:
         for h in self._capture_handles:
             h.remove()
         self._capture_handles = []
-        for method in self._mask_methods:  # the dense gradient needs the dense kernels
-            method.dense_grad_wanted = on
+        for dst_mask in self._dst_masks:  # the dense gradient needs the dense kernels
+            dst_mask.dense_grad_wanted = on
         if not on:
             return
         # a hook on the parameter itself sees its whole gradient (every use in the graph, the child's forward or a
@@ -350,8 +352,17 @@ class Sparsifier:
         else:
             self._dense_grads[i].add_(g)
 
+    @property
+    def has_dense_grads(self) -> bool:
+        """Whether a dense gradient was captured since the last :meth:`clear_dense_grads` (on this rank)."""
+        return any(g is not None for g in self._dense_grads)
+
     def dense_grads(self) -> list[torch.Tensor]:
-        """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks)."""
+        """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks).
+
+        A read-only view for methods: new tensors (zeros where nothing was captured); the accumulators themselves are
+        private. Collective with several processes: call it on every rank.
+        """
         grads = [g if g is not None else torch.zeros_like(t.param, dtype=torch.float32)
                  for g, t in zip(self._dense_grads, self.targets)]
         if _dist_world() > 1:
@@ -362,6 +373,7 @@ class Sparsifier:
         return grads
 
     def clear_dense_grads(self) -> None:
+        """Forget the captured dense gradients (a method that consumes them every step, like SNFS, calls this)."""
         self._dense_grads = [None] * len(self.targets)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -386,6 +398,7 @@ class Sparsifier:
             if self.explored[i].device != t.mask.device:
                 self.explored[i] = self.explored[i].to(t.mask.device)
         rate = self.prune_rate
+        self.method.before_update(self)
         n_drop = self.method.drop_counts(self, rate)
         drops, kept = zip(*[self._drop_lowest(i, k) for i, k in enumerate(n_drop)]) if n_drop else ((), ())
         n_grow = self.method.grow_counts(self, list(n_drop), list(kept))
@@ -517,8 +530,8 @@ class Sparsifier:
 
     def _place_kernels(self) -> None:
         """Sparse kernels on the linear layers whose budget is at most ``sparse_kernel_density``, none elsewhere."""
-        for t, method, count in zip(self.targets, self._mask_methods, self.counts):
-            method.install_sparse_kernels(t.module, self.sparse_kernel_density, count)
+        for t, dst_mask, count in zip(self.targets, self._dst_masks, self.counts):
+            dst_mask.install_sparse_kernels(t.module, self.sparse_kernel_density, count)
 
     def _state_tensors(self, t: SparseTarget) -> list[torch.Tensor]:
         """Optimizer-state tensors shaped like a sparse weight (momentum, Adam moments, ...)."""
@@ -556,10 +569,14 @@ class Sparsifier:
             self._record(prune_rate=0.0)
 
     def remove(self) -> None:
-        """Detach the step hook and gradient-capture hooks (masks stay attached)."""
+        """Detach every hook the sparsifier added: the optimizer step hook, the gradient-capture hooks and the parents'
+        weight-refresh hooks (the masks stay attached to the modules; :func:`timm_dst.fold_masks` removes them)."""
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
+        for h in self._parent_handles:
+            h.remove()
+        self._parent_handles = []
         self._set_capture(False)
 
     # ------------------------------------------------------------------------------------------------------------
