@@ -329,7 +329,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     for arg in method_arguments():
         value = getattr(args, arg.dest)
         if value is not None and args.dst not in arg.methods:
-            parser.error(f'{arg.flag} is an option of --dst {" / ".join(arg.methods)}, not of --dst {args.dst}')
+            parser.error(f'{arg.flag} is an option of {", ".join(arg.methods)}, not of --dst {args.dst}')
         if arg.path and isinstance(value, str) and value and not os.path.isfile(value):
             parser.error(f'{arg.flag} {value!r}: no such file')
     phase = get_method_info(args.dst).dense_phase
