@@ -20,11 +20,11 @@ from .reparam import DSTMask, attach_mask, effective_weight, refresh_weight, unw
 from .schedules import UpdateSchedule, prune_rate_at, resolve_step
 from .targets import SparseTarget, find_targets
 
-__all__ = ['Sparsifier', 'SPARSE_INITS', 'unwrap_optimizer']
+__all__ = ['Sparsifier', 'MASK_INITS', 'unwrap_optimizer']
 
 _logger = logging.getLogger(__name__)
 
-SPARSE_INITS = ('random', 'magnitude', 'global-magnitude')
+MASK_INITS = ('random', 'magnitude', 'global-magnitude')
 
 # optimizers whose update is exactly zero where weight, gradient and state are zero: masked weights stay zero
 # without re-masking every step
@@ -92,7 +92,7 @@ class Sparsifier:
         update_end: Topology freezes after this step (int) or fraction of training (float); None = never.
         update_milestones: ``[(from_step, interval), ...]``: ΔT changes during training (DSR's reallocation periods).
         grow_unexplored_first: SET+ (ITOP Appendix F): grow never-activated positions before explored ones.
-        sparse_init: Initial topology when the method has none of its own: ``'random'`` (exact counts from the
+        mask_init: Initial topology when the method has none of its own: ``'random'`` (exact counts from the
             distribution), ``'magnitude'`` (per-tensor largest |w|, counts from the distribution) or
             ``'global-magnitude'`` (one global top-k of |w|).
         include: Glob patterns selecting the sparse parameters (default: conv / linear weights).
@@ -125,7 +125,7 @@ class Sparsifier:
             update_end: int | float | None = None,
             update_milestones: Sequence[tuple[int, int]] | None = None,
             grow_unexplored_first: bool = False,
-            sparse_init: str = 'random',
+            mask_init: str = 'random',
             include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None,
             dense_first_layer: bool = False,
@@ -138,8 +138,8 @@ class Sparsifier:
             raise ValueError(f'sparsity={sparsity!r} is not accepted: give a float in [0, 1)')
         if distribution not in DISTRIBUTIONS:
             raise ValueError(f'distribution={distribution!r} is not known; accepted: {", ".join(DISTRIBUTIONS)}')
-        if sparse_init not in SPARSE_INITS:
-            raise ValueError(f'sparse_init={sparse_init!r} is not known; accepted: {", ".join(SPARSE_INITS)}')
+        if mask_init not in MASK_INITS:
+            raise ValueError(f'mask_init={mask_init!r} is not known; accepted: {", ".join(MASK_INITS)}')
         if not 0.0 <= prune_rate <= 1.0:
             raise ValueError(f'prune_rate={prune_rate!r} must lie in [0, 1]')
         if isinstance(sparse_kernel_density, bool) or not 0.0 <= float(sparse_kernel_density) <= 1.0:
@@ -158,7 +158,7 @@ class Sparsifier:
         self.prune_rate_schedule = prune_rate_schedule
         self.prune_rate_min = float(prune_rate_min)
         self.grow_unexplored_first = bool(grow_unexplored_first)
-        self.sparse_init = sparse_init
+        self.mask_init = mask_init
         self.seed = int(seed)
         start = resolve_step(update_start, self.total_steps, 'update_start') or 0
         end = resolve_step(update_end, self.total_steps, 'update_end')
@@ -272,13 +272,13 @@ class Sparsifier:
     # initial topology
     def _initial_masks(self) -> list[torch.Tensor]:
         cpu_gen = self.generator('cpu')
-        if self.sparse_init == 'global-magnitude':
+        if self.mask_init == 'global-magnitude':
             scores = [t.param.detach().abs() for t in self.targets]
             return self.global_topk_masks(scores, sum(self.counts))
         masks = []
         for t, count in zip(self.targets, self.counts):
             p = t.param
-            if self.sparse_init == 'magnitude':
+            if self.mask_init == 'magnitude':
                 score = p.detach().abs().flatten()
             else:
                 score = torch.rand(p.numel(), generator=cpu_gen).to(p.device)
