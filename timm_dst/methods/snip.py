@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._registry import register_method
+from .._validate import check_int
 from ._base import SparseMethod
 
 if TYPE_CHECKING:
@@ -146,11 +147,11 @@ class SNIP(SparseMethod):
             snip_num_batches: int | None = None,
             snip_loss_fn: Callable[..., torch.Tensor] | str | None = None,
     ):
-        if snip_num_batches is not None and int(snip_num_batches) < 1:
-            raise ValueError(f'snip_num_batches={snip_num_batches!r} must be >= 1')
+        if snip_num_batches is not None:
+            snip_num_batches = check_int('snip_num_batches', snip_num_batches, minimum=1)
         _resolve_loss(snip_loss_fn)
         self.batches = snip_batches
-        self.num_batches = int(snip_num_batches) if snip_num_batches is not None else None
+        self.num_batches = snip_num_batches
         self.loss_fn = snip_loss_fn
 
     def init_masks(self, sp: Sparsifier) -> list[torch.Tensor]:
