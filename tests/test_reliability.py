@@ -502,3 +502,57 @@ def test_functional_call_after_attaching():
     params = {k: v.detach().clone() for k, v in model.named_parameters()}
     out = torch.func.functional_call(model, params, (x,))
     assert torch.allclose(out, model(x))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# more bad input: files, non-finite initial scores, an empty schedule
+@pytest.mark.parametrize('content', [b'', b'garbage bytes', b'PK\x03\x04 truncated zip'])
+def test_unreadable_files_name_the_argument(tmp_path, content):
+    bad = tmp_path / 'bad.pth'
+    bad.write_bytes(content)
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match='lth_trained_state'):
+        timm_dst.create_sparsifier(model, opt, 'lth', sparsity=0.8, lth_trained_state=str(bad))
+    with pytest.raises(ValueError, match='snip_batches'):
+        timm_dst.create_sparsifier(model, opt, 'snip', sparsity=0.8, snip_batches=str(bad))
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_nonfinite_initial_scores_are_refused():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    x, y = _batch(1)
+    x[0, 0] = math.nan
+    with pytest.raises(ValueError, match='not finite'):
+        timm_dst.create_sparsifier(model, opt, 'snip', sparsity=0.8, snip_batches=(x, y))
+    trained = {k: v.clone() for k, v in model.state_dict().items()}
+    trained['3.weight'][0, 0] = math.nan
+    with pytest.raises(ValueError, match='not finite'):
+        timm_dst.create_sparsifier(model, opt, 'lth', sparsity=0.8, lth_trained_state=trained)
+    assert not any(m._forward_pre_hooks for m in model.modules())
+
+
+def test_update_end_before_start_is_refused():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    with pytest.raises(ValueError, match='update_end'):
+        timm_dst.create_sparsifier(model, opt, 'set', sparsity=0.8, total_steps=100, update_start=0.8,
+                                   update_end=0.5)
+
+
+@pytest.mark.parametrize('opt_name', ['adabelief', 'rmsproptf', 'adafactor', 'lamb', 'adamp'])
+def test_masked_weights_stay_zero_under_timm_optimizers(opt_name):
+    from timm.optim import create_optimizer_v2
+    model = _mlp()
+    opt = create_optimizer_v2(model, opt_name, lr=1e-2, weight_decay=0.01)
+    sp = timm_dst.create_sparsifier(model, opt, 'set', sparsity=0.8, update_interval=2, total_steps=100,
+                                    sparse_kernel_density=0)
+    x, y = _batch(1)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        for _ in range(5):
+            _step(model, opt, x, y)
+    for i, t in enumerate(sp.targets):
+        assert int(t.mask.sum()) == sp.counts[i]
+        assert not t.param[~t.mask].any()

@@ -72,3 +72,26 @@ def check_patterns(name: str, value: Any) -> None:
         return
     raise ValueError(f'{name}={value!r} is not accepted: give a glob pattern string, a comma-separated string of '
                      'them, or a list of strings')
+
+
+def load_file(path: Any, arg: str) -> Any:
+    """``torch.load`` a file given as argument ``arg`` (tensors only first, then any object), or ``.safetensors``;
+    a missing, empty, truncated or foreign file raises ``ValueError`` naming ``arg`` and the path."""
+    import os
+
+    import torch
+    path = os.fspath(path)
+    if not os.path.isfile(path):
+        raise ValueError(f'{arg}={path!r}: no such file')
+    try:
+        if path.endswith('.safetensors'):
+            from safetensors.torch import load_file as load_safetensors
+            return load_safetensors(path, device='cpu')
+        try:
+            return torch.load(path, map_location='cpu', weights_only=True)
+        except Exception:  # noqa: BLE001  (checkpoints with non-tensor objects, e.g. an argparse Namespace)
+            return torch.load(path, map_location='cpu', weights_only=False)
+    except Exception as e:  # noqa: BLE001  (any reader error means: not a file we can use)
+        detail = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ValueError(f'{arg}={path!r}: not a readable torch / safetensors file ({type(e).__name__}: '
+                         f'{detail[:200]})') from e

@@ -14,10 +14,10 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._sparse_linear import DEFAULT_MAX_DENSITY
+from ._validate import check_bool, check_choice, check_float, check_int, check_patterns
 from .distributions import DISTRIBUTIONS, layer_counts
 from .methods._base import SparseMethod
 from .reparam import DSTMask, attach_masks, effective_weight, flat_fill_, has_mask, refresh_weight, unwrap_model
-from ._validate import check_bool, check_choice, check_float, check_int, check_patterns
 from .schedules import PRUNE_RATE_SCHEDULES, UpdateSchedule, prune_rate_at, resolve_step
 from .targets import SparseTarget, find_targets
 
@@ -171,6 +171,9 @@ class Sparsifier:
         self.seed = int(seed)
         start = resolve_step(update_start, self.total_steps, 'update_start') or 0
         end = resolve_step(update_end, self.total_steps, 'update_end')
+        if end is not None and end < start:
+            raise ValueError(f'update_end={update_end!r} (step {end}) comes before update_start={update_start!r} '
+                             f'(step {start}): no update could ever run')
         self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones)
         self.prune_rate_end = end if end is not None else self.total_steps
         if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores:
@@ -310,8 +313,8 @@ class Sparsifier:
         """Masks keeping the global top-``k`` of per-tensor scores (used by global magnitude, SNIP and LTH)."""
         flat = torch.cat([s.detach().flatten().float() for s in scores])
         if not bool(torch.isfinite(flat).all()):
-            raise ValueError('scores of the initial mask are not finite (NaN / inf in the weights or in the gradients of '
-                             'the scoring batches): check the weights given (lth_trained_state) or the batches '
+            raise ValueError('scores of the initial mask are not finite (NaN / inf in the weights or in the gradients '
+                             'of the scoring batches): check the weights given (lth_trained_state) or the batches '
                              '(snip_batches)')
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[torch.topk(flat, k, sorted=False).indices] = True

@@ -23,7 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._registry import register_method
-from .._validate import check_int
+from .._validate import check_int, load_file
 from ._base import SparseMethod
 
 if TYPE_CHECKING:
@@ -55,7 +55,7 @@ def _batches(batches: Any, num_batches: int | None) -> Iterable[Batch]:
                          'such as the training DataLoader (with snip_num_batches), or a path to batches saved with '
                          'torch.save')
     if isinstance(batches, str | os.PathLike):
-        batches = torch.load(batches, map_location='cpu', weights_only=True)
+        batches = load_file(batches, 'snip_batches')
     if isinstance(batches, Sequence) and len(batches) >= 2 and torch.is_tensor(batches[0]):
         batches = [batches]  # a single (input, target) pair
     if num_batches is None:
