@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import register_method
+from .._validate import check_bool, check_float
 from ..distributions import layer_counts
 from ._base import SparseMethod
 
@@ -53,10 +54,8 @@ class GMP(SparseMethod):
     update_at_end = True  # reach s_f exactly at t1 even when t1 - t0 is not a multiple of ΔT
 
     def __init__(self, gmp_initial_sparsity: float = 0.0, gmp_global: bool = False):
-        if not 0.0 <= float(gmp_initial_sparsity) < 1.0:
-            raise ValueError(f'gmp_initial_sparsity={gmp_initial_sparsity!r} must lie in [0, 1)')
-        self.initial_sparsity = float(gmp_initial_sparsity)
-        self.global_ = bool(gmp_global)
+        self.initial_sparsity = check_float('gmp_initial_sparsity', gmp_initial_sparsity, 0.0, 1.0, high_open=True)
+        self.global_ = check_bool('gmp_global', gmp_global)
         self.initial_counts: list[int] = []
         self.final_counts: list[int] = []
         self.start = 0

@@ -33,6 +33,7 @@ import torch
 import torch.nn as nn
 
 from .._registry import create_sparsifier, get_method_info, list_methods, register_method
+from .._validate import load_file
 from ..reparam import export_state_dict, unwrap_model
 from ._base import DensePhase, SparseMethod
 
@@ -60,17 +61,7 @@ def load_weights(source: WeightsSource, arg: str = 'state') -> OrderedDict[str, 
         arg: Argument name used in error messages.
     """
     if isinstance(source, str | os.PathLike):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ValueError(f'{arg}={path!r}: no such file')
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            source = load_file(path, device='cpu')
-        else:
-            try:
-                source = torch.load(path, map_location='cpu', weights_only=True)
-            except Exception:  # noqa: BLE001  (checkpoints with non-tensor objects, e.g. an argparse Namespace)
-                source = torch.load(path, map_location='cpu', weights_only=False)
+        source = load_file(source, arg)
     if isinstance(source, nn.Module):
         return export_state_dict(unwrap_model(source))
     if not isinstance(source, Mapping):

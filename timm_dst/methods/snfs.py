@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import register_method
+from .._validate import check_float
 from ..distributions import round_exact
 from ._base import SparseMethod
 
@@ -29,9 +30,7 @@ class SNFS(SparseMethod):
     """
 
     def __init__(self, snfs_momentum: float = 0.9):
-        if not 0.0 <= snfs_momentum < 1.0:
-            raise ValueError(f'snfs_momentum={snfs_momentum!r} must lie in [0, 1)')
-        self.beta = float(snfs_momentum)
+        self.beta = check_float('snfs_momentum', snfs_momentum, 0.0, 1.0, high_open=True)
         self.momentum: list[torch.Tensor] | None = None
 
     moves_budget = True
