@@ -72,6 +72,7 @@ def fresh_registry(monkeypatch):
 def test_builtin_entries_carry_capabilities():
     info = {n: timm_dst.get_method_info(n) for n in timm_dst.list_methods()}
     assert {'dense', 'static', 'set', 'rigl', 'snfs', 'dsr', 'snip', 'lth', 'gmp'} <= set(info)
+    assert timm_dst.list_methods('rigl*') == ['rigl', 'rigl-itop'] and timm_dst.list_methods('x*') == []
     assert all(i.description and '\n' not in i.description for i in info.values())
     assert {n for n, i in info.items() if i.needs_init_data} >= {'snip', 'snip-set-itop'}
     assert {n for n, i in info.items() if i.has_dense_phase} >= {'lth', 'lth-set-itop'}
