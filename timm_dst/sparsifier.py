@@ -84,6 +84,8 @@ class Sparsifier:
         distribution: Per-tensor density rule: ``'erk'``, ``'er'`` or ``'uniform'``.
         update_interval: ΔT, optimizer steps between topology updates.
         total_steps: Optimizer steps of the whole run (needed by fractional ``update_end`` and decaying schedules).
+        defer_total_steps: The run's length is given later, through :meth:`set_total_steps` before the first optimizer
+            step (timm's train.py knows it only from its scheduler set-up, after the EMA copy and DDP exist).
         prune_rate: Initial fraction P of each tensor's active weights replaced per update.
         prune_rate_schedule: ``'cosine'``, ``'constant'`` or ``'linear'`` decay of the prune rate to
             ``prune_rate_min`` at ``update_end``.
@@ -133,6 +135,7 @@ class Sparsifier:
             remask_every_step: bool | None = None,
             seed: int = 0,
             sparse_kernel_density: float = DEFAULT_MAX_DENSITY,
+            defer_total_steps: bool = False,
     ):
         if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= float(sparsity) < 1.0:
             raise ValueError(f'sparsity={sparsity!r} is not accepted: give a float in [0, 1)')
@@ -160,11 +163,16 @@ class Sparsifier:
         self.grow_unexplored_first = bool(grow_unexplored_first)
         self.sparse_init = sparse_init
         self.seed = int(seed)
-        start = resolve_step(update_start, self.total_steps, 'update_start') or 0
-        end = resolve_step(update_end, self.total_steps, 'update_end')
+        self._update_span = (update_start, update_end)
+        self._total_steps_pending = bool(defer_total_steps) and self.total_steps is None
+        pending = self._total_steps_pending
+        start = resolve_step(update_start if not (pending and isinstance(update_start, float)) else None,
+                             self.total_steps, 'update_start') or 0
+        end = resolve_step(update_end if not (pending and isinstance(update_end, float)) else None,
+                           self.total_steps, 'update_end')
         self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones)
         self.prune_rate_end = end if end is not None else self.total_steps
-        if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores:
+        if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores and not pending:
             raise ValueError(
                 f'prune_rate_schedule={prune_rate_schedule!r} decays over training: give total_steps or update_end, '
                 "or use prune_rate_schedule='constant'")
@@ -298,7 +306,22 @@ class Sparsifier:
 
     # ------------------------------------------------------------------------------------------------------------
     # hooks
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the optimizer steps of the whole run after attaching (with ``defer_total_steps=True``): fractional
+        ``update_start`` / ``update_end`` and the prune-rate decay are resolved against it."""
+        if isinstance(total_steps, bool) or int(total_steps) < 1:
+            raise ValueError(f'total_steps={total_steps!r} must be a positive number of optimizer steps')
+        self.total_steps = int(total_steps)
+        self._total_steps_pending = False
+        start = resolve_step(self._update_span[0], self.total_steps, 'update_start') or 0
+        end = resolve_step(self._update_span[1], self.total_steps, 'update_end')
+        self.schedule.start, self.schedule.end = start, end
+        self.prune_rate_end = end if end is not None else self.total_steps
+
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._total_steps_pending:
+            raise RuntimeError('Sparsifier(defer_total_steps=True): call set_total_steps() before the first '
+                               'optimizer step')
         self.step += 1
         if self.remask_every_step:
             with torch.no_grad():
