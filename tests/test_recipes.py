@@ -85,11 +85,9 @@ def test_recipe_parses(path):
     assert cfg, path
     parser.set_defaults(**cfg)
     args = parser.parse_args([])
-    # keys are flag names; an alias (sparse_init: the ITOP name of --distribution) sets its flag's dest
-    dests = {o.lstrip('-').replace('-', '_'): a.dest for a in parser._actions for o in a.option_strings}
     for key, value in _load(path).items():
-        key = key.replace('-', '_')
-        assert getattr(args, dests.get(key, key)) is not None, (path, key, value)
+        dest = parser._option_string_actions['--' + key.replace('_', '-')].dest  # aliases: sparse-init is distribution
+        assert getattr(args, dest) is not None, (path, key, value)
 
 
 def test_paper_hyperparameters():

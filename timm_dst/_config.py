@@ -7,43 +7,16 @@ from typing import Any
 
 import yaml
 
-from ._registry import DEFAULT_TRAIN_METHOD, get_method_info, list_methods, method_arguments
+from ._registry import DEFAULT_TRAIN_METHOD, get_method_info
+from .plugin import ParseKwargs as _ParseKwargs
+from .plugin import add_dst_args, validate_dst_args
+from .plugin import milestone as _milestone
+from .plugin import sparsifier_kwargs as dst_kwargs
 
 __all__ = ['create_parser', 'parse_args', 'dst_kwargs', 'args_to_yaml']
 
 _AMP_DTYPES = ('bfloat16', 'float16')
 _EVAL_METRICS = ('top1', 'top5', 'loss')
-_DISTRIBUTIONS = ('erk', 'er', 'uniform')
-_MASK_INITS = ('random', 'magnitude', 'global-magnitude')
-_PRUNE_RATE_SCHEDULES = ('cosine', 'constant', 'linear')
-
-class _ParseKwargs(argparse.Action):
-    """``key=value`` pairs into a dict; values are read as YAML scalars (``3``, ``0.5``, ``true``, ``[1, 2]``)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kw = dict(getattr(namespace, self.dest) or {})
-        for item in values:
-            if '=' not in item:
-                parser.error(f'{option_string}: expected key=value, got {item!r}')
-            key, value = item.split('=', 1)
-            kw[key] = yaml.safe_load(value)
-        setattr(namespace, self.dest, kw)
-
-
-def _step_or_fraction(value: str) -> int | float:
-    """An int (optimizer step) or a float in [0, 1] (fraction of training)."""
-    try:
-        return int(value)
-    except ValueError:
-        return float(value)
-
-
-def _milestone(value: str) -> tuple[int, int]:
-    try:
-        step, interval = value.split(':')
-        return int(step), int(interval)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f'expected FROM_STEP:INTERVAL, got {value!r}') from e
 
 
 def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -178,51 +151,7 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
     g.add_argument('--model-ema-warmup', action='store_true', default=False, help='EMA decay warm-up')
 
-    g = parser.add_argument_group('Dynamic sparse training')
-    methods = '; '.join(f'{n}: {get_method_info(n).description}' for n in list_methods())
-    g.add_argument('--dst', type=str, default=DEFAULT_TRAIN_METHOD, metavar='METHOD',
-                   help=f'sparse training method, one of: {methods}'.replace('%', '%%'))
-    g.add_argument('--sparsity', type=float, default=None, help='global sparsity in [0, 1) (default 0.9)')
-    g.add_argument('--distribution', '--sparse-init', type=str.lower, default=None, choices=_DISTRIBUTIONS,
-                   help='per-tensor density distribution (--sparse-init is the ITOP code\'s name; default erk)')
-    g.add_argument('--mask-init', type=str, default=None, choices=_MASK_INITS,
-                   help='how the initial active positions are picked (default random)')
-    g.add_argument('--update-interval', type=int, default=None, metavar='STEPS',
-                   help='ΔT: optimizer steps between topology updates (default: the method\'s)')
-    g.add_argument('--prune-rate', type=float, default=None, help='initial prune rate P (default: the method\'s)')
-    g.add_argument('--prune-rate-schedule', type=str, default=None, choices=_PRUNE_RATE_SCHEDULES,
-                   help='prune-rate decay (default: the method\'s)')
-    g.add_argument('--prune-rate-min', type=float, default=None, help='final prune rate of decaying schedules')
-    g.add_argument('--update-start', type=_step_or_fraction, default=None, metavar='STEP|FRACTION',
-                   help='no topology update before this optimizer step (int) or fraction of training (float)')
-    g.add_argument('--update-end', type=_step_or_fraction, default=None, metavar='STEP|FRACTION',
-                   help='topology freezes after this optimizer step (int) or fraction of training (float)')
-    g.add_argument('--update-milestones', type=_milestone, nargs='+', default=None, metavar='FROM_STEP:INTERVAL',
-                   help='ΔT changes during training (DSR), e.g. 0:100 4875:200')
-    g.add_argument('--grow-unexplored-first', action='store_true', default=None,
-                   help='SET+ (ITOP Appendix F): grow never-activated positions first')
-    g.add_argument('--include', type=str, nargs='+', default=None, metavar='GLOB',
-                   help='parameter-name patterns of the sparse tensors (default: conv / linear weights)')
-    g.add_argument('--exclude', type=str, nargs='+', default=None, metavar='GLOB',
-                   help='parameter-name patterns kept dense')
-    g.add_argument('--dense-first-layer', action='store_true', default=None, help='keep the first layer dense')
-    g.add_argument('--dense-classifier', action='store_true', default=None, help='keep the classifier dense')
-    g.add_argument('--remask-every-step', action='store_true', default=None,
-                   help='re-apply masks after every optimizer step (automatic for optimizers that need it)')
-    g.add_argument('--sparse-kernel-density', type=float, default=None, metavar='D',
-                   help='plain nn.Linear layers at or below this density run CSR kernels on CPU in float32 '
-                        '(default 0.05; 0 = dense kernels everywhere)')
-    g.add_argument('--dst-seed', type=int, default=None,
-                   help='seed of the sparsifier\'s generator (default: --seed; the same on every rank)')
-    g.add_argument('--dst-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='KEY=VALUE',
-                   help='further keyword arguments for timm_dst.create_sparsifier')
-    g = parser.add_argument_group('Method arguments (each for the methods it names)')
-    for arg in method_arguments():
-        if arg.type is bool:
-            g.add_argument(arg.flag, action=argparse.BooleanOptionalAction, default=None, help=arg.help)
-        else:
-            g.add_argument(arg.flag, type=arg.type, default=None, help=arg.help,
-                           metavar='FILE' if arg.path else arg.type.__name__.upper())
+    add_dst_args(parser, default_method=DEFAULT_TRAIN_METHOD)
 
     g = parser.add_argument_group('Miscellaneous')
     g.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (ranks use seed + rank)')
@@ -300,18 +229,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         close = timm.list_models(f'*{args.model.split(".")[0][:6]}*')[:10] if args.model else []
         hint = f'; similar names: {", ".join(close)}' if close else ''
         parser.error(f'--model {args.model!r} is not a timm model (see timm.list_models()){hint}')
-    if args.dst not in list_methods():
-        parser.error(f'--dst {args.dst!r} is not a known method; accepted: {", ".join(list_methods())}')
-    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
-        parser.error(f'--sparsity {args.sparsity!r} is out of range: give a float in [0, 1)')
-    if args.prune_rate is not None and not 0.0 <= args.prune_rate <= 1.0:
-        parser.error(f'--prune-rate {args.prune_rate!r} must lie in [0, 1]')
-    for flag in ('update_start', 'update_end'):
-        v = getattr(args, flag)
-        if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            parser.error(f'--{flag.replace("_", "-")} {v!r}: a float is a fraction of training in [0, 1]')
-    if args.update_interval is not None and args.update_interval < 1:
-        parser.error(f'--update-interval {args.update_interval!r} must be a positive number of optimizer steps')
+    validate_dst_args(args, parser.error)
     if args.threads is not None and args.threads < 1:
         parser.error(f'--threads {args.threads!r} must be >= 1')
     for flag in ('epochs', 'batch_size', 'grad_accum_steps', 'log_interval'):
@@ -325,13 +243,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         args.pretrained = True
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         parser.error(f'--initial-checkpoint {args.initial_checkpoint!r}: no such file')
-    # method-specific flags: only for a method that takes them; paths must exist
-    for arg in method_arguments():
-        value = getattr(args, arg.dest)
-        if value is not None and args.dst not in arg.methods:
-            parser.error(f'{arg.flag} is an option of {", ".join(arg.methods)}, not of --dst {args.dst}')
-        if arg.path and isinstance(value, str) and value and not os.path.isfile(value):
-            parser.error(f'{arg.flag} {value!r}: no such file')
     phase = get_method_info(args.dst).dense_phase
     both_phases = phase is not None and not getattr(args, phase.trained_state_arg)
     if phase is not None:
@@ -359,27 +270,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         check_dataset(args.dataset, args.data_dir, args.dataset_download, args.train_split)
     except FileNotFoundError as e:
         parser.error(str(e))
-
-
-def dst_kwargs(args: argparse.Namespace) -> dict[str, Any]:
-    """Keyword arguments for :func:`timm_dst.create_sparsifier`: only what the user set (method defaults apply to
-    the rest), plus the seed."""
-    mapping = {
-        'sparsity': 'sparsity', 'distribution': 'distribution', 'mask_init': 'mask_init',
-        'update_interval': 'update_interval', 'prune_rate': 'prune_rate', 'prune_rate_schedule': 'prune_rate_schedule',
-        'prune_rate_min': 'prune_rate_min', 'update_start': 'update_start', 'update_end': 'update_end',
-        'update_milestones': 'update_milestones', 'grow_unexplored_first': 'grow_unexplored_first',
-        'include': 'include', 'exclude': 'exclude', 'dense_first_layer': 'dense_first_layer',
-        'dense_classifier': 'dense_classifier', 'remask_every_step': 'remask_every_step',
-        'sparse_kernel_density': 'sparse_kernel_density',
-    }
-    kw = {key: getattr(args, dest) for dest, key in mapping.items() if getattr(args, dest) is not None}
-    for arg in method_arguments():
-        if not arg.cli_only and getattr(args, arg.dest) is not None:
-            kw[arg.dest] = getattr(args, arg.dest)
-    kw['seed'] = args.dst_seed if args.dst_seed is not None else args.seed
-    kw.update(args.dst_kwargs or {})
-    return kw
 
 
 def args_to_yaml(args: argparse.Namespace) -> str:
