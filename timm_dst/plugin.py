@@ -141,10 +141,11 @@ def add_dst_args(
     g.add_argument('--dst-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='further keyword arguments for timm_dst.create_sparsifier')
     for arg in method_arguments():
+        help_ = arg.help.replace('%', '%%')  # argparse formats help with %
         if arg.type is bool:
-            g.add_argument(arg.flag, action=argparse.BooleanOptionalAction, default=None, help=arg.help)
+            g.add_argument(arg.flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            g.add_argument(arg.flag, type=arg.type, default=None, help=arg.help,
+            g.add_argument(arg.flag, type=arg.type, default=None, help=help_,
                            metavar='FILE' if arg.path else arg.type.__name__.upper())
     return g
 
