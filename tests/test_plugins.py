@@ -142,7 +142,14 @@ class Grower(SparseMethod):
 
 
 class Pair(SparseMethod):
-    """Two names from one callable."""
+    """Two names from one callable.
+
+    Args:
+        pair_share: Share of the drops regrown, in % (100% = all).
+    """
+
+    def __init__(self, pair_share: float = 100.0):
+        self.share = pair_share
 
 
 def register():
@@ -172,8 +179,10 @@ def test_entry_point_forms_and_a_broken_plugin(tmp_path, monkeypatch, fresh_regi
     model = nn.Sequential(nn.Linear(4, 8), nn.Linear(8, 2))
     sp = timm_dst.create_sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), method='pair-a')
     assert sp.method_name == 'pair-a' and sp.schedule.interval == 5
-    # the CLI: plugin names are --dst choices; another method's flag is refused in one line, exit status 2
-    from timm_dst._config import parse_args
+    # the CLI: plugin names and flags are in --help (a % in a docstring is text); another method's flag is refused
+    from timm_dst._config import create_parser, parse_args
+    text = ' '.join(create_parser()[1].format_help().split())
+    assert 'grower: Grows where' in text and '--pair-share' in text and 'in % (100% = all)' in text
     assert parse_args(['--dataset', 'synthetic', '--model', 'itop_mlp', '--dst', 'grower']).dst == 'grower'
     with pytest.raises(SystemExit) as e:
         parse_args(['--dataset', 'synthetic', '--model', 'itop_mlp', '--dst', 'pair-a', '--dsr-np', '5'])
