@@ -556,3 +556,26 @@ def test_masked_weights_stay_zero_under_timm_optimizers(opt_name):
     for i, t in enumerate(sp.targets):
         assert int(t.mask.sum()) == sp.counts[i]
         assert not t.param[~t.mask].any()
+
+
+def test_whole_model_pickle_round_trip():
+    import io
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    timm_dst.create_sparsifier(model, opt, 'set', sparsity=0.8, total_steps=10, sparse_kernel_density=0)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x, _ = _batch(1)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_damaged_sparsifier_state_is_refused():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = timm_dst.create_sparsifier(model, opt, 'set', sparsity=0.8, total_steps=10)
+    state = sp.state_dict()
+    del state['masks']
+    with pytest.raises(ValueError, match='masks'):
+        sp.load_state_dict(state)

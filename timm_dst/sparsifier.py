@@ -68,6 +68,26 @@ def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     return candidates[torch.topk(score[candidates], k, sorted=False).indices]
 
 
+class _ParentRefresh:
+    """Forward pre-hook on the parent of a sparse module: on copies of the controlled model (timm's EMA), set the
+    child's weight to ``orig * mask`` before a parent that reads it directly runs. A class, not a closure, so that
+    ``torch.save(model)`` can pickle the model (copies and pickles drop the reference to the controlled parent)."""
+
+    def __init__(self, parent: nn.Module, child: str, param_name: str):
+        self.controlled: weakref.ref | None = weakref.ref(parent)
+        self.child, self.param_name = child, param_name
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, 'controlled': None}
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        if self.controlled is not None and module is self.controlled():
+            return  # the child's weight is its parameter: nothing to refresh
+        sub = module.get_submodule(self.child)  # relative lookup: works in deep copies (timm EMA) too
+        if hasattr(sub, self.param_name + '_orig'):  # masks folded: nothing to refresh
+            setattr(sub, self.param_name, effective_weight(sub, self.param_name))
+
+
 def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -354,16 +374,8 @@ class Sparsifier:
         return self.model.get_submodule(parent), child
 
     @staticmethod
-    def _make_refresh_hook(parent: nn.Module, child: str, param_name: str):
-        controlled = weakref.ref(parent)
-
-        def _hook(module: nn.Module, inputs: Any) -> None:
-            if module is controlled():  # the child's weight is its parameter: nothing to refresh
-                return
-            sub = module.get_submodule(child)  # relative lookup: works in deep copies (timm EMA) too
-            if hasattr(sub, param_name + '_orig'):  # masks folded: nothing to refresh
-                setattr(sub, param_name, effective_weight(sub, param_name))
-        return _hook
+    def _make_refresh_hook(parent: nn.Module, child: str, param_name: str) -> _ParentRefresh:
+        return _ParentRefresh(parent, child, param_name)
 
     def _set_capture(self, on: bool) -> None:
         for h in self._capture_handles:
@@ -705,6 +717,10 @@ class Sparsifier:
         self._check_live()
         if not isinstance(state, dict) or 'config' not in state:
             raise ValueError('state: not a timm_dst Sparsifier state_dict (no "config" entry)')
+        needed = ['step'] + (['masks', 'explored'] if self.method.attaches else [])
+        missing = [k for k in needed if k not in state]
+        if missing:
+            raise ValueError(f'state: a timm_dst Sparsifier state_dict lacks {", ".join(missing)} (damaged or edited)')
         cfg = state['config']
         for key in ('method', 'sparsity', 'distribution', 'targets'):
             mine, theirs = self.config[key], cfg.get(key)
