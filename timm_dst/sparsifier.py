@@ -351,10 +351,12 @@ class Sparsifier:
         if self.remask_every_step:
             with torch.no_grad():
                 torch._foreach_mul_(self._origs, [t.mask for t in self.targets])  # buffers: looked up fresh
+        due = self._update_pending or self.schedule.is_update_step(self.step)
         if any(g is not None for g in self._dense_grads) and not self._step_finite():
             # never fold a non-finite window into method state (SNFS momentum) or grow from it (RigL)
-            warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: its dense gradients are dropped',
-                          stacklevel=2)
+            if not due:  # on an update step, update() says it
+                warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: its dense gradients are dropped',
+                              stacklevel=2)
             self.clear_dense_grads()
         capturing = bool(self._capture_handles)
         self.method.on_step(self)
