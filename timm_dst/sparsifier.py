@@ -706,6 +706,7 @@ class Sparsifier:
             'history': [dict(h) for h in self.history],
             'generators': {k: g.get_state() for k, g in self._generators.items()},
             'dense_grads': [g.cpu() if g is not None else None for g in self._dense_grads],
+            'update_pending': self._update_pending,
             'method': self.method.state_dict(),
         }
 
@@ -735,6 +736,7 @@ class Sparsifier:
                 raise ValueError(f'state: {key} of the checkpoint ({detail}) does not match this sparsifier; '
                                  f'accepted: {accepted}')
         self.step = int(state['step'])
+        self._update_pending = bool(state.get('update_pending', False))
         self.history = [dict(h) for h in state.get('history', [])]
         for key, g_state in state.get('generators', {}).items():
             self.generator(key).set_state(g_state)
@@ -750,4 +752,5 @@ class Sparsifier:
         self._dense_grads = [g.to(t.param.device) if g is not None else None for g, t in zip(grads, self.targets)]
         self.method.load_state_dict(state.get('method', {}))
         if self.method.attaches:
-            self._set_capture(self.method.needs_dense_grad(self, self.step + 1))
+            self._set_capture(self.method.needs_dense_grad(self, self.step + 1) or (
+                self._update_pending and self.method.needs_dense_grad(self, self.step)))
