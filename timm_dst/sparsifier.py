@@ -88,6 +88,23 @@ class _ParentRefresh:
             setattr(sub, self.param_name, effective_weight(sub, self.param_name))
 
 
+class _AfterModelLoad:
+    """``load_state_dict`` post-hook on the controlled model: masks loaded with ``model.load_state_dict`` (instead of
+    ``Sparsifier.load_state_dict``) are taken over: counts recounted, R_s extended, weights and optimizer state zeroed
+    where masked. Copies and pickles of the model drop the reference to the sparsifier."""
+
+    def __init__(self, sparsifier: Sparsifier):
+        self.sparsifier: weakref.ref | None = weakref.ref(sparsifier)
+
+    def __getstate__(self) -> dict:
+        return {'sparsifier': None}
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        sp = self.sparsifier() if self.sparsifier is not None else None
+        if sp is not None and sp.model is module and not sp._detached:
+            sp._take_over_masks()
+
+
 def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -258,6 +275,7 @@ class Sparsifier:
         self.remask_every_step = bool(remask_every_step)
         self._origs = [t.param for t in self.targets]  # parameters keep their identity across module.to()
         self._step_hook = self.optimizer.register_step_post_hook(self._on_step)
+        self._parent_handles.append(self.model.register_load_state_dict_post_hook(_AfterModelLoad(self)))
         # some timm blocks read a child's weight in their own forward (BEiT / EVA / Swin V2 attention:
         # F.linear(x, self.qkv.weight, qkv_bias)), so the child's prune hook never runs. On the controlled model the
         # child's weight is its `_orig` parameter anyway; copies of it (timm's EMA) need `orig * mask` from the parent
@@ -666,6 +684,19 @@ class Sparsifier:
         for handle in self._parent_handles:
             handle.remove()
         self._parent_handles = []
+
+    @torch.no_grad()
+    def _take_over_masks(self) -> None:
+        """The masks were written from outside (``model.load_state_dict``): make counts, R_s, weights and optimizer
+        state agree with them."""
+        for i, t in enumerate(self.targets):
+            t.param.mul_(t.mask)
+            if self.explored[i].device != t.mask.device:
+                self.explored[i] = self.explored[i].to(t.mask.device)
+            self.explored[i] |= t.mask
+            refresh_weight(t.module, t.param_name)
+        self._zero_optimizer_state([t.mask for t in self.targets])
+        self._refresh_counts()
 
     def _detach_masks(self) -> None:
         """Called by :func:`timm_dst.fold_masks` before it removes the masks."""
