@@ -105,6 +105,13 @@ class _AfterModelLoad:
             sp._take_over_masks()
 
 
+def _all_finite(tensors: list[torch.Tensor]) -> bool:
+    """Whether every entry of ``tensors`` is finite (one fused norm per tensor, one device sync)."""
+    if not tensors:
+        return True
+    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+
+
 def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -246,6 +253,7 @@ class Sparsifier:
         self._update_pending = False  # an update postponed by a non-finite gradient runs at the next real step
         self._detached = False  # set by fold_masks: the masks are gone
         self._warned_state = False
+        self._finite_cache: tuple[int, bool] | None = None  # (step, finite) of the last check
 
         if not method.attaches:
             self.counts = [t.numel for t in self.targets]
@@ -370,7 +378,9 @@ class Sparsifier:
             with torch.no_grad():
                 torch._foreach_mul_(self._origs, [t.mask for t in self.targets])  # buffers: looked up fresh
         due = self._update_pending or self.schedule.is_update_step(self.step)
-        if any(g is not None for g in self._dense_grads) and not self._step_finite():
+        captured = [g for g in self._dense_grads if g is not None]
+        if captured and not _all_finite(captured):
+            self._finite_cache = (self.step, False)
             # never fold a non-finite window into method state (SNFS momentum) or grow from it (RigL)
             if not due:  # on an update step, update() says it
                 warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: its dense gradients are dropped',
@@ -384,6 +394,7 @@ class Sparsifier:
         capture = self.method.needs_dense_grad(self, self.step + 1) or (self._update_pending and capturing)
         if capture != bool(self._capture_handles):
             self._set_capture(capture)
+        self._finite_cache = None  # valid within one step only: an update called by hand checks afresh
 
     def _parent(self, i: int) -> tuple[nn.Module, str] | None:
         """The module owning target ``i``'s module, and the child's name relative to it."""
@@ -450,14 +461,12 @@ class Sparsifier:
     def _gradients_finite(self) -> bool:
         tensors = [t.param.grad for t in self.targets if t.param.grad is not None]
         tensors += [g for g in self._dense_grads if g is not None]
-        if not tensors:
-            return True
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+        return _all_finite(tensors)
 
     def _step_finite(self) -> bool:
         """Whether this step's gradients (of the sparse weights, and the captured dense ones) are finite; one check
         per step."""
-        cached = getattr(self, '_finite_cache', None)
+        cached = self._finite_cache
         if cached is None or cached[0] != self.step:
             cached = self._finite_cache = (self.step, self._gradients_finite())
         return cached[1]
@@ -768,6 +777,7 @@ class Sparsifier:
                                  f'accepted: {accepted}')
         self.step = int(state['step'])
         self._update_pending = bool(state.get('update_pending', False))
+        self._finite_cache = None
         self.history = [dict(h) for h in state.get('history', [])]
         for key, g_state in state.get('generators', {}).items():
             self.generator(key).set_state(g_state)
