@@ -355,7 +355,7 @@ def test_optimizer_without_the_sparse_weights_is_refused():
     (dict(grow_unexplored_first='yes'), 'grow_unexplored_first'),
     (dict(remask_every_step=1), 'remask_every_step'),
     (dict(sparse_kernel_density='0.05'), 'sparse_kernel_density'),
-    (dict(sparse_init=None), 'sparse_init'),
+    (dict(mask_init=None), 'mask_init'),
 ])
 def test_bad_controller_values_name_the_argument(kwargs, name):
     model = _mlp()

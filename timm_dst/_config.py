@@ -2,27 +2,20 @@
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 from typing import Any
 
 import yaml
 
-__all__ = ['create_parser', 'parse_args', 'method_flags', 'dst_kwargs', 'args_to_yaml']
+from ._registry import DEFAULT_TRAIN_METHOD, get_method_info, list_methods, method_arguments
+
+__all__ = ['create_parser', 'parse_args', 'dst_kwargs', 'args_to_yaml']
 
 _AMP_DTYPES = ('bfloat16', 'float16')
 _EVAL_METRICS = ('top1', 'top5', 'loss')
 _DISTRIBUTIONS = ('erk', 'er', 'uniform')
 _MASK_INITS = ('random', 'magnitude', 'global-magnitude')
 _PRUNE_RATE_SCHEDULES = ('cosine', 'constant', 'linear')
-# Sparsifier keywords the CLI sets itself or that have their own flags
-_CONTROLLER_KWARGS = {
-    'sparsity', 'distribution', 'update_interval', 'total_steps', 'prune_rate', 'prune_rate_schedule',
-    'prune_rate_min', 'update_start', 'update_end', 'update_milestones', 'grow_unexplored_first', 'sparse_init',
-    'include', 'exclude', 'dense_first_layer', 'dense_classifier', 'remask_every_step', 'seed', 'method_name',
-    'sparse_kernel_density',
-}
-
 
 class _ParseKwargs(argparse.Action):
     """``key=value`` pairs into a dict; values are read as YAML scalars (``3``, ``0.5``, ``true``, ``[1, 2]``)."""
@@ -51,35 +44,6 @@ def _milestone(value: str) -> tuple[int, int]:
         return int(step), int(interval)
     except ValueError as e:
         raise argparse.ArgumentTypeError(f'expected FROM_STEP:INTERVAL, got {value!r}') from e
-
-
-def _type_from_annotation(annotation: Any, default: Any) -> Any:
-    text = annotation if isinstance(annotation, str) else getattr(annotation, '__name__', str(annotation))
-    if default is not None and not isinstance(default, bool):
-        return type(default)
-    if 'float' in text:
-        return float
-    if 'int' in text:
-        return int
-    return str
-
-
-def method_flags() -> dict[str, dict[str, Any]]:
-    """The methods' own keyword arguments as flags: ``{dest: {'methods': [...], 'type': ..., 'default': ...}}``."""
-    from ._registry import _method_entries
-    flags: dict[str, dict[str, Any]] = {}
-    for name, entry in sorted(_method_entries.items()):
-        for pname, param in inspect.signature(entry.cls.__init__).parameters.items():
-            if pname in ('self', 'args', 'kwargs') or pname in _CONTROLLER_KWARGS:
-                continue
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
-            default = None if param.default is inspect.Parameter.empty else param.default
-            info = flags.setdefault(pname, {'methods': [], 'default': default,
-                                            'type': _type_from_annotation(param.annotation, default),
-                                            'bool': isinstance(default, bool)})
-            info['methods'].append(name)
-    return flags
 
 
 def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -215,11 +179,12 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--model-ema-warmup', action='store_true', default=False, help='EMA decay warm-up')
 
     g = parser.add_argument_group('Dynamic sparse training')
-    g.add_argument('--dst', type=str, default='set-itop', metavar='METHOD',
-                   help='sparse training method (see timm_dst.list_methods(); dense = no sparsity)')
+    methods = '; '.join(f'{n}: {get_method_info(n).description}' for n in list_methods())
+    g.add_argument('--dst', type=str, default=DEFAULT_TRAIN_METHOD, metavar='METHOD',
+                   help=f'sparse training method, one of: {methods}'.replace('%', '%%'))
     g.add_argument('--sparsity', type=float, default=None, help='global sparsity in [0, 1) (default 0.9)')
-    g.add_argument('--sparse-init', type=str.lower, default=None, choices=_DISTRIBUTIONS,
-                   help='per-tensor density distribution (the ITOP code\'s --sparse-init; default erk)')
+    g.add_argument('--distribution', '--sparse-init', type=str.lower, default=None, choices=_DISTRIBUTIONS,
+                   help='per-tensor density distribution (--sparse-init is the ITOP code\'s name; default erk)')
     g.add_argument('--mask-init', type=str, default=None, choices=_MASK_INITS,
                    help='how the initial active positions are picked (default random)')
     g.add_argument('--update-interval', type=int, default=None, metavar='STEPS',
@@ -249,18 +214,15 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                         '(default 0.05; 0 = dense kernels everywhere)')
     g.add_argument('--dst-seed', type=int, default=None,
                    help='seed of the sparsifier\'s generator (default: --seed; the same on every rank)')
-    g.add_argument('--lth-rewind-step', type=int, default=None, metavar='K',
-                   help='lth, lth-set-itop without --lth-trained-state: rewind to the dense weights at optimizer step '
-                        'K (late rewinding; default 0, the initialisation)')
     g.add_argument('--dst-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='KEY=VALUE',
                    help='further keyword arguments for timm_dst.create_sparsifier')
-    for dest, info in method_flags().items():
-        flag = '--' + dest.replace('_', '-')
-        help_ = f'{", ".join(info["methods"])} only (default {info["default"]!r})'
-        if info['bool']:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+    g = parser.add_argument_group('Method arguments (each for the methods it names)')
+    for arg in method_arguments():
+        if arg.type is bool:
+            g.add_argument(arg.flag, action=argparse.BooleanOptionalAction, default=None, help=arg.help)
         else:
-            g.add_argument(flag, type=info['type'], default=None, help=help_)
+            g.add_argument(arg.flag, type=arg.type, default=None, help=arg.help,
+                           metavar='FILE' if arg.path else arg.type.__name__.upper())
 
     g = parser.add_argument_group('Miscellaneous')
     g.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (ranks use seed + rank)')
@@ -295,14 +257,17 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         cfg = yaml.safe_load(f) or {}
     if not isinstance(cfg, dict):
         parser.error(f'-c/--config {path!r}: expected a mapping of flag names to values')
-    dests = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    # keys are flag names (any alias: sparse_init is --distribution) or dests
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    for a in list(actions.values()):
+        actions.update({o.lstrip('-').replace('-', '_'): a for o in a.option_strings if o.startswith('--')})
     out, unknown = {}, []
     for key, value in cfg.items():
-        dest = str(key).lstrip('-').replace('-', '_')
-        if dest not in dests:
+        action = actions.get(str(key).lstrip('-').replace('-', '_'))
+        if action is None:
             unknown.append(str(key))
             continue
-        action = dests[dest]
+        dest = action.dest
         if isinstance(value, str) and action.type is not None and action.nargs is None:
             value = action.type(value)
         if dest == 'update_milestones' and value is not None:
@@ -330,7 +295,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     import timm
 
     from ._data import check_dataset
-    from ._registry import list_methods
 
     if not timm.is_model(args.model):
         close = timm.list_models(f'*{args.model.split(".")[0][:6]}*')[:10] if args.model else []
@@ -361,22 +325,29 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         args.pretrained = True
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         parser.error(f'--initial-checkpoint {args.initial_checkpoint!r}: no such file')
-    lth = args.dst in ('lth', 'lth-set-itop')
-    if args.lth_rewind_step is not None:
-        if not lth or args.lth_trained_state:
-            parser.error('--lth-rewind-step is for --dst lth / lth-set-itop without --lth-trained-state (the CLI '
-                         'then trains the dense phase itself and saves the rewind point)')
-        if args.lth_rewind_step < 0:
-            parser.error(f'--lth-rewind-step {args.lth_rewind_step!r} must be >= 0')
-    if lth and args.lth_rewind_state and not args.lth_trained_state:
-        parser.error('--lth-rewind-state needs --lth-trained-state (without it the CLI trains the dense phase and '
-                     'saves its own rewind point: see --lth-rewind-step)')
-    for flag in ('lth_trained_state', 'lth_rewind_state', 'snip_batches'):
-        path = getattr(args, flag, None)
-        if path and not os.path.isfile(path):
-            parser.error(f'--{flag.replace("_", "-")} {path!r}: no such file')
-    if args.resume and lth and not args.lth_trained_state:
-        if not os.path.exists(args.resume):  # both LTH phases: a run folder or either phase's checkpoint
+    # method-specific flags: only for a method that takes them; paths must exist
+    for arg in method_arguments():
+        value = getattr(args, arg.dest)
+        if value is not None and args.dst not in arg.methods:
+            parser.error(f'{arg.flag} is an option of {", ".join(arg.methods)}, not of --dst {args.dst}')
+        if arg.path and isinstance(value, str) and value and not os.path.isfile(value):
+            parser.error(f'{arg.flag} {value!r}: no such file')
+    phase = get_method_info(args.dst).dense_phase
+    both_phases = phase is not None and not getattr(args, phase.trained_state_arg)
+    if phase is not None:
+        trained, rewind_state = (a.replace('_', '-') for a in (phase.trained_state_arg, phase.rewind_state_arg))
+        step_flag = '--' + phase.rewind_step_arg.replace('_', '-')
+        step = getattr(args, phase.rewind_step_arg)
+        if step is not None and not both_phases:
+            parser.error(f'{step_flag} is for --dst {args.dst} without --{trained} (the CLI then trains the dense '
+                         'phase itself and saves the rewind point)')
+        if step is not None and step < 0:
+            parser.error(f'{step_flag} {step!r} must be >= 0')
+        if both_phases and getattr(args, phase.rewind_state_arg):
+            parser.error(f'--{rewind_state} needs --{trained} (without it the CLI trains the dense phase and saves '
+                         f'its own rewind point: see {step_flag})')
+    if args.resume and both_phases:
+        if not os.path.exists(args.resume):  # both phases: a run folder or either phase's checkpoint
             parser.error(f'--resume: {args.resume!r}: no such checkpoint file or run folder')
     elif args.resume:
         from ._checkpoint import resolve_resume
@@ -384,11 +355,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
             args.resume = resolve_resume(args.resume)
         except FileNotFoundError as e:
             parser.error(f'--resume: {e}')
-    # method-specific flags: only for a method that takes them
-    for dest, info in method_flags().items():
-        if getattr(args, dest) is not None and args.dst not in info['methods']:
-            parser.error(f'--{dest.replace("_", "-")} is an option of {", ".join(info["methods"])}, '
-                         f'not of --dst {args.dst}')
     try:
         check_dataset(args.dataset, args.data_dir, args.dataset_download, args.train_split)
     except FileNotFoundError as e:
@@ -399,7 +365,7 @@ def dst_kwargs(args: argparse.Namespace) -> dict[str, Any]:
     """Keyword arguments for :func:`timm_dst.create_sparsifier`: only what the user set (method defaults apply to
     the rest), plus the seed."""
     mapping = {
-        'sparsity': 'sparsity', 'sparse_init': 'distribution', 'mask_init': 'sparse_init',
+        'sparsity': 'sparsity', 'distribution': 'distribution', 'mask_init': 'mask_init',
         'update_interval': 'update_interval', 'prune_rate': 'prune_rate', 'prune_rate_schedule': 'prune_rate_schedule',
         'prune_rate_min': 'prune_rate_min', 'update_start': 'update_start', 'update_end': 'update_end',
         'update_milestones': 'update_milestones', 'grow_unexplored_first': 'grow_unexplored_first',
@@ -408,9 +374,9 @@ def dst_kwargs(args: argparse.Namespace) -> dict[str, Any]:
         'sparse_kernel_density': 'sparse_kernel_density',
     }
     kw = {key: getattr(args, dest) for dest, key in mapping.items() if getattr(args, dest) is not None}
-    for dest in method_flags():
-        if getattr(args, dest) is not None:
-            kw[dest] = getattr(args, dest)
+    for arg in method_arguments():
+        if not arg.cli_only and getattr(args, arg.dest) is not None:
+            kw[arg.dest] = getattr(args, arg.dest)
     kw['seed'] = args.dst_seed if args.dst_seed is not None else args.seed
     kw.update(args.dst_kwargs or {})
     return kw

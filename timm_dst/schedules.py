@@ -51,7 +51,8 @@ class UpdateSchedule:
 
     ``milestones`` change the interval from a given step on (DSR: 100, then 200 / 400 / 800 from epochs 25/80/140):
     a sequence of ``(from_step, interval)`` pairs. Updates are counted from the last milestone, so a new period
-    starts cleanly where it begins.
+    starts cleanly where it begins. ``update_at_end`` adds one update at ``end`` when ``end`` is not on the grid
+    (a pruning schedule that must reach its final sparsity exactly at ``end``).
     """
 
     def __init__(
@@ -60,10 +61,12 @@ class UpdateSchedule:
             start: int = 0,
             end: int | None = None,
             milestones: Sequence[tuple[int, int]] | None = None,
+            update_at_end: bool = False,
     ):
         self.interval = check_int('update_interval', interval, minimum=1)
         self.start = int(start)
         self.end = end
+        self.update_at_end = bool(update_at_end)
         bad = ValueError(f'update_milestones={milestones!r} is not accepted: give a list of (from_step, interval) '
                          'pairs of integers, from_step >= 0 and interval >= 1')
         if milestones is not None and (isinstance(milestones, str) or not isinstance(milestones, Sequence)):
@@ -89,8 +92,7 @@ class UpdateSchedule:
         """True when the optimizer step numbered ``step`` (1-based) is followed by a topology update."""
         if step <= self.start or (self.end is not None and step > self.end):
             return False
+        if self.update_at_end and step == self.end:
+            return True
         origin, interval = self._period(step)
         return (step - origin) % interval == 0 and step > origin
-
-    def state_dict(self) -> dict:
-        return {'interval': self.interval, 'start': self.start, 'end': self.end, 'milestones': self.milestones}

@@ -21,11 +21,11 @@ from .reparam import DSTMask, attach_masks, effective_weight, flat_fill_, has_ma
 from .schedules import PRUNE_RATE_SCHEDULES, UpdateSchedule, prune_rate_at, resolve_step
 from .targets import SparseTarget, find_targets
 
-__all__ = ['Sparsifier', 'SPARSE_INITS', 'unwrap_optimizer']
+__all__ = ['Sparsifier', 'MASK_INITS', 'unwrap_optimizer']
 
 _logger = logging.getLogger(__name__)
 
-SPARSE_INITS = ('random', 'magnitude', 'global-magnitude')
+MASK_INITS = ('random', 'magnitude', 'global-magnitude')
 
 # optimizers whose update is exactly zero where weight, gradient and state are zero: masked weights stay zero
 # without re-masking every step
@@ -137,7 +137,7 @@ class Sparsifier:
         update_end: Topology freezes after this step (int) or fraction of training (float); None = never.
         update_milestones: ``[(from_step, interval), ...]``: ΔT changes during training (DSR's reallocation periods).
         grow_unexplored_first: SET+ (ITOP Appendix F): grow never-activated positions before explored ones.
-        sparse_init: Initial topology when the method has none of its own: ``'random'`` (exact counts from the
+        mask_init: Initial topology when the method has none of its own: ``'random'`` (exact counts from the
             distribution), ``'magnitude'`` (per-tensor largest |w|, counts from the distribution) or
             ``'global-magnitude'`` (one global top-k of |w|).
         include: Glob patterns selecting the sparse parameters (default: conv / linear weights).
@@ -170,7 +170,7 @@ class Sparsifier:
             update_end: int | float | None = None,
             update_milestones: Sequence[tuple[int, int]] | None = None,
             grow_unexplored_first: bool = False,
-            sparse_init: str = 'random',
+            mask_init: str = 'random',
             include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None,
             dense_first_layer: bool = False,
@@ -181,7 +181,7 @@ class Sparsifier:
     ):
         sparsity = check_float('sparsity', sparsity, 0.0, 1.0, high_open=True)
         check_choice('distribution', distribution, DISTRIBUTIONS)
-        check_choice('sparse_init', sparse_init, SPARSE_INITS)
+        check_choice('mask_init', mask_init, MASK_INITS)
         check_choice('prune_rate_schedule', prune_rate_schedule, PRUNE_RATE_SCHEDULES)
         prune_rate = check_float('prune_rate', prune_rate, 0.0, 1.0)
         prune_rate_min = check_float('prune_rate_min', prune_rate_min, 0.0, 1.0)
@@ -211,14 +211,15 @@ class Sparsifier:
         self.prune_rate_schedule = prune_rate_schedule
         self.prune_rate_min = float(prune_rate_min)
         self.grow_unexplored_first = bool(grow_unexplored_first)
-        self.sparse_init = sparse_init
+        self.mask_init = mask_init
         self.seed = int(seed)
         start = resolve_step(update_start, self.total_steps, 'update_start') or 0
         end = resolve_step(update_end, self.total_steps, 'update_end')
         if end is not None and end < start:
             raise ValueError(f'update_end={update_end!r} (step {end}) comes before update_start={update_start!r} '
                              f'(step {start}): no update could ever run')
-        self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones)
+        self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones,
+                                       update_at_end=method.update_at_end)
         self.prune_rate_end = end if end is not None else self.total_steps
         if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores:
             raise ValueError(
@@ -245,10 +246,10 @@ class Sparsifier:
         self._dense_grads: list[torch.Tensor | None] = [None] * len(self.targets)
         self._capture_handles: list[Any] = []
         self._step_hook = None
+        self._parent_handles: list[Any] = []
         self.total_numel = sum(t.numel for t in self.targets)
         self.sparse_kernel_density = float(sparse_kernel_density)
-        self._mask_methods: list[DSTMask] = []  # the attached DSTMask of each target
-        self._parent_handles: list[Any] = []
+        self._dst_masks: list[DSTMask] = []  # the attached pruning hook (DSTMask) of each target
         self._grad_marks: list[tuple[int, int] | None] = [None] * len(self.targets)  # .grad after the last capture
         self._update_pending = False  # an update postponed by a non-finite gradient runs at the next real step
         self._detached = False  # set by fold_masks: the masks are gone
@@ -271,9 +272,10 @@ class Sparsifier:
         if masks is None:
             masks = self._initial_masks()
         masks = self._broadcast_masks(masks)
+        method.prepare(self)
         # every check is done: attach all masks or none
-        self._mask_methods = attach_masks([(t.module, t.param_name, m) for t, m in zip(self.targets, masks)])
-        for m in self._mask_methods:
+        self._dst_masks = attach_masks([(t.module, t.param_name, m) for t, m in zip(self.targets, masks)])
+        for m in self._dst_masks:
             m.controller = weakref.ref(self)
         self._zero_optimizer_state([t.mask for t in self.targets])
         self.explored = [t.mask.detach().clone() for t in self.targets]
@@ -340,13 +342,13 @@ class Sparsifier:
     # initial topology
     def _initial_masks(self) -> list[torch.Tensor]:
         cpu_gen = self.generator('cpu')
-        if self.sparse_init == 'global-magnitude':
+        if self.mask_init == 'global-magnitude':
             scores = [t.param.detach().abs() for t in self.targets]
             return self.global_topk_masks(scores, sum(self.counts))
         masks = []
         for t, count in zip(self.targets, self.counts):
             p = t.param
-            if self.sparse_init == 'magnitude':
+            if self.mask_init == 'magnitude':
                 score = p.detach().abs().flatten()
             else:
                 score = torch.rand(p.numel(), generator=cpu_gen).to(p.device)
@@ -412,8 +414,8 @@ class Sparsifier:
         for h in self._capture_handles:
             h.remove()
         self._capture_handles = []
-        for method in self._mask_methods:  # the dense gradient needs the dense kernels
-            method.dense_grad_wanted = on
+        for dst_mask in self._dst_masks:  # the dense gradient needs the dense kernels
+            dst_mask.dense_grad_wanted = on
         if not on:
             return
         # a hook on the parameter itself sees its whole gradient (every use in the graph, the child's forward or a
@@ -442,8 +444,17 @@ class Sparsifier:
         grad = param.grad
         self._grad_marks[i] = (weakref.ref(grad), grad._version) if grad is not None else None
 
+    @property
+    def has_dense_grads(self) -> bool:
+        """Whether a dense gradient was captured since the last :meth:`clear_dense_grads` (on this rank)."""
+        return any(g is not None for g in self._dense_grads)
+
     def dense_grads(self) -> list[torch.Tensor]:
-        """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks)."""
+        """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks).
+
+        A read-only view for methods: new tensors (zeros where nothing was captured); the accumulators themselves are
+        private. Collective with several processes: call it on every rank.
+        """
         grads = [g if g is not None else torch.zeros_like(t.param, dtype=torch.float32)
                  for g, t in zip(self._dense_grads, self.targets)]
         if _dist_world() > 1:
@@ -454,6 +465,7 @@ class Sparsifier:
         return grads
 
     def clear_dense_grads(self) -> None:
+        """Forget the captured dense gradients (a method that consumes them every step, like SNFS, calls this)."""
         self._dense_grads = [None] * len(self.targets)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -497,6 +509,7 @@ class Sparsifier:
             if self.explored[i].device != t.mask.device:
                 self.explored[i] = self.explored[i].to(t.mask.device)
         rate = self.prune_rate
+        self.method.before_update(self)
         n_drop = self.method.drop_counts(self, rate)
         drops, kept = zip(*[self._drop_lowest(i, k) for i, k in enumerate(n_drop)]) if n_drop else ((), ())
         n_grow = self.method.grow_counts(self, list(n_drop), list(kept))
@@ -626,8 +639,8 @@ class Sparsifier:
 
     def _place_kernels(self) -> None:
         """Sparse kernels on the linear layers whose budget is at most ``sparse_kernel_density``, none elsewhere."""
-        for t, method, count in zip(self.targets, self._mask_methods, self.counts):
-            method.install_sparse_kernels(t.module, self.sparse_kernel_density, count)
+        for t, dst_mask, count in zip(self.targets, self._dst_masks, self.counts):
+            dst_mask.install_sparse_kernels(t.module, self.sparse_kernel_density, count)
 
     def _state_tensors(self, t: SparseTarget) -> list[torch.Tensor]:
         """Optimizer-state tensors shaped like a sparse weight (momentum, Adam moments, ...).
@@ -682,17 +695,16 @@ class Sparsifier:
             self._record(prune_rate=0.0)
 
     def remove(self) -> None:
-        """Detach every hook of the sparsifier (step, gradient capture, parent refresh); the masks stay attached.
-
-        To sparsify the model again, make it plain first with :func:`timm_dst.fold_masks` (the zeros stay).
-        """
+        """Detach every hook the sparsifier added: the optimizer step hook, the gradient-capture hooks and the parents'
+        weight-refresh hooks. The masks stay attached; to sparsify the model again, make it plain first with
+        :func:`timm_dst.fold_masks` (the zeros stay)."""
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
-        self._set_capture(False)
-        for handle in self._parent_handles:
-            handle.remove()
+        for h in self._parent_handles:
+            h.remove()
         self._parent_handles = []
+        self._set_capture(False)
 
     @torch.no_grad()
     def _take_over_masks(self) -> None:

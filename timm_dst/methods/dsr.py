@@ -33,6 +33,7 @@ class DSR(SparseMethod):
         dsr_tolerance: delta, the tolerance of the feedback loop (official 0.1).
     """
 
+    moves_budget = True
     grow_excludes_dropped = True
 
     def __init__(self, dsr_np: int | None = None, dsr_threshold: float = 1e-3, dsr_tolerance: float = 0.1):
@@ -66,4 +67,5 @@ class DSR(SparseMethod):
         return f'dsr_np={self.np_target}, dsr_threshold={self.threshold}, dsr_tolerance={self.tolerance}'
 
 
-register_method('dsr', DSR, update_interval=100, prune_rate_schedule='constant')
+register_method('dsr', DSR, description='DSR: adaptive global magnitude threshold, random regrowth shared by surviving '
+                'counts', update_interval=100, prune_rate_schedule='constant')

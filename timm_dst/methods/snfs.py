@@ -33,12 +33,15 @@ class SNFS(SparseMethod):
         self.beta = check_float('snfs_momentum', snfs_momentum, 0.0, 1.0, high_open=True)
         self.momentum: list[torch.Tensor] | None = None
 
+    moves_budget = True
+    uses_dense_grads = True
+
     def needs_dense_grad(self, sp: Sparsifier, step: int) -> bool:
         end = sp.schedule.end
         return end is None or step <= end
 
     def on_step(self, sp: Sparsifier) -> None:
-        if not any(g is not None for g in sp._dense_grads):
+        if not sp.has_dense_grads:
             return
         grads = sp.dense_grads()
         if self.momentum is None:
@@ -73,4 +76,5 @@ class SNFS(SparseMethod):
         return f'snfs_momentum={self.beta}'
 
 
-register_method('snfs', SNFS, update_interval=100, prune_rate=0.5, prune_rate_schedule='cosine')
+register_method('snfs', SNFS, description='SNFS: magnitude drop, growth and redistribution by dense-gradient '
+                'momentum', update_interval=100, prune_rate=0.5, prune_rate_schedule='cosine')

@@ -32,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ['SNIP', 'SNIPSetITOP', 'snip_scores']
 
 Batch = Sequence[torch.Tensor]
+BatchesSource = Batch | Iterable[Batch] | str | os.PathLike
 
 
 def _resolve_loss(loss_fn: Callable[..., torch.Tensor] | str | None) -> Callable[..., torch.Tensor]:
@@ -140,10 +141,11 @@ class SNIP(SparseMethod):
     """
 
     explores = False
+    init_data_arg = 'snip_batches'
 
     def __init__(
             self,
-            snip_batches: Any = None,
+            snip_batches: BatchesSource | None = None,
             snip_num_batches: int | None = None,
             snip_loss_fn: Callable[..., torch.Tensor] | str | None = None,
     ):
@@ -170,5 +172,7 @@ class SNIPSetITOP(SNIP):
     explores = True
 
 
-register_method('snip', SNIP, prune_rate_schedule='constant')
-register_method('snip-set-itop', SNIPSetITOP, update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')
+register_method('snip', SNIP, description='SNIP: global top-k connection sensitivity on data at init, then static',
+                prune_rate_schedule='constant')
+register_method('snip-set-itop', SNIPSetITOP, description='the SNIP mask, then SET-ITOP exploration',
+                update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')
