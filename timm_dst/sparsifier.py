@@ -105,11 +105,16 @@ class _AfterModelLoad:
             sp._take_over_masks()
 
 
-def _all_finite(tensors: list[torch.Tensor]) -> bool:
-    """Whether every entry of ``tensors`` is finite (one fused norm per tensor, one device sync)."""
-    if not tensors:
-        return True
-    return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether every entry of ``tensors`` is finite (one fused norm per tensor, one device sync). Under
+    ``torch.distributed`` the answer is agreed by all ranks (a collective: call it on every rank), so that all ranks
+    skip or run the same updates."""
+    ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all() if tensors else None
+    if _dist_world() > 1:
+        flag = torch.ones(1, device=device) if ok is None else ok.to(device=device, dtype=torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+    return True if ok is None else bool(ok)
 
 
 def _dist_world() -> int:
@@ -381,7 +386,8 @@ class Sparsifier:
                 torch._foreach_mul_(self._origs, [t.mask for t in self.targets])  # buffers: looked up fresh
         due = self._update_pending or self.schedule.is_update_step(self.step)
         captured = [g for g in self._dense_grads if g is not None]
-        if captured and not _all_finite(captured):
+        # capture on/off is the same on every rank (the schedule decides), so the agreed check runs on all of them
+        if self._capture_handles and not _all_finite(captured, self._device()):
             self._finite_cache = (self.step, False)
             # never fold a non-finite window into method state (SNFS momentum) or grow from it (RigL)
             if not due:  # on an update step, update() says it
@@ -473,7 +479,10 @@ class Sparsifier:
     def _gradients_finite(self) -> bool:
         tensors = [t.param.grad for t in self.targets if t.param.grad is not None]
         tensors += [g for g in self._dense_grads if g is not None]
-        return _all_finite(tensors)
+        return _all_finite(tensors, self._device())
+
+    def _device(self) -> torch.device:
+        return self.targets[0].param.device
 
     def _step_finite(self) -> bool:
         """Whether this step's gradients (of the sparse weights, and the captured dense ones) are finite; one check
