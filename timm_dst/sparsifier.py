@@ -484,8 +484,9 @@ class Sparsifier:
     def dense_grads(self) -> list[torch.Tensor]:
         """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks).
 
-        A read-only view for methods: new tensors (zeros where nothing was captured); the accumulators themselves are
-        private. Collective with several processes: call it on every rank.
+        The methods' read-only view (zeros where nothing was captured): read the tensors, never modify them in place
+        (on one process they are the controller's accumulators, not copies). Collective with several processes: call
+        it on every rank.
         """
         grads = [g if g is not None else torch.zeros_like(t.param, dtype=torch.float32)
                  for g, t in zip(self._dense_grads, self.targets)]
