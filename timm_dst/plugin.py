@@ -35,6 +35,7 @@ __all__ = [
     'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'add_dst_args', 'method_flags',
     'validate_dst_args', 'sparsifier_kwargs', 'create_sparsifier_from_args', 'pack_checkpoint', 'dst_state',
     'read_dst_state', 'restore_dst_state', 'load_plain_state_dict', 'rng_state', 'set_rng_state', 'read_checkpoint',
+    'outside_mask', 'fill_outside_mask',
 ]
 
 DST_KEY = 'timm_dst'  # the checkpoint key of the DST state
@@ -330,13 +331,39 @@ def _plain(state: Any) -> Any:
     return state
 
 
+def outside_mask(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The non-zero ``x_orig`` values where ``x_mask`` is off, per plain key: ``{'index': flat indices, 'value': ...}``.
+
+    The controlled model is zero there, but a copy that averages it (timm's EMA) is not: its values at dropped
+    positions decay towards zero and count again when the position grows back. The plain weights hold
+    ``x_orig * x_mask``; these entries complete the EMA for an exact continuation (:func:`fill_outside_mask`).
+    """
+    from .reparam import _strip_prefix
+    out = {}
+    for key, value in state.items():
+        base = key[:-5]
+        if key.endswith('_orig') and base + '_mask' in state:
+            flat = value.detach().reshape(-1)
+            index = ((flat != 0) & ~state[base + '_mask'].reshape(-1).bool()).nonzero().squeeze(1)
+            out[_strip_prefix(base)] = {'index': index.cpu(), 'value': flat[index].cpu().clone()}
+    return out
+
+
+def fill_outside_mask(value: torch.Tensor, entry: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A plain weight with the :func:`outside_mask` entries written back (a new tensor)."""
+    out = value.detach().clone()
+    out.view(-1)[entry['index'].to(out.device)] = entry['value'].to(out.device, out.dtype)
+    return out
+
+
 def pack_checkpoint(checkpoint: dict[str, Any], sparsifier: Any, flops: Any | None = None, rng: bool = True,
                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Turn a timm training checkpoint dict into the timm-dst layout, in place (and return it).
 
     ``state_dict``, ``state_dict_ema`` (and the older ``model`` / ``model_ema``) become plain timm weights: masked
     tensors folded (``x = x_orig * x_mask``, zeros included), masks dropped, DDP / compile prefixes stripped. The DST
-    state (:func:`dst_state`) goes under :data:`DST_KEY`. Every other key is left as it is.
+    state (:func:`dst_state`) goes under :data:`DST_KEY`, with the EMA's values outside the masks
+    (``ema_outside_mask``, see :func:`outside_mask`). Every other key is left as it is.
 
     Args:
         checkpoint: The dict about to be saved (``epoch``, ``state_dict``, ``optimizer``, ...).
@@ -345,6 +372,10 @@ def pack_checkpoint(checkpoint: dict[str, Any], sparsifier: Any, flops: Any | No
         rng: Store this process's random states.
         extra: Further entries of the DST state.
     """
+    extra = dict(extra or {})
+    for key in ('state_dict_ema', 'model_ema'):
+        if isinstance(checkpoint.get(key), Mapping) and any(str(k).endswith('_orig') for k in checkpoint[key]):
+            extra.setdefault('ema_outside_mask', outside_mask(checkpoint[key]))
     for key in ('state_dict', 'state_dict_ema', 'model', 'model_ema'):
         if key in checkpoint and checkpoint[key] is not None:
             checkpoint[key] = _plain(checkpoint[key])

@@ -238,7 +238,7 @@ class Launcher:
             patch(owner, 'CheckpointSaver', lambda orig: saver_cls)
         for cls_name in ('ModelEma', 'ModelEmaV2', 'ModelEmaV3'):
             patch(getattr(timm.utils.model_ema, cls_name, None), '__init__', self._wrap_before)
-        patch(DistributedDataParallel, '__init__', self._wrap_before)
+        patch(DistributedDataParallel, '__init__', self._wrap_ddp)
         from torch.optim.optimizer import register_optimizer_step_pre_hook
         hook = register_optimizer_step_pre_hook(self._any_step)
         try:
@@ -295,6 +295,18 @@ class Launcher:
         wrapper.__wrapped__ = orig  # type: ignore[attr-defined]
         return wrapper
 
+    def _wrap_ddp(self, orig: Callable) -> Callable:
+        """Attach before DDP wraps the model. Also: ``device_ids=[cpu]`` (timm's train.py with ``--device cpu``),
+        which DDP refuses, becomes None, DDP's way of saying a CPU module."""
+        def __init__(ddp: Any, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+            self.attach()
+            ids = kwargs.get('device_ids')
+            if ids and all(torch.device(d).type == 'cpu' for d in ids if not isinstance(d, int)) \
+                    and not any(isinstance(d, int) for d in ids):
+                kwargs['device_ids'] = None
+            orig(ddp, module, *args, **kwargs)
+        return __init__
+
     def _wrap_resume(self, orig: Callable) -> Callable:
         def resume(model: Any, checkpoint_path: str, *args: Any, **kwargs: Any) -> Any:
             if self.sparsifier is None:
@@ -328,6 +340,12 @@ class Launcher:
             sp.set_total_steps(total)
             if self.dense_resume and self.resume_epoch:
                 sp.step = int(self.resume_epoch) * upe  # topology updates follow timm's step count
+            elif self.resume_state is not None and self.resume_epoch is not None \
+                    and sp.step != int(self.resume_epoch) * upe:
+                _logger.warning(f'DST: the checkpoint\'s {sp.step} optimizer steps differ from timm\'s count '
+                                f'({self.resume_epoch} epochs x {upe}): another process count, batch size or '
+                                'accumulation than the saved run, or a recovery checkpoint; topology updates '
+                                f'continue from step {sp.step}')
             state = self.resume_state
             if state is not None and state.get('rng') is not None:
                 if _world_size() == 1:  # the saving process's random states: data order and augmentation continue
@@ -426,7 +444,7 @@ class Launcher:
                     p.copy_(v)
             optimizer.load_state_dict(snapshot[1])
         if sp.method.attaches:
-            _install_plain_load_hooks(sp)
+            _install_plain_load_hooks(sp, self)
         self.flops = self._make_flops(TrainingFlops, model, sp)
         if state is not None:
             try:
@@ -533,15 +551,18 @@ class Launcher:
         return summary
 
 
-def _install_plain_load_hooks(sp: Any) -> None:
+def _install_plain_load_hooks(sp: Any, launcher: Launcher) -> None:
     """Let ``load_state_dict`` of a masked module (and of its copies, such as timm's EMA) take plain timm weights:
     ``<name>`` goes into ``<name>_orig``, the mask is kept. timm's ``load_checkpoint`` / ``load_task_ema_checkpoint``
-    then load this package's plain checkpoints into the sparse model."""
-    by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+    then load this package's plain checkpoints into the sparse model; a copy (the EMA) also gets back its values
+    outside the masks from the resumed DST state."""
+    by_module: dict[int, tuple[nn.Module, list[str], list[str]]] = {}
     for t in sp.targets:
-        by_module.setdefault(id(t.module), (t.module, []))[1].append(t.param_name)
-    for module, names in by_module.values():
-        hook = _PlainLoadHook(tuple(names))
+        entry = by_module.setdefault(id(t.module), (t.module, [], []))
+        entry[1].append(t.param_name)
+        entry[2].append(t.name)
+    for module, names, full_names in by_module.values():
+        hook = _PlainLoadHook(tuple(names), tuple(full_names), weakref.ref(launcher))
         if hasattr(module, 'register_load_state_dict_pre_hook'):
             module.register_load_state_dict_pre_hook(hook)
         else:  # torch < 2.3
@@ -550,16 +571,31 @@ def _install_plain_load_hooks(sp: Any) -> None:
 
 class _PlainLoadHook:
     """``load_state_dict`` pre-hook of a masked module: plain ``<name>`` keys become ``<name>_orig`` (the mask in the
-    module stays)."""
+    module stays); on a copy of the controlled module (the EMA), the resumed values outside the mask are put back."""
 
-    def __init__(self, names: tuple[str, ...]):
-        self.names = names
+    def __init__(self, names: tuple[str, ...], full_names: tuple[str, ...], launcher: weakref.ref):
+        self.names, self.full_names, self.launcher = names, full_names, launcher
+
+    def __getstate__(self) -> dict:  # deep copies (the EMA) share the launcher reference
+        return {'names': self.names, 'full_names': self.full_names, 'launcher': None}
+
+    def __deepcopy__(self, memo: dict) -> _PlainLoadHook:
+        return _PlainLoadHook(self.names, self.full_names, self.launcher)
 
     def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        for name in self.names:
+        from .plugin import fill_outside_mask
+        from .reparam import _mask_method
+        launcher = self.launcher() if self.launcher is not None else None
+        state = launcher.resume_state if launcher is not None else None
+        outside = (state or {}).get('ema_outside_mask') or {}
+        for name, full in zip(self.names, self.full_names):
             key = prefix + name
             if key in state_dict and key + '_orig' not in state_dict and hasattr(module, name + '_orig'):
-                state_dict[key + '_orig'] = state_dict.pop(key)
+                value = state_dict.pop(key)
+                method = _mask_method(module, name)
+                if full in outside and method is not None and not method.owns(module):
+                    value = fill_outside_mask(value, outside[full])
+                state_dict[key + '_orig'] = value
                 state_dict.setdefault(key + '_mask', getattr(module, name + '_mask'))
 
 
