@@ -45,7 +45,7 @@ def test_flag_group_kwargs():
                                  '--dst-kwargs', 'prune_rate=0.3'])
     assert args.dst == 'dsr'
     assert sparsifier_kwargs(args) == {
-        'sparsity': 0.8, 'distribution': 'er', 'sparse_init': 'magnitude', 'update_interval': 5, 'update_end': 0.75,
+        'sparsity': 0.8, 'distribution': 'er', 'mask_init': 'magnitude', 'update_interval': 5, 'update_end': 0.75,
         'update_milestones': [(0, 5), (10, 20)], 'dsr_np': 100, 'prune_rate': 0.3, 'seed': 42}
     # nothing set: the method's defaults apply (only the seed is passed); --dst-seed wins over --seed
     args = _parser().parse_args(['--dst-seed', '7'])
@@ -54,7 +54,7 @@ def test_flag_group_kwargs():
 
 def test_every_method_flag_is_offered():
     opts = plugin.dst_option_strings()
-    for dest in plugin.method_flags():
+    for dest in (a.dest for a in timm_dst.method_arguments()):
         assert '--' + dest.replace('_', '-') in opts
     assert opts['--sparsity'] == 1 and opts['--dense-classifier'] == 0 and opts['--include'] == -1
 

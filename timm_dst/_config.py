@@ -7,12 +7,13 @@ from typing import Any
 
 import yaml
 
+from ._registry import DEFAULT_TRAIN_METHOD, get_method_info
 from .plugin import ParseKwargs as _ParseKwargs
-from .plugin import add_dst_args, method_flags, validate_dst_args
+from .plugin import add_dst_args, validate_dst_args
 from .plugin import milestone as _milestone
 from .plugin import sparsifier_kwargs as dst_kwargs
 
-__all__ = ['create_parser', 'parse_args', 'method_flags', 'dst_kwargs', 'args_to_yaml']
+__all__ = ['create_parser', 'parse_args', 'dst_kwargs', 'args_to_yaml']
 
 _AMP_DTYPES = ('bfloat16', 'float16')
 _EVAL_METRICS = ('top1', 'top5', 'loss')
@@ -150,10 +151,7 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     g.add_argument('--model-ema-decay', type=float, default=0.9998, help='EMA decay')
     g.add_argument('--model-ema-warmup', action='store_true', default=False, help='EMA decay warm-up')
 
-    g = add_dst_args(parser, default_method='set-itop')
-    g.add_argument('--lth-rewind-step', type=int, default=None, metavar='K',
-                   help='lth, lth-set-itop without --lth-trained-state: rewind to the dense weights at optimizer step '
-                        'K (late rewinding; default 0, the initialisation)')
+    add_dst_args(parser, default_method=DEFAULT_TRAIN_METHOD)
 
     g = parser.add_argument_group('Miscellaneous')
     g.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (ranks use seed + rank)')
@@ -188,14 +186,17 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         cfg = yaml.safe_load(f) or {}
     if not isinstance(cfg, dict):
         parser.error(f'-c/--config {path!r}: expected a mapping of flag names to values')
-    dests = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    # keys are flag names (any alias: sparse_init is --distribution) or dests
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    for a in list(actions.values()):
+        actions.update({o.lstrip('-').replace('-', '_'): a for o in a.option_strings if o.startswith('--')})
     out, unknown = {}, []
     for key, value in cfg.items():
-        dest = str(key).lstrip('-').replace('-', '_')
-        if dest not in dests:
+        action = actions.get(str(key).lstrip('-').replace('-', '_'))
+        if action is None:
             unknown.append(str(key))
             continue
-        action = dests[dest]
+        dest = action.dest
         if isinstance(value, str) and action.type is not None and action.nargs is None:
             value = action.type(value)
         if dest == 'update_milestones' and value is not None:
@@ -242,22 +243,22 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
         args.pretrained = True
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         parser.error(f'--initial-checkpoint {args.initial_checkpoint!r}: no such file')
-    lth = args.dst in ('lth', 'lth-set-itop')
-    if args.lth_rewind_step is not None:
-        if not lth or args.lth_trained_state:
-            parser.error('--lth-rewind-step is for --dst lth / lth-set-itop without --lth-trained-state (the CLI '
-                         'then trains the dense phase itself and saves the rewind point)')
-        if args.lth_rewind_step < 0:
-            parser.error(f'--lth-rewind-step {args.lth_rewind_step!r} must be >= 0')
-    if lth and args.lth_rewind_state and not args.lth_trained_state:
-        parser.error('--lth-rewind-state needs --lth-trained-state (without it the CLI trains the dense phase and '
-                     'saves its own rewind point: see --lth-rewind-step)')
-    for flag in ('lth_trained_state', 'lth_rewind_state', 'snip_batches'):
-        path = getattr(args, flag, None)
-        if path and not os.path.isfile(path):
-            parser.error(f'--{flag.replace("_", "-")} {path!r}: no such file')
-    if args.resume and lth and not args.lth_trained_state:
-        if not os.path.exists(args.resume):  # both LTH phases: a run folder or either phase's checkpoint
+    phase = get_method_info(args.dst).dense_phase
+    both_phases = phase is not None and not getattr(args, phase.trained_state_arg)
+    if phase is not None:
+        trained, rewind_state = (a.replace('_', '-') for a in (phase.trained_state_arg, phase.rewind_state_arg))
+        step_flag = '--' + phase.rewind_step_arg.replace('_', '-')
+        step = getattr(args, phase.rewind_step_arg)
+        if step is not None and not both_phases:
+            parser.error(f'{step_flag} is for --dst {args.dst} without --{trained} (the CLI then trains the dense '
+                         'phase itself and saves the rewind point)')
+        if step is not None and step < 0:
+            parser.error(f'{step_flag} {step!r} must be >= 0')
+        if both_phases and getattr(args, phase.rewind_state_arg):
+            parser.error(f'--{rewind_state} needs --{trained} (without it the CLI trains the dense phase and saves '
+                         f'its own rewind point: see {step_flag})')
+    if args.resume and both_phases:
+        if not os.path.exists(args.resume):  # both phases: a run folder or either phase's checkpoint
             parser.error(f'--resume: {args.resume!r}: no such checkpoint file or run folder')
     elif args.resume:
         from ._checkpoint import resolve_resume

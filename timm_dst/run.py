@@ -455,7 +455,7 @@ class Launcher:
         elif resume_path:
             self.dense_resume = True
             self._log(f'DST: {resume_path} holds no timm_dst state: sparse training starts from its weights '
-                      f'({sp.sparse_init} initial topology)')
+                      f'({sp.mask_init} initial topology)')
         self._hooks.append(sp.optimizer.register_step_post_hook(self._after_step))
         self._last_logged_update = len(sp.history)
         self._log(f'DST: attached {sp!r}')

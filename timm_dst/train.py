@@ -37,8 +37,9 @@ from ._checkpoint import (
 )
 from ._config import args_to_yaml, dst_kwargs, parse_args
 from ._data import DataInfo, create_datasets, create_loader, describe_sizes, in_memory
+from ._registry import get_method_info, method_arguments
 
-__all__ = ['main', 'train', 'train_lth', 'TrainingDivergedError']
+__all__ = ['main', 'train', 'train_two_phases', 'TrainingDivergedError']
 
 _logger = logging.getLogger('timm_dst.train')
 
@@ -49,10 +50,8 @@ CONFIG_YAML = 'args.yaml'
 EXPORT_BEST = 'model_best.safetensors'
 EXPORT_LAST = 'model_last.safetensors'
 _CKPT_VERSION = 1
-SNIP_METHODS = ('snip', 'snip-set-itop')
-LTH_METHODS = ('lth', 'lth-set-itop')
-LTH_DENSE_DIR = 'dense'
-LTH_REWIND = 'rewind.pth'
+DENSE_PHASE_DIR = 'dense'
+REWIND_FILE = 'rewind.pth'
 _EVAL_BATCH_IN_MEMORY = 1024  # evaluation batch of in-memory data (unless --validation-batch-size)
 
 
@@ -218,7 +217,7 @@ class _Run:
         from accelerate.utils import broadcast_object_list, set_seed
 
         self.args = args
-        self.rewind = rewind  # (optimizer step, file): save the weights there (the dense phase of LTH)
+        self.rewind = rewind  # (optimizer step, file): save the weights there (a dense phase)
         if args.threads:
             torch.set_num_threads(args.threads)
         mixed = ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else 'no'
@@ -318,11 +317,11 @@ class _Run:
         self.total_steps = self.num_epochs * self.updates_per_epoch
 
         kwargs = dst_kwargs(args)
-        if args.dst in SNIP_METHODS and 'snip_batches' not in kwargs:
+        data_arg = get_method_info(args.dst).init_data_arg
+        if data_arg is not None and data_arg not in kwargs:
             # score on the first training batch(es), from the unprepared loader (every rank scores the same batches;
             # on a resume the scores are computed again, then the checkpoint's masks replace them)
-            kwargs['snip_batches'] = self.train_loader
-            kwargs.setdefault('snip_num_batches', 1)
+            kwargs[data_arg] = self.train_loader
         try:
             self.sparsifier = create_sparsifier(self.model, self.optimizer, method=args.dst,
                                                 total_steps=self.total_steps, **kwargs)
@@ -527,11 +526,11 @@ class _Run:
         return {'loss': meters['loss_sum'] / max(meters['count'], 1)}, stopped_mid
 
     def _save_rewind(self) -> None:
-        """Save the LTH rewind point (plain timm weights and buffers, CPU) atomically."""
-        from .methods.lth import capture_weights
+        """Save the rewind point of a dense phase (plain timm weights and buffers, CPU) atomically."""
+        from .methods import capture_weights
         if self.is_main:
             save_atomic(capture_weights(self.model), self.rewind[1])
-            _logger.info(f'lth: rewind point at optimizer step {self.num_updates} saved to {self.rewind[1]}')
+            _logger.info(f'dense phase: rewind point at optimizer step {self.num_updates} saved to {self.rewind[1]}')
         self.accelerator.wait_for_everyone()
 
     def _fold_meters(self, loss_sum: torch.Tensor, count: int) -> None:
@@ -553,7 +552,7 @@ class _Run:
         summary_path = os.path.join(self.output_dir, SUMMARY_CSV)
         if self.rewind is not None and not os.path.isfile(self.rewind[1]) and self.num_updates >= self.rewind[0]:
             if self.num_updates > self.rewind[0]:
-                raise SystemExit(f'timm-dst-train: error: the LTH rewind point (step {self.rewind[0]}) '
+                raise SystemExit(f'timm-dst-train: error: the rewind point (step {self.rewind[0]}) '
                                  f'{self.rewind[1]} is missing and the run is at step {self.num_updates}: '
                                  'start the dense phase again (remove its folder)')
             self._save_rewind()
@@ -668,114 +667,115 @@ class _Run:
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training described by parsed ``args``; returns the results (also written to ``results.json``).
 
-    ``--dst lth`` / ``lth-set-itop`` without ``--lth-trained-state`` runs both LTH phases (see :func:`train_lth`).
+    A method with a dense phase (the lottery ticket) whose trained dense weights are not given runs both phases (see
+    :func:`train_two_phases`).
     """
-    if args.dst in LTH_METHODS and not args.lth_trained_state:
-        return train_lth(args)
+    phase = get_method_info(args.dst).dense_phase
+    if phase is not None and not getattr(args, phase.trained_state_arg):
+        return train_two_phases(args)
     return _Run(args).fit()
 
 
-# DST flags that mean nothing to the dense phase of LTH (reset to their defaults there)
+# DST flags that mean nothing to a dense phase (reset to their defaults there; the methods' own flags too)
 _DENSE_PHASE_RESET = (
-    'sparsity', 'sparse_init', 'mask_init', 'update_interval', 'prune_rate', 'prune_rate_schedule', 'prune_rate_min',
+    'sparsity', 'distribution', 'mask_init', 'update_interval', 'prune_rate', 'prune_rate_schedule', 'prune_rate_min',
     'update_start', 'update_end', 'update_milestones', 'grow_unexplored_first', 'include', 'exclude',
-    'dense_first_layer', 'dense_classifier', 'remask_every_step', 'lth_trained_state', 'lth_rewind_state',
-    'lth_rewind_step',
+    'dense_first_layer', 'dense_classifier', 'remask_every_step',
 )
 
 
-def _lth_root(args: argparse.Namespace) -> str:
+def _two_phase_root(args: argparse.Namespace) -> str:
     if args.output:
         return _output_dir(args)
     if args.resume:
         root = os.path.abspath(args.resume)
         root = root if os.path.isdir(root) else os.path.dirname(root)
-        return os.path.dirname(root) if os.path.basename(root) == LTH_DENSE_DIR else root
+        return os.path.dirname(root) if os.path.basename(root) == DENSE_PHASE_DIR else root
     return _output_dir(args)
 
 
-def train_lth(args: argparse.Namespace) -> dict[str, Any]:
-    """Both phases of the Lottery Ticket Hypothesis in one command.
+def train_two_phases(args: argparse.Namespace) -> dict[str, Any]:
+    """Both phases of a method with a dense phase (the Lottery Ticket Hypothesis) in one command.
 
-    Phase 1 trains the model dense (``--dst dense``, same schedule, epochs and seed) in ``<output>/dense`` and saves
-    the rewind point, the weights at optimizer step ``--lth-rewind-step`` (default 0: the initialisation), to
-    ``<output>/dense/rewind.pth``. Phase 2 prunes the final dense weights once, globally by magnitude, rewinds every
-    weight to the rewind point and retrains sparse (``--dst lth`` or ``lth-set-itop``) in ``<output>``, whose
-    ``args.yaml`` runs phase 2 alone again (``--lth-trained-state`` / ``--lth-rewind-state`` set).
+    The method's :class:`~timm_dst.methods.DensePhase` names its arguments. Phase 1 trains the model dense (its
+    ``dense_method``, same schedule, epochs and seed) in ``<output>/dense`` and saves the rewind point, the weights at
+    optimizer step ``rewind_step_arg`` (default 0: the initialisation), to ``<output>/dense/rewind.pth``. Phase 2
+    builds the method from the final dense weights (``trained_state_arg``) and the rewind point
+    (``rewind_state_arg``): for the lottery ticket it prunes them once, globally by magnitude, rewinds every weight
+    and retrains sparse in ``<output>``, whose ``args.yaml`` runs phase 2 alone again (both arguments set).
 
     ``--resume <output>`` continues in the right phase: phase 1 from ``dense/last.pth.tar`` while
     ``dense/results.json`` is missing, else phase 2 from ``<output>/last.pth.tar`` (a fresh phase 2 when it has none).
     ``--stop-after-updates N`` counts the optimizer steps of both phases together.
     """
-    out = _lth_root(args)
-    dense_dir = os.path.join(out, LTH_DENSE_DIR)
-    rewind_file = os.path.join(dense_dir, LTH_REWIND)
+    phase = get_method_info(args.dst).dense_phase
+    out = _two_phase_root(args)
+    dense_dir = os.path.join(out, DENSE_PHASE_DIR)
+    rewind_file = os.path.join(dense_dir, REWIND_FILE)
     dense_last = os.path.join(dense_dir, LAST)
     dense_done = os.path.isfile(os.path.join(dense_dir, RESULTS)) and os.path.isfile(dense_last)
     resuming = bool(args.resume)
-    rewind_step = args.lth_rewind_step or 0
+    rewind_step = getattr(args, phase.rewind_step_arg) or 0
 
     if not dense_done:
         a1 = argparse.Namespace(**vars(args))
         for dest in _DENSE_PHASE_RESET:
             setattr(a1, dest, None)
-        for dest in _method_only_dests():
-            setattr(a1, dest, None)
-        a1.dst, a1.dst_kwargs, a1.output, a1.experiment = 'dense', {}, dense_dir, ''
+        for arg in method_arguments():
+            setattr(a1, arg.dest, None)
+        a1.dst, a1.dst_kwargs, a1.output, a1.experiment = phase.dense_method, {}, dense_dir, ''
         a1.resume = dense_last if resuming and os.path.isfile(dense_last) else ''
-        _logger.info(f'lth phase 1/2: dense training in {dense_dir} (rewind point: optimizer step {rewind_step})')
+        _logger.info(f'{args.dst} phase 1/2: dense training in {dense_dir} (rewind point: optimizer step '
+                     f'{rewind_step})')
         dense = _Run(a1, rewind=(rewind_step, rewind_file)).fit()
         if dense.get('stopped'):
-            dense['lth_phase'] = 1
+            dense['phase'] = 1
             return dense
         _reset_accelerate_state()
     elif resuming:
-        _logger.info(f'lth: the dense phase in {dense_dir} is complete')
+        _logger.info(f'{args.dst}: the dense phase in {dense_dir} is complete')
     if not os.path.isfile(rewind_file):
-        raise SystemExit(f'timm-dst-train: error: the LTH rewind point {rewind_file} is missing')
+        raise SystemExit(f'timm-dst-train: error: the rewind point {rewind_file} is missing')
 
     a2 = argparse.Namespace(**vars(args))
-    a2.output, a2.experiment, a2.lth_rewind_step = out, '', None
-    a2.lth_trained_state, a2.lth_rewind_state = dense_last, rewind_file
+    a2.output, a2.experiment = out, ''
+    setattr(a2, phase.rewind_step_arg, None)
+    setattr(a2, phase.trained_state_arg, dense_last)
+    setattr(a2, phase.rewind_state_arg, rewind_file)
     last = os.path.join(out, LAST)
     a2.resume = last if resuming and os.path.isfile(last) else ''
     if args.stop_after_updates is not None:  # counts the steps of both phases
         left = args.stop_after_updates - _dense_steps(dense_last)
         if left <= 0 and not a2.resume:
             _logger.info(f'stopped after the dense phase (--stop-after-updates); continue with --resume {out}')
-            return {'stopped': True, 'optimizer_steps': 0, 'lth_phase': 2}
+            return {'stopped': True, 'optimizer_steps': 0, 'phase': 2}
         a2.stop_after_updates = max(left, 1)
-    _logger.info(f'lth phase 2/2: prune the dense weights of {dense_last} to sparsity {args.sparsity}, rewind to '
-                 f'{rewind_file} (step {rewind_step}), retrain with --dst {args.dst} in {out}')
+    _logger.info(f'{args.dst} phase 2/2: from the dense weights of {dense_last} (sparsity {args.sparsity}, rewind to '
+                 f'{rewind_file}, step {rewind_step}), train --dst {args.dst} in {out}')
     results = _Run(a2).fit()
     if results.get('stopped'):
-        results['lth_phase'] = 2
+        results['phase'] = 2
         return results
     with open(os.path.join(dense_dir, RESULTS)) as f:
         dense_results = json.load(f)
     both = dense_results.get('train_flops', 0.0) + results['train_flops']
     both_dense = dense_results.get('train_flops_dense', 0.0) + results['train_flops_dense']
-    results['lth'] = {
+    results['dense_phase'] = {
         'dense_dir': dense_dir, 'rewind_state': rewind_file, 'rewind_step': rewind_step,
         'dense_test_last': dense_results.get('test_last'), 'dense_train_flops': dense_results.get('train_flops'),
         'train_flops_both_phases': both,
-        # both phases against one dense run of the same length (LTH's real cost: > 1)
+        # both phases against one dense run of the same length (the real cost of a dense phase: > 1)
         'train_flops_both_phases_ratio': both / results['train_flops_dense'] if results['train_flops_dense'] else None,
         'train_flops_dense_both_phases': both_dense,
     }
     _write_json_atomic(results, os.path.join(out, RESULTS))
-    _logger.info(f'lth: both phases {_fmt_flops(both)} training FLOPs '
-                 f'({results["lth"]["train_flops_both_phases_ratio"]:.4f}x one dense run)')
+    _logger.info(f'{args.dst}: both phases {_fmt_flops(both)} training FLOPs '
+                 f'({results["dense_phase"]["train_flops_both_phases_ratio"]:.4f}x one dense run)')
     return results
 
 
 def _dense_steps(path: str) -> int:
     return int(torch.load(path, map_location='cpu', weights_only=False)['num_updates'])
-
-
-def _method_only_dests() -> list[str]:
-    from ._config import method_flags
-    return list(method_flags())
 
 
 def _reset_accelerate_state() -> None:
