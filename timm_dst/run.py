@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import json
 import logging
@@ -48,11 +47,12 @@ import torch.nn as nn
 
 from .plugin import (
     add_dst_args,
+    begin_training,
+    create_sparsifier_from_args,
     dst_option_strings,
-    pack_checkpoint,
+    packing_torch_save,
     read_dst_state,
     restore_dst_state,
-    set_rng_state,
     sparsifier_kwargs,
     validate_dst_args,
 )
@@ -171,9 +171,7 @@ class Launcher:
         self.sparsifier: Any = None
         self.flops: Any = None
         self.model: nn.Module | None = None
-        self.resume_state: dict[str, Any] | None = None
         self.resume_epoch: int | None = None
-        self.dense_resume = False
         self.updates_per_epoch: int | None = None
         self.output_dir: str | None = None
         self.optimizer_seen = False
@@ -337,21 +335,15 @@ class Launcher:
             self.updates_per_epoch = upe
             total = int(num_epochs) * upe
             sp = self.sparsifier
-            sp.set_total_steps(total)
-            if self.dense_resume and self.resume_epoch:
-                sp.step = int(self.resume_epoch) * upe  # topology updates follow timm's step count
-            elif self.resume_state is not None and self.resume_epoch is not None \
-                    and sp.step != int(self.resume_epoch) * upe:
+            start = int(self.resume_epoch) * upe if self.resume_epoch else None
+            if sp.resume_state is not None and start is not None and sp.step != start:
                 _logger.warning(f'DST: the checkpoint\'s {sp.step} optimizer steps differ from timm\'s count '
                                 f'({self.resume_epoch} epochs x {upe}): another process count, batch size or '
                                 'accumulation than the saved run, or a recovery checkpoint; topology updates '
                                 f'continue from step {sp.step}')
-            state = self.resume_state
-            if state is not None and state.get('rng') is not None:
-                if _world_size() == 1:  # the saving process's random states: data order and augmentation continue
-                    set_rng_state(state['rng'])
-                else:
-                    _logger.info('DST: random states of a multi-process run are not restored (rank 0\'s only saved)')
+            if sp.resume_state is not None and sp.resume_state.get('rng') is not None and _world_size() > 1:
+                self._log('DST: random states of a multi-process run are not restored (rank 0\'s only saved)')
+            begin_training(sp, total, start_step=start)
             self._log(f'DST: {sp.method_name} over {total} optimizer steps ({num_epochs} epochs x {upe}), '
                       f'step {sp.step}, density {sp.density:.4f}, R_s {sp.itop_rate:.4f}')
             return out
@@ -379,32 +371,13 @@ class Launcher:
                 launcher.output_dir = getattr(self, 'checkpoint_dir', None) or launcher.output_dir
 
             def _save(self, save_path: str, *args: Any, **kwargs: Any) -> Any:
-                with launcher._packing_save():
+                if launcher.sparsifier is None:
+                    return super()._save(save_path, *args, **kwargs)
+                with packing_torch_save(launcher.sparsifier, launcher.flops):
                     return super()._save(save_path, *args, **kwargs)
 
         DSTCheckpointSaver.__name__ = DSTCheckpointSaver.__qualname__ = base.__name__
         return DSTCheckpointSaver
-
-    @contextlib.contextmanager
-    def _packing_save(self) -> Iterator[None]:
-        """While timm's saver writes one checkpoint: the dict it hands to ``torch.save`` is packed first."""
-        real_save = torch.save
-        seen = []
-
-        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(obj, dict) and not seen and self.sparsifier is not None:
-                seen.append(True)
-                pack_checkpoint(obj, self.sparsifier, flops=self.flops)
-            return real_save(obj, f, *args, **kwargs)
-
-        torch.save = save
-        try:
-            yield
-        finally:
-            torch.save = real_save
-        if not seen and self.sparsifier is not None:
-            raise RuntimeError('timm_dst.run: CheckpointSaver._save wrote no checkpoint dict through torch.save: '
-                               'this timm version saves differently; the checkpoint lacks the DST state')
 
     def _any_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Every optimizer's step pre-hook: a step before the sparsifier is attached (and told the run's length)
@@ -424,36 +397,20 @@ class Launcher:
         if self.pending is None:
             return
         from .flops import TrainingFlops
-        from .plugin import create_sparsifier_from_args
         model, optimizer = self.pending
         self.pending = None
-        state = self._read_state(resume_path) if resume_path else None
-        snapshot = None
-        if state is not None:  # attaching draws a topology and zeroes around it: keep the resumed values
-            snapshot = ([(p, p.detach().clone()) for p in model.parameters()], copy.deepcopy(optimizer.state_dict()))
         seed = getattr(self.train_args, 'seed', None)  # train.py's --seed unless --dst-seed is given
         kw = sparsifier_kwargs(self.dst_args, seed=int(seed) if seed is not None else 42)
         try:
-            sp = create_sparsifier_from_args(model, optimizer, self.dst_args, defer_total_steps=True, seed=kw['seed'])
-        except ValueError as e:
-            _fail(f'--dst {self.dst_args.dst}: {e}')
+            sp = create_sparsifier_from_args(model, optimizer, self.dst_args, resume=resume_path, seed=kw['seed'])
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            _fail(f'--resume {resume_path}: {e}' if resume_path else f'--dst {self.dst_args.dst}: {e}')
         self.sparsifier, self.model = sp, model
-        if snapshot is not None:
-            with torch.no_grad():
-                for p, v in snapshot[0]:  # the same parameter objects (masked ones are now <name>_orig)
-                    p.copy_(v)
-            optimizer.load_state_dict(snapshot[1])
-        if sp.method.attaches:
-            _install_plain_load_hooks(sp, self)
         self.flops = self._make_flops(TrainingFlops, model, sp)
-        if state is not None:
-            try:
-                restore_dst_state(sp, state, flops=self.flops, rng=False)
-            except (ValueError, KeyError) as e:
-                _fail(f'--resume {resume_path}: {e}')
-            self.resume_state = state
-        elif resume_path:
-            self.dense_resume = True
+        state = sp.resume_state
+        if state is not None and self.flops is not None and state.get('flops') is not None:
+            self.flops.load_state_dict(state['flops'])
+        elif resume_path and state is None:
             self._log(f'DST: {resume_path} holds no timm_dst state: sparse training starts from its weights '
                       f'({sp.mask_init} initial topology)')
         self._hooks.append(sp.optimizer.register_step_post_hook(self._after_step))
@@ -468,15 +425,15 @@ class Launcher:
         return None
 
     def _restore(self, path: str) -> None:
+        """A resume after attaching (not timm's order): the weights came in through the load hooks."""
         state = self._read_state(path)
-        if state is None:
-            self.dense_resume = True
-            return
-        try:
-            restore_dst_state(self.sparsifier, state, flops=self.flops, rng=False)
-        except (ValueError, KeyError) as e:
-            _fail(f'--resume {path}: {e}')
-        self.resume_state = state
+        sp = self.sparsifier
+        if state is not None:
+            try:
+                restore_dst_state(sp, state, flops=self.flops, rng=False)
+            except (ValueError, KeyError) as e:
+                _fail(f'--resume {path}: {e}')
+        sp.resume_state = state
 
     def _make_flops(self, cls: type, model: nn.Module, sp: Any) -> Any:
         """Training FLOPs at train.py's input size and nominal global batch (batch x accumulation x processes)."""
@@ -549,54 +506,6 @@ class Launcher:
             torch.save({'masks': {t.name: t.mask.cpu() for t in sp.targets}, 'itop_rate': sp.itop_rate,
                         'step': sp.step}, os.path.join(folder, f'masks_rank{_rank()}.pt'))
         return summary
-
-
-def _install_plain_load_hooks(sp: Any, launcher: Launcher) -> None:
-    """Let ``load_state_dict`` of a masked module (and of its copies, such as timm's EMA) take plain timm weights:
-    ``<name>`` goes into ``<name>_orig``, the mask is kept. timm's ``load_checkpoint`` / ``load_task_ema_checkpoint``
-    then load this package's plain checkpoints into the sparse model; a copy (the EMA) also gets back its values
-    outside the masks from the resumed DST state."""
-    by_module: dict[int, tuple[nn.Module, list[str], list[str]]] = {}
-    for t in sp.targets:
-        entry = by_module.setdefault(id(t.module), (t.module, [], []))
-        entry[1].append(t.param_name)
-        entry[2].append(t.name)
-    for module, names, full_names in by_module.values():
-        hook = _PlainLoadHook(tuple(names), tuple(full_names), weakref.ref(launcher))
-        if hasattr(module, 'register_load_state_dict_pre_hook'):
-            module.register_load_state_dict_pre_hook(hook)
-        else:  # torch < 2.3
-            module._register_load_state_dict_pre_hook(hook, with_module=True)
-
-
-class _PlainLoadHook:
-    """``load_state_dict`` pre-hook of a masked module: plain ``<name>`` keys become ``<name>_orig`` (the mask in the
-    module stays); on a copy of the controlled module (the EMA), the resumed values outside the mask are put back."""
-
-    def __init__(self, names: tuple[str, ...], full_names: tuple[str, ...], launcher: weakref.ref):
-        self.names, self.full_names, self.launcher = names, full_names, launcher
-
-    def __getstate__(self) -> dict:  # deep copies (the EMA) share the launcher reference
-        return {'names': self.names, 'full_names': self.full_names, 'launcher': None}
-
-    def __deepcopy__(self, memo: dict) -> _PlainLoadHook:
-        return _PlainLoadHook(self.names, self.full_names, self.launcher)
-
-    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        from .plugin import fill_outside_mask
-        from .reparam import _mask_method
-        launcher = self.launcher() if self.launcher is not None else None
-        state = launcher.resume_state if launcher is not None else None
-        outside = (state or {}).get('ema_outside_mask') or {}
-        for name, full in zip(self.names, self.full_names):
-            key = prefix + name
-            if key in state_dict and key + '_orig' not in state_dict and hasattr(module, name + '_orig'):
-                value = state_dict.pop(key)
-                method = _mask_method(module, name)
-                if full in outside and method is not None and not method.owns(module):
-                    value = fill_outside_mask(value, outside[full])
-                state_dict[key + '_orig'] = value
-                state_dict.setdefault(key + '_mask', getattr(module, name + '_mask'))
 
 
 # --------------------------------------------------------------------------------------------------------------------
