@@ -1,0 +1,413 @@
+"""DST for an existing training script: the DST flags, the sparsifier from parsed arguments, the checkpoint layout.
+
+The same pieces serve ``timm-dst-train``, the launcher (``python -m timm_dst.run train.py ...``) and users who edit
+their own copy of timm's ``train.py``::
+
+    from timm_dst.plugin import add_dst_args, create_sparsifier_from_args, pack_checkpoint
+
+    add_dst_args(parser)                          # --dst, --sparsity, --update-interval, ... and the methods' flags
+    ...
+    optimizer = create_optimizer_v2(model, ...)
+    sparsifier = create_sparsifier_from_args(model, optimizer, args)   # before EMA, DDP, torch.compile
+    ...
+    lr_scheduler, num_epochs = create_scheduler_v2(...)
+    sparsifier.set_total_steps(num_epochs * updates_per_epoch)
+
+Checkpoint layout (:func:`pack_checkpoint`): timm's own keys, with ``state_dict`` / ``state_dict_ema`` as plain timm
+weights (``x = x_orig * x_mask``, masks dropped: loadable by ``timm.models.load_checkpoint`` and ``validate.py`` without
+timm_dst), and the DST state beside them under :data:`DST_KEY`, readable with ``torch.load(weights_only=True)``.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import os
+import random
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn as nn
+import yaml
+
+__all__ = [
+    'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'add_dst_args', 'method_flags',
+    'validate_dst_args', 'sparsifier_kwargs', 'create_sparsifier_from_args', 'pack_checkpoint', 'dst_state',
+    'read_dst_state', 'restore_dst_state', 'load_plain_state_dict', 'rng_state', 'set_rng_state', 'read_checkpoint',
+]
+
+DST_KEY = 'timm_dst'  # the checkpoint key of the DST state
+_FORMAT = 1
+DISTRIBUTIONS = ('erk', 'er', 'uniform')
+MASK_INITS = ('random', 'magnitude', 'global-magnitude')
+PRUNE_RATE_SCHEDULES = ('cosine', 'constant', 'linear')
+# Sparsifier keywords with flags of their own (or set by the caller): not offered again as method flags
+_CONTROLLER_KWARGS = {
+    'sparsity', 'distribution', 'update_interval', 'total_steps', 'prune_rate', 'prune_rate_schedule',
+    'prune_rate_min', 'update_start', 'update_end', 'update_milestones', 'grow_unexplored_first', 'sparse_init',
+    'include', 'exclude', 'dense_first_layer', 'dense_classifier', 'remask_every_step', 'seed', 'method_name',
+    'sparse_kernel_density',
+}
+_PATH_FLAGS = ('lth_trained_state', 'lth_rewind_state', 'snip_batches')  # method flags naming files
+# flag dest -> create_sparsifier keyword
+_FLAG_TO_KWARG = {
+    'sparsity': 'sparsity', 'sparse_init': 'distribution', 'mask_init': 'sparse_init',
+    'update_interval': 'update_interval', 'prune_rate': 'prune_rate', 'prune_rate_schedule': 'prune_rate_schedule',
+    'prune_rate_min': 'prune_rate_min', 'update_start': 'update_start', 'update_end': 'update_end',
+    'update_milestones': 'update_milestones', 'grow_unexplored_first': 'grow_unexplored_first',
+    'include': 'include', 'exclude': 'exclude', 'dense_first_layer': 'dense_first_layer',
+    'dense_classifier': 'dense_classifier', 'remask_every_step': 'remask_every_step',
+    'sparse_kernel_density': 'sparse_kernel_density',
+}
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# flags
+class ParseKwargs(argparse.Action):
+    """``key=value`` pairs into a dict; values are read as YAML scalars (``3``, ``0.5``, ``true``, ``[1, 2]``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        kw = dict(getattr(namespace, self.dest) or {})
+        for item in values:
+            if '=' not in item:
+                parser.error(f'{option_string}: expected key=value, got {item!r}')
+            key, value = item.split('=', 1)
+            kw[key] = yaml.safe_load(value)
+        setattr(namespace, self.dest, kw)
+
+
+def step_or_fraction(value: str) -> int | float:
+    """An int (optimizer step) or a float in [0, 1] (fraction of training)."""
+    try:
+        return int(value)
+    except ValueError:
+        return float(value)
+
+
+def milestone(value: str) -> tuple[int, int]:
+    """``FROM_STEP:INTERVAL`` as a tuple."""
+    try:
+        step, interval = value.split(':')
+        return int(step), int(interval)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f'expected FROM_STEP:INTERVAL, got {value!r}') from e
+
+
+def _type_from_annotation(annotation: Any, default: Any) -> Any:
+    text = annotation if isinstance(annotation, str) else getattr(annotation, '__name__', str(annotation))
+    if default is not None and not isinstance(default, bool):
+        return type(default)
+    if 'float' in text:
+        return float
+    if 'int' in text:
+        return int
+    return str
+
+
+def method_flags() -> dict[str, dict[str, Any]]:
+    """The methods' own keyword arguments as flags: ``{dest: {'methods': [...], 'type': ..., 'default': ...,
+    'bool': ...}}``."""
+    from ._registry import _method_entries
+    flags: dict[str, dict[str, Any]] = {}
+    for name, entry in sorted(_method_entries.items()):
+        for pname, param in inspect.signature(entry.cls.__init__).parameters.items():
+            if pname in ('self', 'args', 'kwargs') or pname in _CONTROLLER_KWARGS:
+                continue
+            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
+                continue
+            default = None if param.default is inspect.Parameter.empty else param.default
+            info = flags.setdefault(pname, {'methods': [], 'default': default,
+                                            'type': _type_from_annotation(param.annotation, default),
+                                            'bool': isinstance(default, bool)})
+            info['methods'].append(name)
+    return flags
+
+
+def add_dst_args(
+        parser: argparse.ArgumentParser,
+        default_method: str = 'rigl-itop',
+        title: str = 'Dynamic sparse training',
+) -> argparse._ArgumentGroup:
+    """Add the DST flags (``--dst``, ``--sparsity``, ``--update-interval``, ... and every registered method's own
+    flags) to ``parser`` as one argument group; returns the group.
+
+    Every flag but ``--dst`` defaults to None (= the method's registered default), so :func:`sparsifier_kwargs` passes
+    on only what the user set.
+
+    Args:
+        parser: An ``argparse.ArgumentParser`` (timm's train.py parser, for instance).
+        default_method: The ``--dst`` default.
+        title: Title of the argument group in ``--help``.
+    """
+    from ._registry import list_methods
+    g = parser.add_argument_group(title)
+    g.add_argument('--dst', type=str, default=default_method, metavar='METHOD',
+                   help=f'sparse training method: {", ".join(list_methods())} (dense = no sparsity)')
+    g.add_argument('--sparsity', type=float, default=None, help='global sparsity in [0, 1) (default 0.9)')
+    g.add_argument('--sparse-init', type=str.lower, default=None, choices=DISTRIBUTIONS,
+                   help='per-tensor density distribution (the ITOP code\'s --sparse-init; default erk)')
+    g.add_argument('--mask-init', type=str, default=None, choices=MASK_INITS,
+                   help='how the initial active positions are picked (default random)')
+    g.add_argument('--update-interval', type=int, default=None, metavar='STEPS',
+                   help='ΔT: optimizer steps between topology updates (default: the method\'s)')
+    g.add_argument('--prune-rate', type=float, default=None, help='initial prune rate P (default: the method\'s)')
+    g.add_argument('--prune-rate-schedule', type=str, default=None, choices=PRUNE_RATE_SCHEDULES,
+                   help='prune-rate decay (default: the method\'s)')
+    g.add_argument('--prune-rate-min', type=float, default=None, help='final prune rate of decaying schedules')
+    g.add_argument('--update-start', type=step_or_fraction, default=None, metavar='STEP|FRACTION',
+                   help='no topology update before this optimizer step (int) or fraction of training (float)')
+    g.add_argument('--update-end', type=step_or_fraction, default=None, metavar='STEP|FRACTION',
+                   help='topology freezes after this optimizer step (int) or fraction of training (float)')
+    g.add_argument('--update-milestones', type=milestone, nargs='+', default=None, metavar='FROM_STEP:INTERVAL',
+                   help='ΔT changes during training (DSR), e.g. 0:100 4875:200')
+    g.add_argument('--grow-unexplored-first', action='store_true', default=None,
+                   help='SET+ (ITOP Appendix F): grow never-activated positions first')
+    g.add_argument('--include', type=str, nargs='+', default=None, metavar='GLOB',
+                   help='parameter-name patterns of the sparse tensors (default: conv / linear weights)')
+    g.add_argument('--exclude', type=str, nargs='+', default=None, metavar='GLOB',
+                   help='parameter-name patterns kept dense')
+    g.add_argument('--dense-first-layer', action='store_true', default=None, help='keep the first layer dense')
+    g.add_argument('--dense-classifier', action='store_true', default=None, help='keep the classifier dense')
+    g.add_argument('--remask-every-step', action='store_true', default=None,
+                   help='re-apply masks after every optimizer step (automatic for optimizers that need it)')
+    g.add_argument('--sparse-kernel-density', type=float, default=None, metavar='D',
+                   help='plain nn.Linear layers at or below this density run CSR kernels on CPU in float32 '
+                        '(default 0.05; 0 = dense kernels everywhere)')
+    g.add_argument('--dst-seed', type=int, default=None,
+                   help='seed of the sparsifier\'s generator (default: --seed; the same on every rank)')
+    g.add_argument('--dst-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
+                   help='further keyword arguments for timm_dst.create_sparsifier')
+    for dest, info in method_flags().items():
+        flag = '--' + dest.replace('_', '-')
+        help_ = f'{", ".join(info["methods"])} only (default {info["default"]!r})'
+        if info['bool']:
+            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+        else:
+            g.add_argument(flag, type=info['type'], default=None, help=help_)
+    return g
+
+
+def dst_option_strings() -> dict[str, int]:
+    """Every option string of the :func:`add_dst_args` flags (``'--sparsity'``, ...) and how many values it takes
+    (0: a switch; -1: one or more)."""
+    p = argparse.ArgumentParser(add_help=False)
+    out = {}
+    for a in add_dst_args(p)._group_actions:
+        n = 0 if a.nargs == 0 else (-1 if a.nargs in ('+', '*') else int(a.nargs or 1))
+        for opt in a.option_strings:
+            out[opt] = n
+    return out
+
+
+def validate_dst_args(args: argparse.Namespace, error: Callable[[str], Any]) -> None:
+    """Check the DST flags; ``error`` (e.g. ``parser.error``) gets one message naming the flag and what is accepted.
+
+    Args:
+        args: Parsed arguments holding the :func:`add_dst_args` flags.
+        error: Called with the message of the first problem found (expected not to return).
+    """
+    from ._registry import list_methods
+    if args.dst not in list_methods():
+        return error(f'--dst {args.dst!r} is not a known method; accepted: {", ".join(list_methods())}')
+    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
+        return error(f'--sparsity {args.sparsity!r} is out of range: give a float in [0, 1)')
+    if args.prune_rate is not None and not 0.0 <= args.prune_rate <= 1.0:
+        return error(f'--prune-rate {args.prune_rate!r} must lie in [0, 1]')
+    for flag in ('update_start', 'update_end'):
+        v = getattr(args, flag)
+        if isinstance(v, float) and not 0.0 <= v <= 1.0:
+            return error(f'--{flag.replace("_", "-")} {v!r}: a float is a fraction of training in [0, 1]')
+    if args.update_interval is not None and args.update_interval < 1:
+        return error(f'--update-interval {args.update_interval!r} must be a positive number of optimizer steps')
+    if args.sparse_kernel_density is not None and not 0.0 <= args.sparse_kernel_density <= 1.0:
+        return error(f'--sparse-kernel-density {args.sparse_kernel_density!r} must lie in [0, 1]')
+    for dest, info in method_flags().items():
+        if getattr(args, dest, None) is not None and args.dst not in info['methods']:
+            return error(f'--{dest.replace("_", "-")} is an option of {", ".join(info["methods"])}, '
+                         f'not of --dst {args.dst}')
+    for dest in _PATH_FLAGS:
+        path = getattr(args, dest, None)
+        if path and not os.path.isfile(path):
+            return error(f'--{dest.replace("_", "-")} {path!r}: no such file')
+    return None
+
+
+def sparsifier_kwargs(args: argparse.Namespace, seed: int | None = None) -> dict[str, Any]:
+    """Keyword arguments for :func:`timm_dst.create_sparsifier` from the DST flags: only what the user set (the
+    method's defaults apply to the rest), plus the seed (``--dst-seed``, else ``seed``, else ``args.seed``, else 0).
+    """
+    kw = {key: getattr(args, dest) for dest, key in _FLAG_TO_KWARG.items() if getattr(args, dest, None) is not None}
+    for dest in method_flags():
+        if getattr(args, dest, None) is not None:
+            kw[dest] = getattr(args, dest)
+    if getattr(args, 'dst_seed', None) is not None:
+        kw['seed'] = args.dst_seed
+    else:
+        kw['seed'] = seed if seed is not None else int(getattr(args, 'seed', 0) or 0)
+    kw.update(getattr(args, 'dst_kwargs', None) or {})
+    return kw
+
+
+def create_sparsifier_from_args(model: nn.Module, optimizer: Any, args: argparse.Namespace,
+                                total_steps: int | None = None, **overrides: Any):
+    """:func:`timm_dst.create_sparsifier` with the method and keywords of the parsed DST flags.
+
+    Call it after the optimizer exists and before the EMA copy, DDP and ``torch.compile``. When the run's length is
+    known only later (timm's scheduler set-up), leave ``total_steps`` None and call ``sparsifier.set_total_steps``.
+
+    Args:
+        model: The model to sparsify.
+        optimizer: Its optimizer.
+        args: Parsed arguments holding the :func:`add_dst_args` flags.
+        total_steps: Optimizer steps of the whole run, when known.
+        **overrides: Further :func:`timm_dst.create_sparsifier` keywords (win over the flags).
+    """
+    from ._registry import create_sparsifier
+    kw = sparsifier_kwargs(args)
+    kw.update(overrides)
+    if total_steps is not None:
+        kw['total_steps'] = total_steps
+    return create_sparsifier(model, optimizer, method=args.dst, **kw)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# checkpoint layout
+def rng_state() -> dict[str, Any]:
+    """Python, NumPy and torch (and CUDA) generator states of this process, as tensors and plain types only (loadable
+    with ``torch.load(weights_only=True)``)."""
+    np_state = np.random.get_state(legacy=True)
+    state = {
+        'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
+        'numpy': {'keys': torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), 'pos': int(np_state[2]),
+                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
+        'torch': torch.get_rng_state(),
+    }
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        state['cuda'] = torch.cuda.get_rng_state()
+    return state
+
+
+def set_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`rng_state` returned."""
+    version, internal, gauss = state['python']
+    random.setstate((version, tuple(internal), gauss))
+    n = state['numpy']
+    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
+                         n['cached_gaussian']))
+    torch.set_rng_state(state['torch'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state['cuda'])
+
+
+def dst_state(sparsifier: Any, flops: Any | None = None, rng: bool = True,
+              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """The value stored under :data:`DST_KEY`: the sparsifier's state (masks, explored masks, step, generators, method
+    state), a summary (method, density, R_s), the training-FLOPs count and this process's random states.
+
+    Args:
+        sparsifier: The run's :class:`~timm_dst.Sparsifier`.
+        flops: Its :class:`~timm_dst.flops.TrainingFlops`, if counted.
+        rng: Store the Python / NumPy / torch random states (an exact continuation also restores them).
+        extra: Further plain entries (tensors, numbers, strings, lists, dicts).
+    """
+    out = {
+        'format': _FORMAT,
+        'method': sparsifier.method_name, 'sparsity': sparsifier.sparsity, 'density': sparsifier.density,
+        'itop_rate': sparsifier.itop_rate, 'step': sparsifier.step, 'total_steps': sparsifier.total_steps,
+        'sparsifier': sparsifier.state_dict(),
+        'flops': flops.state_dict() if flops is not None else None,
+        'rng': rng_state() if rng else None,
+    }
+    out.update(extra or {})
+    return out
+
+
+def _plain(state: Any) -> Any:
+    from .reparam import export_state_dict
+    if isinstance(state, Mapping) and any(str(k).endswith('_orig') for k in state):
+        return export_state_dict(state)
+    return state
+
+
+def pack_checkpoint(checkpoint: dict[str, Any], sparsifier: Any, flops: Any | None = None, rng: bool = True,
+                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
+    """Turn a timm training checkpoint dict into the timm-dst layout, in place (and return it).
+
+    ``state_dict``, ``state_dict_ema`` (and the older ``model`` / ``model_ema``) become plain timm weights: masked
+    tensors folded (``x = x_orig * x_mask``, zeros included), masks dropped, DDP / compile prefixes stripped. The DST
+    state (:func:`dst_state`) goes under :data:`DST_KEY`. Every other key is left as it is.
+
+    Args:
+        checkpoint: The dict about to be saved (``epoch``, ``state_dict``, ``optimizer``, ...).
+        sparsifier: The run's sparsifier.
+        flops: The run's :class:`~timm_dst.flops.TrainingFlops`, if any.
+        rng: Store this process's random states.
+        extra: Further entries of the DST state.
+    """
+    for key in ('state_dict', 'state_dict_ema', 'model', 'model_ema'):
+        if key in checkpoint and checkpoint[key] is not None:
+            checkpoint[key] = _plain(checkpoint[key])
+    checkpoint[DST_KEY] = dst_state(sparsifier, flops=flops, rng=rng, extra=extra)
+    return checkpoint
+
+
+def read_checkpoint(path: str, mmap: bool = True) -> Any:
+    """``torch.load(path, weights_only=True)`` on the CPU (timm's ``args`` Namespace allowed), memory-mapped where
+    the file format allows."""
+    kw: dict[str, Any] = {'map_location': 'cpu', 'weights_only': True}
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        if mmap:
+            try:
+                return torch.load(path, mmap=True, **kw)
+            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
+                pass
+        return torch.load(path, **kw)
+
+
+def read_dst_state(checkpoint: str | Mapping[str, Any]) -> dict[str, Any] | None:
+    """The DST state of a checkpoint (a path or a loaded dict), or None for a plain (dense) timm checkpoint."""
+    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
+    if not isinstance(ckpt, Mapping):
+        return None
+    state = ckpt.get(DST_KEY)
+    if state is None:
+        return None
+    if not isinstance(state, Mapping) or 'sparsifier' not in state:
+        raise ValueError(f'checkpoint: the {DST_KEY!r} entry is not a timm_dst state (no "sparsifier")')
+    return dict(state)
+
+
+def restore_dst_state(sparsifier: Any, state: Mapping[str, Any], flops: Any | None = None, rng: bool = True) -> None:
+    """Restore a :func:`dst_state` into a sparsifier of the same configuration (and its FLOPs count and, with
+    ``rng``, the random states).
+
+    Raises:
+        ValueError: When the state comes from another method, sparsity, distribution or set of sparse tensors.
+    """
+    sparsifier.load_state_dict(state['sparsifier'])
+    if flops is not None and state.get('flops') is not None:
+        flops.load_state_dict(state['flops'])
+    if rng and state.get('rng') is not None:
+        set_rng_state(state['rng'])
+
+
+@torch.no_grad()
+def load_plain_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
+    """Load a plain timm state_dict (``x``, not ``x_orig`` / ``x_mask``) into a model with masks attached: each
+    masked tensor's value goes into ``x_orig``; the masks are kept as they are.
+
+    Returns:
+        ``model.load_state_dict``'s incompatible keys.
+    """
+    from .reparam import unwrap_model
+    model = unwrap_model(model)
+    own = model.state_dict()
+    mapped = dict(state_dict)
+    for key in own:
+        if key.endswith('_orig') and key[:-5] + '_mask' in own:
+            base = key[:-5]
+            if base in mapped and key not in mapped:
+                mapped[key] = mapped.pop(base)
+                mapped.setdefault(base + '_mask', own[base + '_mask'])
+    return model.load_state_dict(mapped, strict=strict)
