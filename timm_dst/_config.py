@@ -66,6 +66,13 @@ OWN_FLAGS = ('val_fraction', 'split_seed', 'test_split', 'synthetic_train_size',
              'crop_padding', 'threads', 'stop_after_updates', 'no_progress', 'save_rank_masks', 'lth_rewind_step')
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, with errors as one line (``timm-dst-train: error: ...``; no usage block of 180 flags) and exit 2."""
+
+    def error(self, message: str):
+        self.exit(2, f'{self.prog}: error: {message}\n')
+
+
 class _ParseKwargs(argparse.Action):
     """``key=value`` pairs into a dict; values are read as YAML (``3``, ``0.5``, ``true``, ``[1, 2]``)."""
 
@@ -365,7 +372,7 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
     config_parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                                help='YAML config; its keys are the flag names (dashes or underscores); a timm '
                                     'train.py args.yaml is accepted')
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog='timm-dst-train', description='Dynamic Sparse Training of timm models (Accelerate-launched)',
         formatter_class=argparse.ArgumentDefaultsHelpFormatter, allow_abbrev=False)
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
@@ -592,6 +599,24 @@ def _resolve_aliases(parser: argparse.ArgumentParser, args: argparse.Namespace) 
         set_fast_norm()
 
 
+def _check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """Flags that cannot act on the chosen data set are refused, not ignored."""
+    from ._data import normalize_dataset_name
+    name = normalize_dataset_name(args.dataset)
+    if name == 'synthetic':
+        defaults = {a.dest: a.default for a in parser._actions}
+        for dest in ('aa', 'reprob', 'color_jitter_prob', 'grayscale_prob', 'gaussian_blur_prob', 'train_crop_mode',
+                     'crop_padding', 'input_img_mode'):
+            if getattr(args, dest) != defaults[dest]:
+                parser.error(f'{_flag(dest)}: synthetic data are tensors: image transforms do not apply (mixup / '
+                             'cutmix do); use an image data set')
+    if name in ('synthetic', 'fashion_mnist'):
+        for dest in ('class_map', 'input_key', 'target_key'):
+            if getattr(args, dest):
+                parser.error(f'{_flag(dest)}: applies to timm data sets (folder, torch/..., hfds/...), not to '
+                             f'--dataset {name}')
+
+
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     from ._data import check_dataset
     _check_refused(parser, args)
@@ -599,6 +624,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     _check_model_and_opt(parser, args)
     validate_dst_args(args, parser.error)
     _check_ranges(parser, args)
+    _check_data_flags(parser, args)
     _check_files(parser, args)
     try:
         check_dataset(args.dataset, args.data_dir, args.dataset_download, args.train_split)
