@@ -32,7 +32,7 @@ def _options(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
 
 def _non_default_argv(action: argparse.Action) -> list[str]:
     """A command line giving ``action`` a value other than its default."""
-    flag = action.option_strings[-1]
+    flag = action.option_strings[0]
     if action.nargs == 0:
         return [flag]
     if action.choices:

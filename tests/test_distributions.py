@@ -84,7 +84,7 @@ def _sp(**kwargs):
     (dict(method='set', distribution='gaussian', total_steps=10), 'distribution'),
     (dict(method='set', sparsity=1.0, total_steps=10), 'sparsity'),
     (dict(method='set', sparsity=-0.1, total_steps=10), 'sparsity'),
-    (dict(method='set', sparse_init='zeros', total_steps=10), 'sparse_init'),
+    (dict(method='set', mask_init='zeros', total_steps=10), 'mask_init'),
     (dict(method='set', prune_rate_schedule='step', total_steps=10), 'prune_rate_schedule'),
     (dict(method='set', update_interval=0, total_steps=10), 'update_interval'),
     (dict(method='set', update_end=0.5), 'total_steps'),

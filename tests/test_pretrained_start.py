@@ -29,10 +29,10 @@ def _load(path: str) -> torch.nn.Module:
                              num_classes=10)
 
 
-def _sparsify(model, sparse_init: str):
+def _sparsify(model, mask_init: str):
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     sp = timm_dst.create_sparsifier(model, opt, method='rigl-itop', sparsity=0.8, distribution='erk',
-                                    sparse_init=sparse_init, update_interval=2, total_steps=10)
+                                    mask_init=mask_init, update_interval=2, total_steps=10)
     return sp, opt
 
 

@@ -141,3 +141,44 @@ def test_shared_relative_position_mlp_stays_dense():
     model = timm.create_model('vit_srelpos_small_patch16_224', img_size=64, num_classes=10)
     names = [t.name for t in timm_dst.find_targets(model)]
     assert names and not any('rel_pos' in n for n in names)
+
+
+
+class _PositionMLP(nn.Module):
+    """A linear layer computing a position encoding from fixed coordinates, declared in ``no_weight_decay()`` (as
+    timm's models declare theirs) but under a name the target selection does not know."""
+
+    def __init__(self):
+        super().__init__()
+        self.fc = nn.Linear(8, 16)
+        self.coord_proj = nn.Linear(2, 16)
+        self.head = nn.Linear(16, 4)
+        self.register_buffer('coords', torch.linspace(-1, 1, 10).view(5, 2))
+
+    def no_weight_decay(self):
+        return {'coord_proj'}
+
+    def forward(self, x):
+        return self.head(self.fc(x) + self.coord_proj(self.coords).mean(0))
+
+
+@pytest.mark.parametrize('exclude, fails', [(None, True), (['coord_proj'], False)])
+def test_zoo_target_check_can_fail(exclude, fails):
+    """The zoo's target check does not re-use the predicate that chose the targets: a position-encoding layer the
+    model lists in no_weight_decay() but the selection made sparse fails it."""
+    from timm_dst.zoo import _check_invariants
+    torch.manual_seed(0)
+    model = _PositionMLP()
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.5, update_interval=1, total_steps=4,
+                                    exclude=exclude)
+    assert ('coord_proj.weight' in [t.name for t in sp.targets]) == fails
+    for _ in range(2):
+        opt.zero_grad()
+        model(torch.randn(3, 8)).pow(2).mean().backward()
+        opt.step()
+    if fails:
+        with pytest.raises(RuntimeError, match='coord_proj.weight'):
+            _check_invariants(sp, 0.5)
+    else:
+        _check_invariants(sp, 0.5)

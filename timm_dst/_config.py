@@ -11,8 +11,8 @@ import yaml
 
 from .plugin import add_dst_args, method_flags, milestone, step_or_fraction, validate_dst_args
 
-__all__ = ['create_parser', 'parse_args', 'method_flags', 'args_to_yaml', 'REFUSED', 'DEFAULTS_DIFFER', 'OWN_FLAGS',
-           'flag_status']
+__all__ = ['create_parser', 'parse_args', 'method_flags', 'args_to_yaml', 'REFUSED', 'DEFAULTS_DIFFER',
+           'MEANING_DIFFERS', 'OWN_FLAGS', 'flag_status']
 
 _EVAL_METRICS = ('top1', 'top5', 'loss')
 
@@ -59,11 +59,14 @@ DEFAULTS_DIFFER: dict[str, str] = {
     'warmup_epochs': '0 (timm: 5)',
     'smoothing': '0, no label smoothing as in the DST papers (timm: 0.1)',
     'workers': '0: in-memory data sets load in the main process (timm: 4)',
-    'output': 'the run folder itself (timm: the parent of a dated run folder)',
+}
+# timm train.py flags whose meaning differs in a detail: dest -> how
+MEANING_DIFFERS: dict[str, str] = {
+    'output': 'the run folder itself (timm: the parent of a dated run folder; --experiment names a sub-folder)',
 }
 # flags of this CLI that timm's train.py does not have (besides the DST group)
 OWN_FLAGS = ('val_fraction', 'split_seed', 'test_split', 'synthetic_train_size', 'synthetic_test_size',
-             'crop_padding', 'threads', 'stop_after_updates', 'no_progress', 'save_rank_masks', 'lth_rewind_step')
+             'crop_padding', 'threads', 'stop_after_updates', 'no_progress', 'save_rank_masks')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -360,10 +363,7 @@ def _scheduled_loader_group(p: argparse.ArgumentParser) -> None:
 
 
 def _dst_group(p: argparse.ArgumentParser) -> None:
-    g = add_dst_args(p, default_method='set-itop')
-    g.add_argument('--lth-rewind-step', type=int, default=None, metavar='K',
-                   help='lth, lth-set-itop without --lth-trained-state: rewind to the dense weights at optimizer step '
-                        'K (late rewinding; default 0, the initialisation)')
+    add_dst_args(p)  # --dst (default: the registry's DEFAULT_TRAIN_METHOD), the controller and method flags
 
 
 def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
@@ -464,15 +464,18 @@ def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, An
         parser.error(f'-c/--config {path}: cannot be read ({e})')
     if not isinstance(cfg, dict):
         parser.error(f'-c/--config {path}: expected a mapping of flag names to values, got {type(cfg).__name__}')
-    dests = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    # keys are dests or any long option name (sparse_init is --distribution)
+    actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
+    for a in list(actions.values()):
+        actions.update({o.lstrip('-').replace('-', '_'): a for o in a.option_strings if o.startswith('--')})
     out, unknown = {}, []
     for key, value in cfg.items():
-        dest = str(key).lstrip('-').replace('-', '_')
-        if dest not in dests:
+        action = actions.get(str(key).lstrip('-').replace('-', '_'))
+        if action is None:
             unknown.append(str(key))
             continue
         try:
-            out[dest] = _coerce(dests[dest], value)
+            out[action.dest] = _coerce(action, value)
         except ValueError as e:
             parser.error(f'-c/--config {path}: key {key}: {value!r} is not accepted; expected {e}')
     if unknown:
@@ -498,8 +501,13 @@ def _flag(dest: str) -> str:
     return '--' + dest.replace('_', '-')
 
 
+def _defaults() -> dict[str, Any]:
+    """The flags' own defaults (a ``-c`` config replaces the parser's: compare with these)."""
+    return {a.dest: a.default for a in create_parser()[1]._actions}
+
+
 def _check_refused(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    defaults = {a.dest: a.default for a in parser._actions}
+    defaults = _defaults()
     given = [d for d in REFUSED if getattr(args, d) != defaults[d] and getattr(args, d) not in _REFUSED_OK.get(d, ())]
     if given:
         reasons: dict[str, list[str]] = {}
@@ -549,22 +557,26 @@ def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _check_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from ._registry import get_method_info
     if args.pretrained_path and not os.path.isfile(args.pretrained_path):
         parser.error(f'--pretrained-path {args.pretrained_path!r}: no such file')
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
         parser.error(f'--initial-checkpoint {args.initial_checkpoint!r}: no such file')
-    lth = args.dst in ('lth', 'lth-set-itop')
-    if args.lth_rewind_step is not None:
-        if not lth or args.lth_trained_state:
-            parser.error('--lth-rewind-step is for --dst lth / lth-set-itop without --lth-trained-state (the CLI '
-                         'then trains the dense phase itself and saves the rewind point)')
-        if args.lth_rewind_step < 0:
-            parser.error(f'--lth-rewind-step {args.lth_rewind_step!r} must be >= 0')
-    if lth and args.lth_rewind_state and not args.lth_trained_state:
-        parser.error('--lth-rewind-state needs --lth-trained-state (without it the CLI trains the dense phase and '
-                     'saves its own rewind point: see --lth-rewind-step)')
-    if args.resume and lth and not args.lth_trained_state:
-        if not os.path.exists(args.resume):  # both LTH phases: a run folder or either phase's checkpoint
+    phase = get_method_info(args.dst).dense_phase
+    both_phases = phase is not None and not getattr(args, phase.trained_state_arg)
+    if phase is not None:
+        trained, rewind_state = (_flag(a) for a in (phase.trained_state_arg, phase.rewind_state_arg))
+        step_flag, step = _flag(phase.rewind_step_arg), getattr(args, phase.rewind_step_arg)
+        if step is not None and not both_phases:
+            parser.error(f'{step_flag} is for --dst {args.dst} without {trained} (the CLI then trains the dense '
+                         'phase itself and saves the rewind point)')
+        if step is not None and step < 0:
+            parser.error(f'{step_flag} {step!r} must be >= 0')
+        if both_phases and getattr(args, phase.rewind_state_arg):
+            parser.error(f'{rewind_state} needs {trained} (without it the CLI trains the dense phase and saves its '
+                         f'own rewind point: see {step_flag})')
+    if args.resume and both_phases:
+        if not os.path.exists(args.resume):  # both phases: a run folder or either phase's checkpoint
             parser.error(f'--resume: {args.resume!r}: no such checkpoint file or run folder')
     elif args.resume:
         from ._checkpoint import resolve_resume
@@ -604,7 +616,7 @@ def _check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace)
     from ._data import normalize_dataset_name
     name = normalize_dataset_name(args.dataset)
     if name == 'synthetic':
-        defaults = {a.dest: a.default for a in parser._actions}
+        defaults = _defaults()
         for dest in ('aa', 'reprob', 'color_jitter_prob', 'grayscale_prob', 'gaussian_blur_prob', 'train_crop_mode',
                      'crop_padding', 'input_img_mode'):
             if getattr(args, dest) != defaults[dest]:
@@ -639,12 +651,14 @@ def flag_status(action: argparse.Action) -> str:
     if action.dest in REFUSED:
         return f'refused: {REFUSED[action.dest]}'
     probe = argparse.ArgumentParser(add_help=False)
-    if action.dest in {a.dest for a in _add(probe)._group_actions} or action.dest == 'lth_rewind_step':
+    if action.dest in {a.dest for a in _add(probe)._group_actions}:
         return 'DST'
     if action.dest in OWN_FLAGS:
         return 'timm-dst-train'
     if action.dest in DEFAULTS_DIFFER:
         return f'as timm; default: {DEFAULTS_DIFFER[action.dest]}'
+    if action.dest in MEANING_DIFFERS:
+        return f'as timm, except: {MEANING_DIFFERS[action.dest]}'
     return 'as timm'
 
 

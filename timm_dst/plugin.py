@@ -20,7 +20,6 @@ timm_dst), and the DST state beside them under :data:`DST_KEY`, readable with ``
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import random
 from collections.abc import Callable, Mapping
@@ -42,17 +41,9 @@ _FORMAT = 1
 DISTRIBUTIONS = ('erk', 'er', 'uniform')
 MASK_INITS = ('random', 'magnitude', 'global-magnitude')
 PRUNE_RATE_SCHEDULES = ('cosine', 'constant', 'linear')
-# Sparsifier keywords with flags of their own (or set by the caller): not offered again as method flags
-_CONTROLLER_KWARGS = {
-    'sparsity', 'distribution', 'update_interval', 'total_steps', 'prune_rate', 'prune_rate_schedule',
-    'prune_rate_min', 'update_start', 'update_end', 'update_milestones', 'grow_unexplored_first', 'sparse_init',
-    'include', 'exclude', 'dense_first_layer', 'dense_classifier', 'remask_every_step', 'seed', 'method_name',
-    'sparse_kernel_density',
-}
-_PATH_FLAGS = ('lth_trained_state', 'lth_rewind_state', 'snip_batches')  # method flags naming files
 # flag dest -> create_sparsifier keyword
 _FLAG_TO_KWARG = {
-    'sparsity': 'sparsity', 'sparse_init': 'distribution', 'mask_init': 'sparse_init',
+    'sparsity': 'sparsity', 'distribution': 'distribution', 'mask_init': 'mask_init',
     'update_interval': 'update_interval', 'prune_rate': 'prune_rate', 'prune_rate_schedule': 'prune_rate_schedule',
     'prune_rate_min': 'prune_rate_min', 'update_start': 'update_start', 'update_end': 'update_end',
     'update_milestones': 'update_milestones', 'grow_unexplored_first': 'grow_unexplored_first',
@@ -94,39 +85,18 @@ def milestone(value: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f'expected FROM_STEP:INTERVAL, got {value!r}') from e
 
 
-def _type_from_annotation(annotation: Any, default: Any) -> Any:
-    text = annotation if isinstance(annotation, str) else getattr(annotation, '__name__', str(annotation))
-    if default is not None and not isinstance(default, bool):
-        return type(default)
-    if 'float' in text:
-        return float
-    if 'int' in text:
-        return int
-    return str
-
-
 def method_flags() -> dict[str, dict[str, Any]]:
-    """The methods' own keyword arguments as flags: ``{dest: {'methods': [...], 'type': ..., 'default': ...,
-    'bool': ...}}``."""
-    from ._registry import _method_entries
-    flags: dict[str, dict[str, Any]] = {}
-    for name, entry in sorted(_method_entries.items()):
-        for pname, param in inspect.signature(entry.cls.__init__).parameters.items():
-            if pname in ('self', 'args', 'kwargs') or pname in _CONTROLLER_KWARGS:
-                continue
-            if param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-                continue
-            default = None if param.default is inspect.Parameter.empty else param.default
-            info = flags.setdefault(pname, {'methods': [], 'default': default,
-                                            'type': _type_from_annotation(param.annotation, default),
-                                            'bool': isinstance(default, bool)})
-            info['methods'].append(name)
-    return flags
+    """The methods' own arguments as flags (:func:`timm_dst.method_arguments`): ``{dest: {'methods': [...], 'type':
+    ..., 'default': ..., 'bool': ..., 'path': ..., 'cli_only': ...}}``."""
+    from ._registry import method_arguments
+    return {a.dest: {'methods': list(a.methods), 'type': a.type, 'default': a.default, 'bool': a.type is bool,
+                     'path': a.path, 'cli_only': a.cli_only, 'help': a.help, 'flag': a.flag}
+            for a in method_arguments()}
 
 
 def add_dst_args(
         parser: argparse.ArgumentParser,
-        default_method: str = 'rigl-itop',
+        default_method: str | None = None,
         title: str = 'Dynamic sparse training',
 ) -> argparse._ArgumentGroup:
     """Add the DST flags (``--dst``, ``--sparsity``, ``--update-interval``, ... and every registered method's own
@@ -140,13 +110,13 @@ def add_dst_args(
         default_method: The ``--dst`` default.
         title: Title of the argument group in ``--help``.
     """
-    from ._registry import list_methods
+    from ._registry import DEFAULT_TRAIN_METHOD, list_methods
     g = parser.add_argument_group(title)
-    g.add_argument('--dst', type=str, default=default_method, metavar='METHOD',
+    g.add_argument('--dst', type=str, default=default_method or DEFAULT_TRAIN_METHOD, metavar='METHOD',
                    help=f'sparse training method: {", ".join(list_methods())} (dense = no sparsity)')
     g.add_argument('--sparsity', type=float, default=None, help='global sparsity in [0, 1) (default 0.9)')
-    g.add_argument('--sparse-init', type=str.lower, default=None, choices=DISTRIBUTIONS,
-                   help='per-tensor density distribution (the ITOP code\'s --sparse-init; default erk)')
+    g.add_argument('--distribution', '--sparse-init', type=str.lower, default=None, choices=DISTRIBUTIONS,
+                   help='per-tensor density distribution (--sparse-init is the ITOP code\'s name; default erk)')
     g.add_argument('--mask-init', type=str, default=None, choices=MASK_INITS,
                    help='how the initial active positions are picked (default random)')
     g.add_argument('--update-interval', type=int, default=None, metavar='STEPS',
@@ -178,13 +148,12 @@ def add_dst_args(
                    help='seed of the sparsifier\'s generator (default: --seed; the same on every rank)')
     g.add_argument('--dst-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='further keyword arguments for timm_dst.create_sparsifier')
-    for dest, info in method_flags().items():
-        flag = '--' + dest.replace('_', '-')
-        help_ = f'{", ".join(info["methods"])} only (default {info["default"]!r})'
+    for info in method_flags().values():
         if info['bool']:
-            g.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
+            g.add_argument(info['flag'], action=argparse.BooleanOptionalAction, default=None, help=info['help'])
         else:
-            g.add_argument(flag, type=info['type'], default=None, help=help_)
+            g.add_argument(info['flag'], type=info['type'], default=None, help=info['help'],
+                           metavar='FILE' if info['path'] else info['type'].__name__.upper())
     return g
 
 
@@ -226,10 +195,10 @@ def validate_dst_args(args: argparse.Namespace, error: Callable[[str], Any]) -> 
         if getattr(args, dest, None) is not None and args.dst not in info['methods']:
             return error(f'--{dest.replace("_", "-")} is an option of {", ".join(info["methods"])}, '
                          f'not of --dst {args.dst}')
-    for dest in _PATH_FLAGS:
+    for dest, info in method_flags().items():
         path = getattr(args, dest, None)
-        if path and not os.path.isfile(path):
-            return error(f'--{dest.replace("_", "-")} {path!r}: no such file')
+        if info['path'] and isinstance(path, str) and path and not os.path.isfile(path):
+            return error(f'{info["flag"]} {path!r}: no such file')
     return None
 
 
@@ -238,8 +207,8 @@ def sparsifier_kwargs(args: argparse.Namespace, seed: int | None = None) -> dict
     method's defaults apply to the rest), plus the seed (``--dst-seed``, else ``seed``, else ``args.seed``, else 0).
     """
     kw = {key: getattr(args, dest) for dest, key in _FLAG_TO_KWARG.items() if getattr(args, dest, None) is not None}
-    for dest in method_flags():
-        if getattr(args, dest, None) is not None:
+    for dest, info in method_flags().items():
+        if not info['cli_only'] and getattr(args, dest, None) is not None:
             kw[dest] = getattr(args, dest)
     if getattr(args, 'dst_seed', None) is not None:
         kw['seed'] = args.dst_seed

@@ -7,6 +7,7 @@ compiled graphs and DDP keep referencing the same buffer.
 """
 from __future__ import annotations
 
+import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -18,7 +19,8 @@ from torch.nn.utils import prune
 from ._sparse_linear import CsrStructure, SparseLinearForward, csr_structure
 
 __all__ = [
-    'DSTMask', 'attach_mask', 'effective_weight', 'refresh_weight', 'fold_masks', 'export_state_dict', 'unwrap_model',
+    'DSTMask', 'attach_mask', 'attach_masks', 'effective_weight', 'refresh_weight', 'fold_masks', 'export_state_dict',
+    'unwrap_model', 'has_mask', 'flat_fill_',
 ]
 
 _WRAPPER_PREFIXES = ('module.', '_orig_mod.')
@@ -46,6 +48,12 @@ class DSTMask(prune.BasePruningMethod):
         self._index_cache: tuple | None = None
         self._masked_grad: tuple[int, int] | None = None  # (data_ptr, version) of a gradient produced masked
         self.dense_grad_wanted = False  # set by the sparsifier on steps whose method reads the dense gradient
+        self.controller: weakref.ref | None = None  # the Sparsifier controlling the owner (fold_masks detaches it)
+        # copies only: the module the copy was taken from, and whether the copy follows its live mask (see sync_copy)
+        self._source: weakref.ref | None = None
+        self._follow = False
+        self._seen: tuple[weakref.ref, int] | None = None  # (mask buffer, version) last seen on the copy
+        self._handles: list = []
 
     def compute_mask(self, t: torch.Tensor, default_mask: torch.Tensor) -> torch.Tensor:
         if self.mask.shape != t.shape:
@@ -70,11 +78,58 @@ class DSTMask(prune.BasePruningMethod):
         orig = getattr(module, self._tensor_name + '_orig')
         if self.owns(module):
             return orig
+        self.sync_copy(module)
         return orig * getattr(module, self._tensor_name + '_mask')
+
+    def sync_copy(self, module: nn.Module) -> None:
+        """On a copy of the controlled module: keep its mask buffer at the live model's mask once the copy is being
+        averaged.
+
+        timm's ``ModelEma`` / ``ModelEmaV2`` average every ``state_dict`` entry, bool masks included: written back as
+        bool, the average is the union of every mask ever used. A copy whose mask buffer was written by anything but
+        ``load_state_dict`` (an EMA's update; ``ModelEmaV3`` copies the mask exactly) therefore follows the mask of the
+        module it was copied from while that one is alive, like ``ModelEmaV3``. A copy nobody writes into (a
+        ``deepcopy`` snapshot, a loaded checkpoint) keeps its own mask.
+        """
+        source = self._source() if self._source is not None else None
+        if source is None:
+            return
+        mask = module._buffers.get(self._tensor_name + '_mask')
+        if mask is None:
+            return
+        seen = self._seen
+        if seen is not None and seen[0]() is mask and seen[1] != mask._version:
+            self._follow = True  # written since we last looked, and not by load_state_dict
+        if self._follow:
+            live = source._buffers.get(self._tensor_name + '_mask')
+            if live is not None and live.shape == mask.shape and not torch.equal(live.to(mask.device), mask):
+                with torch.no_grad():
+                    mask.copy_(live)
+        self._seen = (weakref.ref(mask), mask._version)
+
+    def note_loaded(self, module: nn.Module) -> None:
+        """``load_state_dict`` wrote the copy's mask: it keeps that mask from now on."""
+        mask = module._buffers.get(self._tensor_name + '_mask')
+        self._follow = False
+        self._seen = (weakref.ref(mask), mask._version) if mask is not None else None
+
+    _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', '_handles')
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
-        return {**self.__dict__, '_owner': None, '_grad_hook': None, '_index_cache': None, '_masked_grad': None}
+        state = dict(self.__dict__)
+        state.update({k: None for k in self._NOT_COPIED})
+        state['_handles'] = []
+        return state
+
+    def __deepcopy__(self, memo: dict) -> DSTMask:
+        new = object.__new__(type(self))
+        memo[id(self)] = new
+        for key, value in self.__getstate__().items():
+            new.__dict__[key] = copy.deepcopy(value, memo)
+        # a copy remembers the module it was taken from (weak: the copy does not keep it alive)
+        new._source = self._owner if self._owner is not None else self._source
+        return new
 
     def install_grad_mask(self, module: nn.Module) -> None:
         """Mask ``<name>_orig.grad`` in place right after each accumulation into it, before DDP's reducer reads it
@@ -94,6 +149,8 @@ class DSTMask(prune.BasePruningMethod):
 
         self._grad_hook = getattr(module, name + '_orig').register_post_accumulate_grad_hook(_mask_grad)
         self._owner = weakref.ref(module)
+        self._handles = [module.register_state_dict_post_hook(_sync_copies),
+                         module.register_load_state_dict_post_hook(_note_loaded)]
 
     def note_masked_grad(self, grad: torch.Tensor) -> None:
         """Record a weight gradient produced already masked (by the sparse kernels), for the accumulation hook."""
@@ -132,7 +189,7 @@ class DSTMask(prune.BasePruningMethod):
         if cache is not None and cache['ref']() is mask and cache['version'] == mask._version:
             return cache
         n_active = int(torch.count_nonzero(mask))
-        index = mask.view(-1).nonzero().squeeze(1) if n_active <= INDEX_MAX_DENSITY * mask.numel() else None
+        index = mask.reshape(-1).nonzero().squeeze(1) if n_active <= INDEX_MAX_DENSITY * mask.numel() else None
         self._index_cache = {'ref': weakref.ref(mask), 'version': mask._version, 'n_active': n_active, 'index': index}
         return self._index_cache
 
@@ -165,7 +222,7 @@ class DSTMask(prune.BasePruningMethod):
         if mask.dim() != 2 or cache['n_active'] > max_density * mask.numel():
             return None
         if cache['index'] is None:  # a limit above INDEX_MAX_DENSITY: the kernels need the indices all the same
-            cache['index'] = mask.view(-1).nonzero().squeeze(1)
+            cache['index'] = mask.reshape(-1).nonzero().squeeze(1)
         if 'csr' not in cache:  # per mask version, like the rest of the cache
             cache['csr'] = csr_structure(cache['index'], tuple(mask.shape))
         return cache['csr']
@@ -176,7 +233,42 @@ class DSTMask(prune.BasePruningMethod):
         if self._grad_hook is not None:
             self._grad_hook.remove()
             self._grad_hook = None
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
         super().remove(module)
+
+
+def _sync_copies(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """``state_dict`` post-hook: copies of a controlled module report (and EMAs average) the live mask."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, DSTMask) and not hook.owns(module):
+            hook.sync_copy(module)
+
+
+def _note_loaded(module: nn.Module, incompatible_keys: object) -> None:
+    """``load_state_dict`` post-hook: a copy keeps the mask it was loaded with."""
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, DSTMask) and not hook.owns(module):
+            hook.note_loaded(module)
+
+
+def has_mask(module: nn.Module, name: str) -> bool:
+    """Whether ``module.<name>`` carries a mask (ours or any ``torch.nn.utils.prune`` method)."""
+    return name + '_orig' in module._parameters or name + '_mask' in module._buffers
+
+
+def flat_fill_(tensor: torch.Tensor, index: torch.Tensor, value: float | bool) -> torch.Tensor:
+    """``tensor.view(-1)[index] = value`` for any memory layout (``channels_last`` included), in place, O(k).
+
+    Flat indices are in the logical (row-major) order of ``tensor.shape``.
+    """
+    if tensor.is_contiguous():
+        tensor.view(-1).index_fill_(0, index, value)
+    elif index.numel():
+        tensor.index_put_(torch.unravel_index(index, tensor.shape),
+                          torch.tensor(value, dtype=tensor.dtype, device=tensor.device))
+    return tensor
 
 
 def _mask_method(module: nn.Module, name: str) -> DSTMask | None:
@@ -207,14 +299,53 @@ def attach_mask(module: nn.Module, name: str, mask: torch.Tensor) -> DSTMask:
     Returns:
         The :class:`DSTMask` now attached.
     """
-    if prune.is_pruned(module) and hasattr(module, name + '_mask'):
-        raise ValueError(f'{type(module).__name__}.{name} already carries a mask; attach masks only once')
-    method = DSTMask.apply(module, name, mask=mask)
-    method.install_grad_mask(module)
+    return attach_masks([(module, name, mask)])[0]
+
+
+def attach_masks(items: list[tuple[nn.Module, str, torch.Tensor]]) -> list[DSTMask]:
+    """Attach several masks all or none (see :func:`attach_mask`): on an error, the masks attached so far are taken
+    off again and the parameters restored, values included.
+
+    Args:
+        items: ``(module, name, mask)`` triples.
+
+    Returns:
+        The attached :class:`DSTMask` of each item.
+    """
+    for module, name, _ in items:
+        if has_mask(module, name):
+            raise ValueError(f'{type(module).__name__}.{name} already carries a mask; attach masks only once '
+                             '(timm_dst.fold_masks(model) makes a model plain again)')
+    done: list[tuple[nn.Module, str, DSTMask]] = []
+    try:
+        for module, name, mask in items:
+            method = DSTMask.apply(module, name, mask=mask)
+            done.append((module, name, method))
+            method.install_grad_mask(module)
+    except BaseException:
+        for module, name, method in reversed(done):
+            _detach(module, name, method)
+        raise
     with torch.no_grad():
-        getattr(module, name + '_orig').mul_(getattr(module, name + '_mask'))
-    refresh_weight(module, name)
-    return method
+        for module, name, _ in done:
+            getattr(module, name + '_orig').mul_(getattr(module, name + '_mask'))
+            refresh_weight(module, name)
+    return [m for _, _, m in done]
+
+
+def _detach(module: nn.Module, name: str, method: DSTMask) -> None:
+    """Undo :meth:`DSTMask.apply` without folding: the parameter comes back unchanged."""
+    if method._grad_hook is not None:
+        method._grad_hook.remove()
+    for handle in method._handles:
+        handle.remove()
+    for key, hook in list(module._forward_pre_hooks.items()):
+        if hook is method:
+            del module._forward_pre_hooks[key]
+    orig = module._parameters.pop(name + '_orig')
+    module._buffers.pop(name + '_mask', None)
+    module.__dict__.pop(name, None)
+    module._parameters[name] = orig
 
 
 def _alias_orig(module: nn.Module, name: str) -> None:
@@ -249,7 +380,17 @@ def unwrap_model(model: nn.Module) -> nn.Module:
 
 
 def fold_masks(model: nn.Module) -> nn.Module:
-    """Make every attached mask permanent (``prune.remove``): the model becomes a plain model with zeros in it."""
+    """Make every attached mask permanent (``prune.remove``): the model becomes a plain model with zeros in it.
+
+    A live :class:`~timm_dst.Sparsifier` controlling the model is detached first (its hooks are removed; its read-outs
+    stay, its updates raise). Afterwards the model can be sparsified again with a new sparsifier.
+    """
+    for module in unwrap_model(model).modules():
+        for hook in list(module._forward_pre_hooks.values()):
+            if isinstance(hook, DSTMask) and hook.owns(module):
+                controller = hook.controller() if hook.controller is not None else None
+                if controller is not None:
+                    controller._detach_masks()
     for module in unwrap_model(model).modules():
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.PruningContainer | DSTMask):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 import math
+import numbers
 from collections.abc import Sequence
+
+from ._validate import check_int
 
 __all__ = ['PRUNE_RATE_SCHEDULES', 'prune_rate_at', 'resolve_step', 'UpdateSchedule']
 
@@ -29,6 +32,9 @@ def resolve_step(value: int | float | None, total_steps: int | None, arg: str) -
     """An absolute step from an int (step) or a float in (0, 1] (fraction of ``total_steps``)."""
     if value is None:
         return None
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise ValueError(f'{arg}={value!r} is not accepted: give an int (a step) or a float in [0, 1] (a fraction of '
+                         'training)')
     if isinstance(value, float):
         if not 0.0 <= value <= 1.0:
             raise ValueError(f'{arg}={value!r}: a float is a fraction of training in [0, 1]; give an int for a step')
@@ -45,7 +51,8 @@ class UpdateSchedule:
 
     ``milestones`` change the interval from a given step on (DSR: 100, then 200 / 400 / 800 from epochs 25/80/140):
     a sequence of ``(from_step, interval)`` pairs. Updates are counted from the last milestone, so a new period
-    starts cleanly where it begins.
+    starts cleanly where it begins. ``update_at_end`` adds one update at ``end`` when ``end`` is not on the grid
+    (a pruning schedule that must reach its final sparsity exactly at ``end``).
     """
 
     def __init__(
@@ -54,16 +61,25 @@ class UpdateSchedule:
             start: int = 0,
             end: int | None = None,
             milestones: Sequence[tuple[int, int]] | None = None,
+            update_at_end: bool = False,
     ):
-        if int(interval) < 1:
-            raise ValueError(f'update_interval={interval!r} must be a positive number of optimizer steps')
-        self.interval = int(interval)
+        self.interval = check_int('update_interval', interval, minimum=1)
         self.start = int(start)
         self.end = end
-        self.milestones = sorted((int(s), int(i)) for s, i in (milestones or []))
-        for s, i in self.milestones:
-            if i < 1:
-                raise ValueError(f'update_milestones: interval {i} at step {s} must be >= 1')
+        self.update_at_end = bool(update_at_end)
+        bad = ValueError(f'update_milestones={milestones!r} is not accepted: give a list of (from_step, interval) '
+                         'pairs of integers, from_step >= 0 and interval >= 1')
+        if milestones is not None and (isinstance(milestones, str) or not isinstance(milestones, Sequence)):
+            raise bad
+        pairs = []
+        for pair in milestones or []:
+            if isinstance(pair, str) or not isinstance(pair, Sequence) or len(pair) != 2:
+                raise bad
+            try:
+                pairs.append((check_int('update_milestones', pair[0], 0), check_int('update_milestones', pair[1], 1)))
+            except ValueError:
+                raise bad from None
+        self.milestones = sorted(pairs)
 
     def _period(self, step: int) -> tuple[int, int]:
         origin, interval = self.start, self.interval
@@ -76,8 +92,7 @@ class UpdateSchedule:
         """True when the optimizer step numbered ``step`` (1-based) is followed by a topology update."""
         if step <= self.start or (self.end is not None and step > self.end):
             return False
+        if self.update_at_end and step == self.end:
+            return True
         origin, interval = self._period(step)
         return (step - origin) % interval == 0 and step > origin
-
-    def state_dict(self) -> dict:
-        return {'interval': self.interval, 'start': self.start, 'end': self.end, 'milestones': self.milestones}

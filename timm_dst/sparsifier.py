@@ -14,17 +14,18 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from ._sparse_linear import DEFAULT_MAX_DENSITY
+from ._validate import check_bool, check_choice, check_float, check_int, check_patterns
 from .distributions import DISTRIBUTIONS, layer_counts
 from .methods._base import SparseMethod
-from .reparam import DSTMask, attach_mask, effective_weight, refresh_weight, unwrap_model
-from .schedules import UpdateSchedule, prune_rate_at, resolve_step
+from .reparam import DSTMask, attach_masks, effective_weight, flat_fill_, has_mask, refresh_weight, unwrap_model
+from .schedules import PRUNE_RATE_SCHEDULES, UpdateSchedule, prune_rate_at, resolve_step
 from .targets import SparseTarget, find_targets
 
-__all__ = ['Sparsifier', 'SPARSE_INITS', 'unwrap_optimizer']
+__all__ = ['Sparsifier', 'MASK_INITS', 'unwrap_optimizer']
 
 _logger = logging.getLogger(__name__)
 
-SPARSE_INITS = ('random', 'magnitude', 'global-magnitude')
+MASK_INITS = ('random', 'magnitude', 'global-magnitude')
 
 # optimizers whose update is exactly zero where weight, gradient and state are zero: masked weights stay zero
 # without re-masking every step
@@ -92,7 +93,7 @@ class Sparsifier:
         update_end: Topology freezes after this step (int) or fraction of training (float); None = never.
         update_milestones: ``[(from_step, interval), ...]``: ΔT changes during training (DSR's reallocation periods).
         grow_unexplored_first: SET+ (ITOP Appendix F): grow never-activated positions before explored ones.
-        sparse_init: Initial topology when the method has none of its own: ``'random'`` (exact counts from the
+        mask_init: Initial topology when the method has none of its own: ``'random'`` (exact counts from the
             distribution), ``'magnitude'`` (per-tensor largest |w|, counts from the distribution) or
             ``'global-magnitude'`` (one global top-k of |w|).
         include: Glob patterns selecting the sparse parameters (default: conv / linear weights).
@@ -125,7 +126,7 @@ class Sparsifier:
             update_end: int | float | None = None,
             update_milestones: Sequence[tuple[int, int]] | None = None,
             grow_unexplored_first: bool = False,
-            sparse_init: str = 'random',
+            mask_init: str = 'random',
             include: str | Sequence[str] | None = None,
             exclude: str | Sequence[str] | None = None,
             dense_first_layer: bool = False,
@@ -134,19 +135,27 @@ class Sparsifier:
             seed: int = 0,
             sparse_kernel_density: float = DEFAULT_MAX_DENSITY,
     ):
-        if isinstance(sparsity, bool) or not isinstance(sparsity, int | float) or not 0.0 <= float(sparsity) < 1.0:
-            raise ValueError(f'sparsity={sparsity!r} is not accepted: give a float in [0, 1)')
-        if distribution not in DISTRIBUTIONS:
-            raise ValueError(f'distribution={distribution!r} is not known; accepted: {", ".join(DISTRIBUTIONS)}')
-        if sparse_init not in SPARSE_INITS:
-            raise ValueError(f'sparse_init={sparse_init!r} is not known; accepted: {", ".join(SPARSE_INITS)}')
-        if not 0.0 <= prune_rate <= 1.0:
-            raise ValueError(f'prune_rate={prune_rate!r} must lie in [0, 1]')
-        if isinstance(sparse_kernel_density, bool) or not 0.0 <= float(sparse_kernel_density) <= 1.0:
-            raise ValueError(f'sparse_kernel_density={sparse_kernel_density!r} is not accepted: give a float in [0, 1] '
-                             '(0 turns the sparse kernels off)')
-        if total_steps is not None and int(total_steps) < 1:
-            raise ValueError(f'total_steps={total_steps!r} must be a positive number of optimizer steps')
+        sparsity = check_float('sparsity', sparsity, 0.0, 1.0, high_open=True)
+        check_choice('distribution', distribution, DISTRIBUTIONS)
+        check_choice('mask_init', mask_init, MASK_INITS)
+        check_choice('prune_rate_schedule', prune_rate_schedule, PRUNE_RATE_SCHEDULES)
+        prune_rate = check_float('prune_rate', prune_rate, 0.0, 1.0)
+        prune_rate_min = check_float('prune_rate_min', prune_rate_min, 0.0, 1.0)
+        update_interval = check_int('update_interval', update_interval, minimum=1)
+        if total_steps is not None:
+            total_steps = check_int('total_steps', total_steps, minimum=1)
+        seed = check_int('seed', seed)
+        sparse_kernel_density = check_float('sparse_kernel_density', sparse_kernel_density, 0.0, 1.0)
+        for key, value in (('grow_unexplored_first', grow_unexplored_first), ('dense_first_layer', dense_first_layer),
+                           ('dense_classifier', dense_classifier)):
+            check_bool(key, value)
+        check_bool('remask_every_step', remask_every_step, allow_none=True)
+        check_patterns('include', include)
+        check_patterns('exclude', exclude)
+        if not isinstance(model, nn.Module):
+            raise ValueError(f'model: expected a torch.nn.Module, got {type(model).__name__}')
+        if not isinstance(method, SparseMethod):
+            raise ValueError(f'method: expected a SparseMethod instance, got {type(method).__name__}')
         self.model = unwrap_model(model)
         self.optimizer = unwrap_optimizer(optimizer)
         self.method = method
@@ -158,11 +167,15 @@ class Sparsifier:
         self.prune_rate_schedule = prune_rate_schedule
         self.prune_rate_min = float(prune_rate_min)
         self.grow_unexplored_first = bool(grow_unexplored_first)
-        self.sparse_init = sparse_init
+        self.mask_init = mask_init
         self.seed = int(seed)
         start = resolve_step(update_start, self.total_steps, 'update_start') or 0
         end = resolve_step(update_end, self.total_steps, 'update_end')
-        self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones)
+        if end is not None and end < start:
+            raise ValueError(f'update_end={update_end!r} (step {end}) comes before update_start={update_start!r} '
+                             f'(step {start}): no update could ever run')
+        self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones,
+                                       update_at_end=method.update_at_end)
         self.prune_rate_end = end if end is not None else self.total_steps
         if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores:
             raise ValueError(
@@ -178,6 +191,7 @@ class Sparsifier:
             raise ValueError(
                 'model: nothing to sparsify (no >= 2-D weight of a conv / linear module matched); '
                 f'include={include!r}, exclude={exclude!r}: name parameters with include= glob patterns')
+        self._check_targets()
         self.config = {
             'method': self.method_name, 'sparsity': self.sparsity, 'distribution': distribution,
             'targets': [(t.name, list(t.shape)) for t in self.targets],
@@ -188,9 +202,14 @@ class Sparsifier:
         self._dense_grads: list[torch.Tensor | None] = [None] * len(self.targets)
         self._capture_handles: list[Any] = []
         self._step_hook = None
+        self._parent_handles: list[Any] = []
         self.total_numel = sum(t.numel for t in self.targets)
         self.sparse_kernel_density = float(sparse_kernel_density)
-        self._mask_methods: list[DSTMask] = []  # the attached DSTMask of each target
+        self._dst_masks: list[DSTMask] = []  # the attached pruning hook (DSTMask) of each target
+        self._grad_marks: list[tuple[int, int] | None] = [None] * len(self.targets)  # .grad after the last capture
+        self._update_pending = False  # an update postponed by a non-finite gradient runs at the next real step
+        self._detached = False  # set by fold_masks: the masks are gone
+        self._warned_state = False
 
         if not method.attaches:
             self.counts = [t.numel for t in self.targets]
@@ -199,12 +218,20 @@ class Sparsifier:
             return
 
         self.counts = layer_counts([t.shape for t in self.targets], self.sparsity, distribution)
+        empty = [t.name for t, c in zip(self.targets, self.counts) if c == 0]
+        if empty:
+            warnings.warn(f'timm_dst: {len(empty)} sparse tensor(s) get no active weight at sparsity={self.sparsity} '
+                          f'({", ".join(empty[:5])}{" ..." if len(empty) > 5 else ""}): the network is disconnected '
+                          "there; lower sparsity, use distribution='erk', or exclude them", stacklevel=3)
         masks = method.init_masks(self)
         if masks is None:
             masks = self._initial_masks()
         masks = self._broadcast_masks(masks)
-        for t, m in zip(self.targets, masks):
-            self._mask_methods.append(attach_mask(t.module, t.param_name, m))
+        method.prepare(self)
+        # every check is done: attach all masks or none
+        self._dst_masks = attach_masks([(t.module, t.param_name, m) for t, m in zip(self.targets, masks)])
+        for m in self._dst_masks:
+            m.controller = weakref.ref(self)
         self._zero_optimizer_state([t.mask for t in self.targets])
         self.explored = [t.mask.detach().clone() for t in self.targets]
         self._refresh_counts()
@@ -216,7 +243,6 @@ class Sparsifier:
         # some timm blocks read a child's weight in their own forward (BEiT / EVA / Swin V2 attention:
         # F.linear(x, self.qkv.weight, qkv_bias)), so the child's prune hook never runs. On the controlled model the
         # child's weight is its `_orig` parameter anyway; copies of it (timm's EMA) need `orig * mask` from the parent
-        self._parent_handles = []
         for i, t in enumerate(self.targets):
             owner = self._parent(i)
             if owner is not None:
@@ -270,13 +296,13 @@ class Sparsifier:
     # initial topology
     def _initial_masks(self) -> list[torch.Tensor]:
         cpu_gen = self.generator('cpu')
-        if self.sparse_init == 'global-magnitude':
+        if self.mask_init == 'global-magnitude':
             scores = [t.param.detach().abs() for t in self.targets]
             return self.global_topk_masks(scores, sum(self.counts))
         masks = []
         for t, count in zip(self.targets, self.counts):
             p = t.param
-            if self.sparse_init == 'magnitude':
+            if self.mask_init == 'magnitude':
                 score = p.detach().abs().flatten()
             else:
                 score = torch.rand(p.numel(), generator=cpu_gen).to(p.device)
@@ -288,6 +314,10 @@ class Sparsifier:
     def global_topk_masks(self, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         """Masks keeping the global top-``k`` of per-tensor scores (used by global magnitude, SNIP and LTH)."""
         flat = torch.cat([s.detach().flatten().float() for s in scores])
+        if not bool(torch.isfinite(flat).all()):
+            raise ValueError('scores of the initial mask are not finite (NaN / inf in the weights or in the gradients '
+                             'of the scoring batches): check the weights given (lth_trained_state) or the batches '
+                             '(snip_batches)')
         keep = torch.zeros_like(flat, dtype=torch.bool)
         keep[torch.topk(flat, k, sorted=False).indices] = True
         out, offset = [], 0
@@ -303,10 +333,17 @@ class Sparsifier:
         if self.remask_every_step:
             with torch.no_grad():
                 torch._foreach_mul_(self._origs, [t.mask for t in self.targets])  # buffers: looked up fresh
+        if any(g is not None for g in self._dense_grads) and not self._step_finite():
+            # never fold a non-finite window into method state (SNFS momentum) or grow from it (RigL)
+            warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: its dense gradients are dropped',
+                          stacklevel=2)
+            self.clear_dense_grads()
+        capturing = bool(self._capture_handles)
         self.method.on_step(self)
-        if self.schedule.is_update_step(self.step):
+        if self._update_pending or self.schedule.is_update_step(self.step):
             self.update()
-        capture = self.method.needs_dense_grad(self, self.step + 1)
+        # an update postponed by a non-finite gradient runs at the next step, with a fresh capture when it uses one
+        capture = self.method.needs_dense_grad(self, self.step + 1) or (self._update_pending and capturing)
         if capture != bool(self._capture_handles):
             self._set_capture(capture)
 
@@ -334,34 +371,58 @@ class Sparsifier:
         for h in self._capture_handles:
             h.remove()
         self._capture_handles = []
-        for method in self._mask_methods:  # the dense gradient needs the dense kernels
-            method.dense_grad_wanted = on
+        for dst_mask in self._dst_masks:  # the dense gradient needs the dense kernels
+            dst_mask.dense_grad_wanted = on
         if not on:
             return
         # a hook on the parameter itself sees its whole gradient (every use in the graph, the child's forward or a
-        # parent reading the child's weight) before it accumulates into .grad and is masked there
+        # parent reading the child's weight) before it accumulates into .grad and is masked there; a post-accumulate
+        # hook (after the masking one) notes which .grad the capture belongs to
         for i, t in enumerate(self.targets):
             self._capture_handles.append(t.param.register_hook(functools.partial(self._accumulate_grad, i)))
+            self._capture_handles.append(
+                t.param.register_post_accumulate_grad_hook(functools.partial(self._mark_grad, i)))
 
     def _accumulate_grad(self, i: int, grad: torch.Tensor) -> None:
+        """Capture window = lifetime of ``.grad``: the capture sums micro-steps only while ``.grad`` is the tensor the
+        last capture accumulated into, unchanged since. Zeroing the gradients (``zero_grad``, set to None or to zero)
+        starts a new window, so a backward whose step was skipped (``GradScaler`` after an overflow) leaves no trace.
+        """
         g = grad.detach().float()
-        if self._dense_grads[i] is None:
-            self._dense_grads[i] = g.clone()
+        held, mark, current = self._dense_grads[i], self._grad_marks[i], self.targets[i].param.grad
+        same = (held is not None and mark is not None and current is not None and mark[0]() is current
+                and mark[1] == current._version)
+        if same:
+            held.add_(g)
         else:
-            self._dense_grads[i].add_(g)
+            self._dense_grads[i] = g.clone()
+
+    def _mark_grad(self, i: int, param: torch.Tensor) -> None:
+        grad = param.grad
+        self._grad_marks[i] = (weakref.ref(grad), grad._version) if grad is not None else None
+
+    @property
+    def has_dense_grads(self) -> bool:
+        """Whether a dense gradient was captured since the last :meth:`clear_dense_grads` (on this rank)."""
+        return any(g is not None for g in self._dense_grads)
 
     def dense_grads(self) -> list[torch.Tensor]:
-        """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks)."""
+        """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks).
+
+        A read-only view for methods: new tensors (zeros where nothing was captured); the accumulators themselves are
+        private. Collective with several processes: call it on every rank.
+        """
         grads = [g if g is not None else torch.zeros_like(t.param, dtype=torch.float32)
                  for g, t in zip(self._dense_grads, self.targets)]
         if _dist_world() > 1:
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat)
             flat.div_(_dist_world())
-            grads = [c.view_as(g) for c, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
+            grads = [c.view(g.shape) for c, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
         return grads
 
     def clear_dense_grads(self) -> None:
+        """Forget the captured dense gradients (a method that consumes them every step, like SNFS, calls this)."""
         self._dense_grads = [None] * len(self.targets)
 
     # ------------------------------------------------------------------------------------------------------------
@@ -373,19 +434,41 @@ class Sparsifier:
             return True
         return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
 
+    def _step_finite(self) -> bool:
+        """Whether this step's gradients (of the sparse weights, and the captured dense ones) are finite; one check
+        per step."""
+        cached = getattr(self, '_finite_cache', None)
+        if cached is None or cached[0] != self.step:
+            cached = self._finite_cache = (self.step, self._gradients_finite())
+        return cached[1]
+
+    def _check_live(self) -> None:
+        if self._detached:
+            raise RuntimeError('this sparsifier was detached by timm_dst.fold_masks(model): its masks are gone; create '
+                               'a new sparsifier to sparsify the model again')
+
     @torch.no_grad()
     def update(self) -> None:
-        """One topology update at the current step (called by the step hook; callable by hand)."""
+        """One topology update at the current step (called by the step hook; callable by hand).
+
+        With a non-finite gradient at this step the update is postponed to the next optimizer step (with a warning),
+        so a method's schedule is never missed (GMP reaches its target, LTH / SNIP masks are final).
+        """
+        self._check_live()
         if not self.method.explores:
             return
-        if not self._gradients_finite():
-            warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: topology update skipped', stacklevel=2)
+        if not self._step_finite():
+            warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: topology update postponed to the next '
+                          'step', stacklevel=2)
             self.clear_dense_grads()
+            self._update_pending = True
             return
+        self._update_pending = False
         for i, t in enumerate(self.targets):  # the model may have moved since attaching (module.to swaps buffers)
             if self.explored[i].device != t.mask.device:
                 self.explored[i] = self.explored[i].to(t.mask.device)
         rate = self.prune_rate
+        self.method.before_update(self)
         n_drop = self.method.drop_counts(self, rate)
         drops, kept = zip(*[self._drop_lowest(i, k) for i, k in enumerate(n_drop)]) if n_drop else ((), ())
         n_grow = self.method.grow_counts(self, list(n_drop), list(kept))
@@ -403,10 +486,10 @@ class Sparsifier:
         kept = mask.clone()
         if k <= 0:
             return torch.empty(0, dtype=torch.long, device=mask.device), kept
-        active = mask.view(-1).nonzero().squeeze(1)  # drop candidates: active weights only
+        active = mask.reshape(-1).nonzero().squeeze(1)  # drop candidates: active weights only
         score = self.method.drop_score(self, i).reshape(-1)[active].float()
         drop = active[topk_indices(score.neg_(), k)]
-        kept.view(-1)[drop] = False
+        flat_fill_(kept, drop, False)
         return drop, kept
 
     def _grow_highest(self, i: int, k: int, kept: torch.Tensor, n_kept: int) -> torch.Tensor:
@@ -420,14 +503,14 @@ class Sparsifier:
         score = self.method.grow_score(self, i)
         if score is None:
             if not self.grow_unexplored_first:
-                return self._sample_free(blocked.view(-1), k, t.numel - n_blocked)
+                return self._sample_free(blocked.reshape(-1), k, t.numel - n_blocked)
             # SET+: never-activated positions first, then the explored ones
-            fresh_blocked = (blocked | self.explored[i]).view(-1)
+            fresh_blocked = (blocked | self.explored[i]).reshape(-1)
             n_fresh = fresh_blocked.numel() - int(torch.count_nonzero(fresh_blocked))
             first = self._sample_free(fresh_blocked, min(k, n_fresh), n_fresh)
             if first.numel() == k:
                 return first
-            rest_blocked = blocked.view(-1).clone()
+            rest_blocked = blocked.reshape(-1).clone()
             rest_blocked[first] = True
             rest = self._sample_free(rest_blocked, k - first.numel(), t.numel - n_blocked - first.numel())
             return torch.cat([first, rest])
@@ -437,7 +520,7 @@ class Sparsifier:
             offset = finite.max() - finite.min() + 1.0
             score = torch.where(self.explored[i], score, score + offset)
         score = score.masked_fill(blocked, -math.inf)
-        return topk_indices(score.view(-1), k)
+        return topk_indices(score.reshape(-1), k)
 
     def _sample_free(self, blocked: torch.Tensor, k: int, n_free: int) -> torch.Tensor:
         """``k`` distinct flat positions drawn uniformly at random where ``blocked`` is False (exact, seeded)."""
@@ -464,16 +547,14 @@ class Sparsifier:
         """Install an update given as flat index sets: O(k) writes to masks, weights and optimizer state."""
         newly = []
         for i, (t, drop, grow) in enumerate(zip(self.targets, drops, grows)):
-            mask = t.mask.view(-1)
-            mask[drop] = False
-            mask[grow] = True
+            flat_fill_(t.mask, drop, False)  # flat_fill_: masks and weights may be channels_last
+            flat_fill_(t.mask, grow, True)
             reset = torch.cat([drop, grow])  # dropped weights go to zero; grown ones start at zero
-            t.param.detach().view(-1).index_fill_(0, reset, 0.0)
+            flat_fill_(t.param.detach(), reset, 0.0)
             for value in self._state_tensors(t):
-                value.view(-1).index_fill_(0, reset, 0.0)
-            explored = self.explored[i].view(-1)
-            newly.append((~explored[grow]).sum())
-            explored[grow] = True
+                flat_fill_(value, reset, 0.0)
+            newly.append((~self.explored[i].reshape(-1)[grow]).sum())
+            flat_fill_(self.explored[i], grow, True)
             self.counts[i] += grow.numel() - drop.numel()
             refresh_weight(t.module, t.param_name)
         if newly:
@@ -517,14 +598,30 @@ class Sparsifier:
 
     def _place_kernels(self) -> None:
         """Sparse kernels on the linear layers whose budget is at most ``sparse_kernel_density``, none elsewhere."""
-        for t, method, count in zip(self.targets, self._mask_methods, self.counts):
-            method.install_sparse_kernels(t.module, self.sparse_kernel_density, count)
+        for t, dst_mask, count in zip(self.targets, self._dst_masks, self.counts):
+            dst_mask.install_sparse_kernels(t.module, self.sparse_kernel_density, count)
 
     def _state_tensors(self, t: SparseTarget) -> list[torch.Tensor]:
-        """Optimizer-state tensors shaped like a sparse weight (momentum, Adam moments, ...)."""
+        """Optimizer-state tensors shaped like a sparse weight (momentum, Adam moments, ...).
+
+        State of another shape (Adafactor's factored row / column statistics) cannot be reset at single positions: a
+        warning says so once.
+        """
         state = self.optimizer.state.get(t.param) or {}
-        return [v for v in state.values()
-                if torch.is_tensor(v) and v.shape == t.param.shape and v.is_floating_point()]
+        out = []
+        for key, v in state.items():
+            if not torch.is_tensor(v) or not v.is_floating_point():
+                continue
+            if v.shape == t.param.shape:
+                out.append(v)
+            elif v.dim() >= 1 and not self._warned_state:
+                self._warned_state = True
+                warnings.warn(
+                    f'timm_dst: optimizer state {key!r} of {t.name} (shape {tuple(v.shape)}, weight '
+                    f'{tuple(t.param.shape)}) cannot be reset at grown positions ({type(self.optimizer).__name__}): '
+                    'grown weights still start at zero and masked weights stay zero, but their second-moment '
+                    'statistics carry history', stacklevel=3)
+        return out
 
     def _zero_optimizer_state(self, keep: list[torch.Tensor]) -> None:
         """Zero every optimizer-state tensor shaped like a sparse weight outside ``keep`` (momentum, Adam moments)."""
@@ -551,16 +648,47 @@ class Sparsifier:
     @torch.no_grad()
     def set_masks(self, masks: list[torch.Tensor], record: bool = True) -> None:
         """Replace the topology (exact masks given), with the same weight / state surgery as an update."""
+        self._check_live()
         self._apply_masks(self._broadcast_masks([m.to(torch.bool) for m in masks]))
         if record:
             self._record(prune_rate=0.0)
 
     def remove(self) -> None:
-        """Detach the step hook and gradient-capture hooks (masks stay attached)."""
+        """Detach every hook the sparsifier added: the optimizer step hook, the gradient-capture hooks and the parents'
+        weight-refresh hooks. The masks stay attached; to sparsify the model again, make it plain first with
+        :func:`timm_dst.fold_masks` (the zeros stay)."""
         if self._step_hook is not None:
             self._step_hook.remove()
             self._step_hook = None
+        for h in self._parent_handles:
+            h.remove()
+        self._parent_handles = []
         self._set_capture(False)
+
+    def _detach_masks(self) -> None:
+        """Called by :func:`timm_dst.fold_masks` before it removes the masks."""
+        self.remove()
+        self._detached = True
+
+    def _check_targets(self) -> None:
+        """Refuse, before anything is touched, targets that already carry a mask and (for methods that attach
+        masks) sparse weights the optimizer does not train."""
+        carrying = [t.name for t in self.targets if has_mask(t.module, t.param_name)]
+        if carrying:
+            raise ValueError(
+                f'model: {", ".join(carrying[:5])}{" ..." if len(carrying) > 5 else ""} already carr'
+                f'{"ies" if len(carrying) == 1 else "y"} a mask (the model was sparsified before): continue with that '
+                'sparsifier (sp.load_state_dict restores a saved one), or call timm_dst.fold_masks(model) first '
+                '(it detaches a live sparsifier and keeps the zeros) to sparsify it again')
+        if not self.method.attaches:
+            return
+        held = {id(p) for group in self.optimizer.param_groups for p in group['params']}
+        missing = [t.name for t in self.targets if id(t.param) not in held]
+        if missing:
+            raise ValueError(
+                f'optimizer: does not hold the sparse weight(s) {", ".join(missing[:5])}'
+                f'{" ..." if len(missing) > 5 else ""} ({len(missing)} of {len(self.targets)}), so they would never '
+                'train: pass the optimizer of this model, or leave them out with exclude=')
 
     # ------------------------------------------------------------------------------------------------------------
     # state
@@ -586,6 +714,7 @@ class Sparsifier:
         Raises:
             ValueError: When ``state`` comes from another method, sparsity, distribution or set of sparse tensors.
         """
+        self._check_live()
         if not isinstance(state, dict) or 'config' not in state:
             raise ValueError('state: not a timm_dst Sparsifier state_dict (no "config" entry)')
         cfg = state['config']

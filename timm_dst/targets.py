@@ -11,6 +11,7 @@ forward turns masked zeros into non-zeros) stay dense unless named by ``include`
 from __future__ import annotations
 
 import fnmatch
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -53,6 +54,20 @@ class SparseTarget:
     @property
     def numel(self) -> int:
         return self.param.numel()
+
+
+def _check_shared_storage(targets: list[SparseTarget]) -> None:
+    """Distinct parameters over one storage (``nn.Parameter(other.weight.data)``) would get independent masks."""
+    seen: dict[tuple, str] = {}
+    for t in targets:
+        p = t.param
+        if p.device.type == 'meta' or p.numel() == 0:
+            continue
+        key = (p.device, p.data_ptr())
+        if key in seen:
+            raise ValueError(f'model: {seen[key]} and {t.name} are different parameters over the same memory; tie '
+                             'them as one parameter (b.weight = a.weight), or exclude= one of them')
+        seen[key] = t.name
 
 
 def _is_weight_standardized(module: nn.Module) -> bool:
@@ -111,12 +126,19 @@ def find_targets(
     """
     include_p, exclude_p = _as_list(include), _as_list(exclude)
     candidates: list[SparseTarget] = []
-    for mod_name, module in model.named_modules():
+    aliases: dict[int, list[str]] = {}  # id(parameter) -> every name it has (tied weights have several)
+    for mod_name, module in model.named_modules(remove_duplicate=False):
         for p_name, param in module.named_parameters(recurse=False):
+            if param is None:
+                continue
             name = f'{mod_name}.{p_name}' if mod_name else p_name
             if p_name.endswith('_orig'):
                 p_name, name = p_name[:-5], name[:-5]
-            if param is None or param.dim() < 2:
+            if id(param) in aliases:  # a weight shared by several modules is one tensor: one target, one mask
+                aliases[id(param)].append(name)
+                continue
+            aliases[id(param)] = [name]
+            if param.dim() < 2:
                 continue
             if include_p:
                 if not _matches(name, include_p):
@@ -125,8 +147,16 @@ def find_targets(
                   or _is_position_module(mod_name)):
                 continue
             candidates.append(SparseTarget(name=name, module=module, param_name=p_name))
-    if exclude_p:
-        candidates = [t for t in candidates if not _matches(t.name, exclude_p)]
+    if exclude_p:  # a tied weight excluded under any of its names is excluded
+        candidates = [t for t in candidates if not any(_matches(n, exclude_p) for n in aliases[id(t.param)])]
+    frozen = [t.name for t in candidates if not t.param.requires_grad]
+    if frozen:
+        # a weight that does not train cannot explore: DST would only prune it. Leave it dense, and say so
+        warnings.warn(f'timm_dst: {len(frozen)} frozen weight(s) (requires_grad=False) stay dense: '
+                      f'{", ".join(frozen[:5])}{" ..." if len(frozen) > 5 else ""}; unfreeze them before creating '
+                      'the sparsifier to make them sparse', stacklevel=4)
+        candidates = [t for t in candidates if t.param.requires_grad]
+    _check_shared_storage(candidates)
 
     cfg = getattr(model, 'pretrained_cfg', None) or {}
     drop: set[str] = set()

@@ -27,8 +27,9 @@ import torch.nn as nn
 from ._checkpoint import LAST, CheckpointError, save_safetensors_atomic
 from ._config import args_to_yaml, parse_args
 from ._data import create_loaders, create_mixup, data_config_args, describe_sizes, open_datasets
+from ._registry import get_method_info
 from ._train_build import create_accelerator, create_losses, create_train_model, pretrained_overlay, scale_lr
-from ._train_lth import train_lth as _train_lth
+from ._train_lth import train_two_phases as _train_two_phases
 from ._train_outputs import (
     SUMMARY_CSV,
     SUMMARY_PNG,
@@ -43,7 +44,7 @@ from ._train_outputs import (
     write_summary_row,
 )
 
-__all__ = ['main', 'train', 'train_lth', 'evaluate', 'TrainingDivergedError']
+__all__ = ['main', 'train', 'train_two_phases', 'evaluate', 'TrainingDivergedError']
 
 _logger = logging.getLogger('timm_dst.train')
 
@@ -116,7 +117,7 @@ class _Run:
     def __init__(self, args: argparse.Namespace, rewind: tuple[int, str] | None = None):
         from accelerate.utils import broadcast_object_list, set_seed
         self.args = args
-        self.rewind = rewind  # (optimizer step, file): save the weights there (the dense phase of LTH)
+        self.rewind = rewind  # (optimizer step, file): save the weights there (a dense phase)
         if args.threads:
             torch.set_num_threads(args.threads)
         self.accelerator = acc = create_accelerator(args)
@@ -198,10 +199,11 @@ class _Run:
             self.num_epochs = args.epochs
         self.total_steps = self.num_epochs * self.updates_per_epoch
         overrides: dict[str, Any] = {}
-        if args.dst in ('snip', 'snip-set-itop') and not getattr(args, 'snip_batches', None):
-            # score on the first training batch(es) (every rank scores the same batches; on a resume the scores are
-            # computed again, then the checkpoint's masks replace them)
-            overrides = {'snip_batches': self.train_loader, 'snip_num_batches': args.snip_num_batches or 1}
+        data_arg = get_method_info(args.dst).init_data_arg
+        if data_arg is not None and not getattr(args, data_arg, None):
+            # score on the first training batch(es), from the unprepared loader (every rank scores the same batches;
+            # on a resume the scores are computed again, then the checkpoint's masks replace them)
+            overrides = {data_arg: self.train_loader}
         try:
             self.sparsifier = create_sparsifier_from_args(self.model, self.optimizer, args,
                                                           total_steps=self.total_steps, **overrides)
@@ -484,13 +486,13 @@ class _Run:
             self.sparsifier.itop_rate))
 
     def _save_rewind(self) -> None:
-        """Save the LTH rewind point (plain timm weights and buffers, CPU) atomically."""
-        from .methods.lth import capture_weights
+        """Save the rewind point of a dense phase (plain timm weights and buffers, CPU) atomically."""
+        from .methods import capture_weights
         if self.is_main:
             tmp = self.rewind[1] + '.part'
             torch.save(capture_weights(self.model), tmp)
             os.replace(tmp, self.rewind[1])
-            _logger.info(f'lth: rewind point at optimizer step {self.num_updates} saved to {self.rewind[1]}')
+            _logger.info(f'dense phase: rewind point at optimizer step {self.num_updates} saved to {self.rewind[1]}')
         self.accelerator.wait_for_everyone()
 
     def _fold_meters(self, sums: torch.Tensor, count: int) -> None:
@@ -651,18 +653,20 @@ class _Run:
 
 
 # --------------------------------------------------------------------------------------------------------------------
-def train_lth(args: argparse.Namespace) -> dict[str, Any]:
-    """Both phases of the Lottery Ticket Hypothesis (see :func:`timm_dst._train_lth.train_lth`)."""
-    return _train_lth(args, _Run, _output_dir)
+def train_two_phases(args: argparse.Namespace) -> dict[str, Any]:
+    """Both phases of a method with a dense phase, LTH (see :func:`timm_dst._train_lth.train_two_phases`)."""
+    return _train_two_phases(args, _Run, _output_dir)
 
 
 def train(args: argparse.Namespace) -> dict[str, Any]:
     """Run the training described by parsed ``args``; returns the results (also written to ``results.json``).
 
-    ``--dst lth`` / ``lth-set-itop`` without ``--lth-trained-state`` runs both LTH phases (see :func:`train_lth`).
+    A method with a dense phase (``--dst lth`` / ``lth-set-itop``) without its trained state runs both phases (see
+    :func:`train_two_phases`).
     """
-    if args.dst in ('lth', 'lth-set-itop') and not args.lth_trained_state:
-        return train_lth(args)
+    phase = get_method_info(args.dst).dense_phase
+    if phase is not None and not getattr(args, phase.trained_state_arg):
+        return train_two_phases(args)
     return _Run(args).fit()
 
 

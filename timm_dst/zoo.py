@@ -31,7 +31,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from .targets import _is_position_module
+from ._registry import DEFAULT_METHOD
 
 __all__ = ['DEFAULT_SUITE', 'ZooResult', 'check_model', 'run_zoo', 'format_table', 'main']
 
@@ -149,6 +149,24 @@ def _train_two_updates(model: nn.Module, x: torch.Tensor, sparsity: float, metho
     return sp
 
 
+def _no_weight_decay(model: nn.Module) -> set[str]:
+    """Names or glob patterns of the parameters (or modules) the model's ``no_weight_decay()`` lists, if it has one."""
+    fn = getattr(model, 'no_weight_decay', None)
+    if not callable(fn):
+        return set()
+    try:
+        names = fn()
+    except Exception:  # noqa: BLE001  (a model whose list cannot be built has none to check)
+        return set()
+    if not isinstance(names, set | list | tuple):
+        return set()
+    return {n[:-len('_orig')] if n.endswith('_orig') else n for n in names}
+
+
+def _listed(name: str, patterns: set[str]) -> bool:
+    return any(name == p or name.startswith(p + '.') or fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
 def _check_invariants(sp, sparsity: float) -> None:
     if sp.step != 2 or len(sp.history) != 3:
         raise RuntimeError(f'expected two topology updates, got step={sp.step}, records={len(sp.history)}')
@@ -162,8 +180,10 @@ def _check_invariants(sp, sparsity: float) -> None:
             w = getattr(t.module, t.param_name)
             if bool(((w != 0) & ~t.mask).any()):
                 raise RuntimeError(f'{t.name}: masked positions non-zero in the effective weight')
-        bad = [t.name for t in sp.targets
-               if any(f in t.name for f in _FORBIDDEN) or _is_position_module(t.name.rsplit('.', 1)[0])]
+        # two sources independent of the target selection: names of tokens / tables, and the parameters timm
+        # itself exempts from weight decay (position tables and the layers that compute position encodings)
+        no_decay = _no_weight_decay(sp.model)
+        bad = [t.name for t in sp.targets if any(f in t.name for f in _FORBIDDEN) or _listed(t.name, no_decay)]
         if bad:
             raise RuntimeError(f'position embedding / token / table made sparse: {", ".join(bad[:3])}')
     if sp.itop_rate + 1e-12 < sp.density:
@@ -178,7 +198,7 @@ def check_model(
         img_size: int = 64,
         batch_size: int = 2,
         sparsity: float = 0.9,
-        method: str = 'rigl-itop',
+        method: str = DEFAULT_METHOD,
         num_classes: int | None = None,
 ) -> ZooResult:
     """Run the zoo check on one architecture; never raises (a failure is a row with its reason).
@@ -339,7 +359,7 @@ def run_zoo(
         img_size: int = 64,
         batch_size: int = 2,
         sparsity: float = 0.9,
-        method: str = 'rigl-itop',
+        method: str = DEFAULT_METHOD,
         timeout: float = 300.0,
         max_params: float | None = None,
         min_params: float | None = None,
@@ -493,7 +513,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument('--img-size', type=int, default=64)
     parser.add_argument('-b', '--batch-size', type=int, default=2)
     parser.add_argument('--sparsity', type=float, default=0.9)
-    parser.add_argument('--method', default='rigl-itop')
+    parser.add_argument('--method', default=DEFAULT_METHOD)
     parser.add_argument('--max-params', type=float, default=None, help='skip models above this many M params')
     parser.add_argument('--min-params', type=float, default=None,
                         help='skip models at or below this many M params (to sweep the large ones separately)')

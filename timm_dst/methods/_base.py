@@ -1,6 +1,23 @@
-"""The method interface: a DST method says only which weights to drop, which to grow, and how many per tensor."""
+"""The method interface: a DST method says only which weights to drop, which to grow, and how many per tensor.
+
+The contract between a method and the controller (:class:`~timm_dst.sparsifier.Sparsifier`) is closed: a method reads
+and calls only the controller's public surface (``targets``, ``counts``, ``step``, ``schedule``, ``sparsity``,
+``distribution``, ``model``, ``optimizer``, ``generator()``, ``global_topk_masks()``, ``has_dense_grads``,
+``dense_grads()``, ``clear_dense_grads()``) and is called only through the hooks below, in this order:
+
+* once, when the controller is built: :meth:`SparseMethod.init_masks` (the dense weights are still plain parameters),
+  then :meth:`SparseMethod.prepare` (after the initial masks are chosen, before they are attached);
+* after every optimizer step: :meth:`SparseMethod.on_step`; then, on an update step of the schedule,
+  :meth:`SparseMethod.before_update`, :meth:`SparseMethod.drop_counts`, :meth:`SparseMethod.drop_score` (per tensor),
+  :meth:`SparseMethod.grow_counts`, :meth:`SparseMethod.grow_score` (per tensor) and :meth:`SparseMethod.after_update`;
+  finally :meth:`SparseMethod.needs_dense_grad` for the next step;
+* :meth:`SparseMethod.state_dict` / :meth:`SparseMethod.load_state_dict` with the controller's own state.
+
+See ``docs/design.md`` for the whole contract and the invariants the controller keeps.
+"""
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -8,7 +25,28 @@ import torch
 if TYPE_CHECKING:
     from ..sparsifier import Sparsifier
 
-__all__ = ['SparseMethod']
+__all__ = ['SparseMethod', 'DensePhase']
+
+
+@dataclass(frozen=True)
+class DensePhase:
+    """A method whose sparse run starts from a dense run (the lottery ticket): the CLI trains dense first.
+
+    The CLI runs ``dense_method`` in ``<output>/dense``, saves the weights at optimizer step
+    ``args.<rewind_step_arg>`` (0 = the initialisation) as the rewind point, then builds this method with
+    ``<trained_state_arg>=`` the dense run's last weights and ``<rewind_state_arg>=`` the rewind point.
+
+    Attributes:
+        trained_state_arg: The method's constructor keyword taking the trained dense weights.
+        rewind_state_arg: The method's constructor keyword taking the weights to rewind to.
+        rewind_step_arg: The CLI-only argument (a flag of its own) naming the optimizer step of the rewind point.
+        dense_method: The registered method name the dense phase trains with.
+    """
+
+    trained_state_arg: str
+    rewind_state_arg: str
+    rewind_step_arg: str
+    dense_method: str
 
 
 class SparseMethod:
@@ -17,30 +55,61 @@ class SparseMethod:
     Subclasses override the scores and budgets; the controller (:class:`~timm_dst.sparsifier.Sparsifier`) owns the
     masks, the exact counts, optimizer-state surgery, the schedule, R_s, rank sync and checkpointing.
 
+    The class attributes are the method's capabilities; the registry copies them into its
+    :class:`~timm_dst.MethodInfo` entries, and the controller and the CLI act on them.
+
     Attributes:
-        attaches: Whether masks are attached at all (False only for ``dense``).
-        explores: Whether the topology changes after initialisation.
+        attaches: Whether masks are attached at all (False only for a dense baseline).
+        explores: Whether the topology changes after initialisation (False: :meth:`update` does nothing).
+        moves_budget: Whether the per-tensor active counts may change during training (the global total is kept).
+        uses_dense_grads: Whether the method reads the dense gradient of the sparse weights (``sp.dense_grads()``);
+            the default :meth:`needs_dense_grad` then captures it on the backward before each update.
+        update_at_end: Also update at the schedule's ``update_end`` when it is not a multiple of ΔT after the start
+            (a pruning schedule that must end exactly at its final sparsity).
         grow_excludes_dropped: Whether positions dropped in the same update are barred from regrowth.
+        init_data_arg: The constructor keyword taking data batches to score the initial topology with (None: the
+            method needs no data). The CLI passes its training loader there unless the user gave that argument.
+        dense_phase: A :class:`DensePhase` when the method starts from a trained dense model (the CLI then runs both
+            phases), else None.
     """
 
     attaches: bool = True
     explores: bool = True
+    moves_budget: bool = False
+    uses_dense_grads: bool = False
+    update_at_end: bool = False
     grow_excludes_dropped: bool = False
+    init_data_arg: str | None = None
+    dense_phase: DensePhase | None = None
 
     # --- initial topology ------------------------------------------------------------------------------------------
     def init_masks(self, sp: Sparsifier) -> list[torch.Tensor] | None:
-        """Initial masks, or None to let the controller use its ``sparse_init`` policy (random / magnitude)."""
+        """Initial masks, or None to let the controller use its ``mask_init`` policy (random / magnitude).
+
+        Called before the masks are attached: ``sp.targets[i].param`` is still the plain dense weight.
+        """
         return None
+
+    def prepare(self, sp: Sparsifier) -> None:
+        """Called once after the initial masks are chosen and before they are attached: change the model or the
+        optimizer for the sparse run (the lottery ticket rewinds the weights and clears the optimizer state here)."""
 
     # --- per-step -----------------------------------------------------------------------------------------------
     def needs_dense_grad(self, sp: Sparsifier, step: int) -> bool:
-        """Whether the backward of optimizer step ``step`` must capture the dense gradient of the sparse weights."""
-        return False
+        """Whether the backward of optimizer step ``step`` must capture the dense gradient of the sparse weights.
+
+        Default: on the steps followed by a topology update when :attr:`uses_dense_grads` is set, else never.
+        """
+        return self.uses_dense_grads and sp.schedule.is_update_step(step)
 
     def on_step(self, sp: Sparsifier) -> None:
         """Called after every optimizer step, before a topology update if one is due (keep it cheap)."""
 
     # --- topology update ---------------------------------------------------------------------------------------
+    def before_update(self, sp: Sparsifier) -> None:
+        """Called at the start of every topology update, before :meth:`drop_counts` (fetch gradient-based scores
+        here, e.g. ``sp.dense_grads()``, which also averages them over ranks)."""
+
     def drop_counts(self, sp: Sparsifier, rate: float) -> list[int]:
         """How many active weights each tensor drops."""
         return [int(round(rate * c)) for c in sp.counts]

@@ -13,6 +13,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import register_method
+from .._validate import check_float, check_int
 from ..distributions import round_exact
 from ._base import SparseMethod
 
@@ -32,18 +33,13 @@ class DSR(SparseMethod):
         dsr_tolerance: delta, the tolerance of the feedback loop (official 0.1).
     """
 
+    moves_budget = True
     grow_excludes_dropped = True
 
     def __init__(self, dsr_np: int | None = None, dsr_threshold: float = 1e-3, dsr_tolerance: float = 0.1):
-        if dsr_np is not None and int(dsr_np) < 1:
-            raise ValueError(f'dsr_np={dsr_np!r} must be a positive number of weights')
-        if dsr_threshold <= 0:
-            raise ValueError(f'dsr_threshold={dsr_threshold!r} must be > 0')
-        if not 0.0 <= dsr_tolerance < 1.0:
-            raise ValueError(f'dsr_tolerance={dsr_tolerance!r} must lie in [0, 1)')
-        self.np_target = int(dsr_np) if dsr_np is not None else None
-        self.threshold = float(dsr_threshold)
-        self.tolerance = float(dsr_tolerance)
+        self.np_target = check_int('dsr_np', dsr_np, minimum=1) if dsr_np is not None else None
+        self.threshold = check_float('dsr_threshold', dsr_threshold, 0.0, low_open=True)
+        self.tolerance = check_float('dsr_tolerance', dsr_tolerance, 0.0, 1.0, high_open=True)
 
     def drop_counts(self, sp: Sparsifier, rate: float) -> list[int]:
         below = torch.stack([
@@ -71,4 +67,5 @@ class DSR(SparseMethod):
         return f'dsr_np={self.np_target}, dsr_threshold={self.threshold}, dsr_tolerance={self.tolerance}'
 
 
-register_method('dsr', DSR, update_interval=100, prune_rate_schedule='constant')
+register_method('dsr', DSR, description='DSR: adaptive global magnitude threshold, random regrowth shared by surviving '
+                'counts', update_interval=100, prune_rate_schedule='constant')

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import register_method
+from .._validate import check_bool, check_float
 from ..distributions import layer_counts
 from ._base import SparseMethod
 
@@ -50,11 +51,11 @@ class GMP(SparseMethod):
         gmp_global: Prune by one global magnitude ranking (True) or per tensor (False, default).
     """
 
+    update_at_end = True  # reach s_f exactly at t1 even when t1 - t0 is not a multiple of ΔT
+
     def __init__(self, gmp_initial_sparsity: float = 0.0, gmp_global: bool = False):
-        if not 0.0 <= float(gmp_initial_sparsity) < 1.0:
-            raise ValueError(f'gmp_initial_sparsity={gmp_initial_sparsity!r} must lie in [0, 1)')
-        self.initial_sparsity = float(gmp_initial_sparsity)
-        self.global_ = bool(gmp_global)
+        self.initial_sparsity = check_float('gmp_initial_sparsity', gmp_initial_sparsity, 0.0, 1.0, high_open=True)
+        self.global_ = check_bool('gmp_global', gmp_global)
         self.initial_counts: list[int] = []
         self.final_counts: list[int] = []
         self.start = 0
@@ -63,8 +64,7 @@ class GMP(SparseMethod):
     # --- schedule ----------------------------------------------------------------------------------------------
     def decay(self, step: int) -> float:
         """``(1 - (t - t0) / (t1 - t0))^3``, clipped to [0, 1]."""
-        frac = min(max((step - self.start) / (self.end - self.start), 0.0), 1.0)
-        return (1.0 - frac) ** 3
+        return cubic_sparsity(step, 1.0, 0.0, self.start, self.end)
 
     def target_counts(self, step: int) -> list[int]:
         """Per-tensor active counts at ``step`` (per-tensor mode)."""
@@ -107,11 +107,6 @@ class GMP(SparseMethod):
             masks.append(mask.view(t.shape))
         return masks
 
-    def on_step(self, sp: Sparsifier) -> None:
-        # reach s_f exactly at t1 even when t1 - t0 is not a multiple of ΔT
-        if sp.step == self.end and not sp.schedule.is_update_step(sp.step):
-            sp.update()
-
     def drop_counts(self, sp: Sparsifier, rate: float) -> list[int]:
         if not self.global_:
             return [max(0, c - k) for c, k in zip(sp.counts, self.target_counts(sp.step))]
@@ -143,5 +138,6 @@ class GMP(SparseMethod):
         return f'gmp_initial_sparsity={self.initial_sparsity}, gmp_global={self.global_}'
 
 
-register_method('gmp', GMP, distribution='uniform', update_interval=100, update_end=0.75, prune_rate=0.0,
+register_method('gmp', GMP, description='GMP: gradual magnitude pruning on the cubic schedule, no regrowth',
+                distribution='uniform', update_interval=100, update_end=0.75, prune_rate=0.0,
                 prune_rate_schedule='constant')

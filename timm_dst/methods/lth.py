@@ -32,9 +32,10 @@ from typing import TYPE_CHECKING, Any
 import torch
 import torch.nn as nn
 
-from .._registry import create_sparsifier, register_method
+from .._registry import create_sparsifier, get_method_info, list_methods, register_method
+from .._validate import load_file
 from ..reparam import export_state_dict, unwrap_model
-from ._base import SparseMethod
+from ._base import DensePhase, SparseMethod
 
 if TYPE_CHECKING:
     from ..sparsifier import Sparsifier
@@ -60,17 +61,7 @@ def load_weights(source: WeightsSource, arg: str = 'state') -> OrderedDict[str, 
         arg: Argument name used in error messages.
     """
     if isinstance(source, str | os.PathLike):
-        path = os.fspath(source)
-        if not os.path.isfile(path):
-            raise ValueError(f'{arg}={path!r}: no such file')
-        if path.endswith('.safetensors'):
-            from safetensors.torch import load_file
-            source = load_file(path, device='cpu')
-        else:
-            try:
-                source = torch.load(path, map_location='cpu', weights_only=True)
-            except Exception:  # noqa: BLE001  (checkpoints with non-tensor objects, e.g. an argparse Namespace)
-                source = torch.load(path, map_location='cpu', weights_only=False)
+        source = load_file(source, arg)
     if isinstance(source, nn.Module):
         return export_state_dict(unwrap_model(source))
     if not isinstance(source, Mapping):
@@ -107,6 +98,8 @@ class LTH(SparseMethod):
     """
 
     explores = False
+    dense_phase = DensePhase(trained_state_arg='lth_trained_state', rewind_state_arg='lth_rewind_state',
+                             rewind_step_arg='lth_rewind_step', dense_method='dense')
 
     def __init__(
             self,
@@ -136,15 +129,18 @@ class LTH(SparseMethod):
             weights = [t.param.detach() for t in sp.targets]
         masks = sp.global_topk_masks([w.abs() for w in weights], sum(sp.counts))
         del weights
+        # keep a path (reprs, CLI args) but drop in-memory weights
+        self.trained_state = self.trained_state if isinstance(self.trained_state, str | os.PathLike) else None
+        return masks
+
+    def prepare(self, sp: Sparsifier) -> None:
+        # the mask is taken: rewind, and restart training (no momentum / Adam moments / step counts survive)
         if self.rewind_state is not None:
             self._rewind(sp.model, load_weights(self.rewind_state, 'lth_rewind_state'))
         else:
             _logger.info('lth: no lth_rewind_state; the model\'s current weights are the rewind point')
-        sp.optimizer.state.clear()  # rewinding restarts training: no momentum / Adam moments / step counts survive
-        # keep paths (reprs, CLI args) but drop in-memory weights
-        self.trained_state = self.trained_state if isinstance(self.trained_state, str | os.PathLike) else None
+        sp.optimizer.state.clear()
         self.rewind_state = self.rewind_state if isinstance(self.rewind_state, str | os.PathLike) else None
-        return masks
 
     @staticmethod
     @torch.no_grad()
@@ -189,11 +185,14 @@ def lottery_ticket(
         method: ``'lth'`` (static retraining) or ``'lth-set-itop'``.
         **kwargs: Further :func:`timm_dst.create_sparsifier` keywords (``sparsity``, ``total_steps``, ...).
     """
-    if method not in ('lth', 'lth-set-itop'):
-        raise ValueError(f"method={method!r}: accepted: 'lth', 'lth-set-itop'")
+    accepted = [n for n in list_methods() if issubclass(get_method_info(n).cls, LTH)]
+    if method not in accepted:
+        raise ValueError(f'method={method!r}: accepted: {", ".join(accepted)}')
     return create_sparsifier(model, optimizer, method=method, lth_trained_state=trained_state,
                              lth_rewind_state=rewind_state, **kwargs)
 
 
-register_method('lth', LTH, prune_rate_schedule='constant')
-register_method('lth-set-itop', LTHSetITOP, update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')
+register_method('lth', LTH, description='lottery ticket: one-shot global magnitude of trained dense weights, rewound, '
+                'static', prune_rate_schedule='constant')
+register_method('lth-set-itop', LTHSetITOP, description='the lottery-ticket mask, then SET-ITOP exploration',
+                update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')

@@ -20,14 +20,15 @@ __all__ = ['RigL']
 
 
 class RigL(SparseMethod):
-    """Gradient-guided growth."""
+    """Gradient-guided growth: the dense gradient is captured on the backward of each update step only."""
 
-    def needs_dense_grad(self, sp: Sparsifier, step: int) -> bool:
-        return sp.schedule.is_update_step(step)
+    uses_dense_grads = True
 
-    def drop_counts(self, sp: Sparsifier, rate: float) -> list[int]:
+    def __init__(self):
+        self._grads: list[torch.Tensor] | None = None
+
+    def before_update(self, sp: Sparsifier) -> None:
         self._grads = sp.dense_grads()
-        return super().drop_counts(sp, rate)
 
     def grow_score(self, sp: Sparsifier, i: int) -> torch.Tensor:
         return self._grads[i].abs()
@@ -36,5 +37,7 @@ class RigL(SparseMethod):
         self._grads = None
 
 
-register_method('rigl', RigL, update_interval=100, prune_rate=0.3, prune_rate_schedule='cosine', update_end=0.75)
-register_method('rigl-itop', RigL, update_interval=4000, prune_rate=0.5, prune_rate_schedule='cosine')
+register_method('rigl', RigL, description='RigL: magnitude drop, growth by the largest dense gradient; stops at 75%',
+                update_interval=100, prune_rate=0.3, prune_rate_schedule='cosine', update_end=0.75)
+register_method('rigl-itop', RigL, description='RigL exploring to the end with the ITOP settings (ΔT 4000, P 0.5)',
+                update_interval=4000, prune_rate=0.5, prune_rate_schedule='cosine')

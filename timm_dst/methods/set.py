@@ -15,5 +15,7 @@ class SET(SparseMethod):
     """Magnitude drop, random growth, the same count per tensor: exactly the base method's behaviour."""
 
 
-register_method('set', SET, update_interval=100, prune_rate=0.5, prune_rate_schedule='cosine')
-register_method('set-itop', SET, update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')
+register_method('set', SET, description='SET: magnitude drop, uniform random growth',
+                update_interval=100, prune_rate=0.5, prune_rate_schedule='cosine')
+register_method('set-itop', SET, description='SET exploring to the end with the ITOP settings (ΔT 1500, P 0.5)',
+                update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .._registry import register_method
+from .._validate import check_float
 from ..distributions import round_exact
 from ._base import SparseMethod
 
@@ -29,17 +30,18 @@ class SNFS(SparseMethod):
     """
 
     def __init__(self, snfs_momentum: float = 0.9):
-        if not 0.0 <= snfs_momentum < 1.0:
-            raise ValueError(f'snfs_momentum={snfs_momentum!r} must lie in [0, 1)')
-        self.beta = float(snfs_momentum)
+        self.beta = check_float('snfs_momentum', snfs_momentum, 0.0, 1.0, high_open=True)
         self.momentum: list[torch.Tensor] | None = None
+
+    moves_budget = True
+    uses_dense_grads = True
 
     def needs_dense_grad(self, sp: Sparsifier, step: int) -> bool:
         end = sp.schedule.end
         return end is None or step <= end
 
     def on_step(self, sp: Sparsifier) -> None:
-        if not any(g is not None for g in sp._dense_grads):
+        if not sp.has_dense_grads:
             return
         grads = sp.dense_grads()
         if self.momentum is None:
@@ -74,4 +76,5 @@ class SNFS(SparseMethod):
         return f'snfs_momentum={self.beta}'
 
 
-register_method('snfs', SNFS, update_interval=100, prune_rate=0.5, prune_rate_schedule='cosine')
+register_method('snfs', SNFS, description='SNFS: magnitude drop, growth and redistribution by dense-gradient '
+                'momentum', update_interval=100, prune_rate=0.5, prune_rate_schedule='cosine')

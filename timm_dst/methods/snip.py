@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .._registry import register_method
+from .._validate import check_int, load_file
 from ._base import SparseMethod
 
 if TYPE_CHECKING:
@@ -31,6 +32,7 @@ if TYPE_CHECKING:
 __all__ = ['SNIP', 'SNIPSetITOP', 'snip_scores']
 
 Batch = Sequence[torch.Tensor]
+BatchesSource = Batch | Iterable[Batch] | str | os.PathLike
 
 
 def _resolve_loss(loss_fn: Callable[..., torch.Tensor] | str | None) -> Callable[..., torch.Tensor]:
@@ -54,7 +56,7 @@ def _batches(batches: Any, num_batches: int | None) -> Iterable[Batch]:
                          'such as the training DataLoader (with snip_num_batches), or a path to batches saved with '
                          'torch.save')
     if isinstance(batches, str | os.PathLike):
-        batches = torch.load(batches, map_location='cpu', weights_only=True)
+        batches = load_file(batches, 'snip_batches')
     if isinstance(batches, Sequence) and len(batches) >= 2 and torch.is_tensor(batches[0]):
         batches = [batches]  # a single (input, target) pair
     if num_batches is None:
@@ -139,18 +141,19 @@ class SNIP(SparseMethod):
     """
 
     explores = False
+    init_data_arg = 'snip_batches'
 
     def __init__(
             self,
-            snip_batches: Any = None,
+            snip_batches: BatchesSource | None = None,
             snip_num_batches: int | None = None,
             snip_loss_fn: Callable[..., torch.Tensor] | str | None = None,
     ):
-        if snip_num_batches is not None and int(snip_num_batches) < 1:
-            raise ValueError(f'snip_num_batches={snip_num_batches!r} must be >= 1')
+        if snip_num_batches is not None:
+            snip_num_batches = check_int('snip_num_batches', snip_num_batches, minimum=1)
         _resolve_loss(snip_loss_fn)
         self.batches = snip_batches
-        self.num_batches = int(snip_num_batches) if snip_num_batches is not None else None
+        self.num_batches = snip_num_batches
         self.loss_fn = snip_loss_fn
 
     def init_masks(self, sp: Sparsifier) -> list[torch.Tensor]:
@@ -169,5 +172,7 @@ class SNIPSetITOP(SNIP):
     explores = True
 
 
-register_method('snip', SNIP, prune_rate_schedule='constant')
-register_method('snip-set-itop', SNIPSetITOP, update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')
+register_method('snip', SNIP, description='SNIP: global top-k connection sensitivity on data at init, then static',
+                prune_rate_schedule='constant')
+register_method('snip-set-itop', SNIPSetITOP, description='the SNIP mask, then SET-ITOP exploration',
+                update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')

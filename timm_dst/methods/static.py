@@ -20,5 +20,7 @@ class Static(SparseMethod):
     explores = False
 
 
-register_method('dense', Dense, prune_rate_schedule='constant')
-register_method('static', Static, prune_rate_schedule='constant')
+register_method('dense', Dense, description='dense baseline: no masks (density and R_s 1)',
+                prune_rate_schedule='constant')
+register_method('static', Static, description='static sparse training: a fixed random topology',
+                prune_rate_schedule='constant')
