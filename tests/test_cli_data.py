@@ -118,3 +118,32 @@ def test_precision_is_the_launchers_without_amp(monkeypatch):
     monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
     args = parse_args(['--dataset', 'synthetic', '--input-size', '1', '6', '6'])
     assert create_accelerator(args).mixed_precision == 'bf16'
+
+
+def _image_folder(root, splits=('train', 'validation', 'test'), n=(8, 3, 3)):
+    import numpy as np
+    from PIL import Image
+    rng = np.random.default_rng(0)
+    for split, count in zip(splits, n):
+        for c, base in enumerate((40, 200)):
+            d = root / split / f'class{c}'
+            d.mkdir(parents=True)
+            for i in range(count):
+                arr = np.clip(base + rng.normal(0, 20, (20, 20, 3)), 0, 255).astype('uint8')
+                Image.fromarray(arr).save(d / f'{i}.png')
+
+
+def test_image_folder_with_its_validation_split(tmp_path):
+    """timm's folder data set: the positional data folder, its validation/ split used (no held-out fraction), timm's
+    per-sample transforms at --img-size, random erasing and --aa honoured (they run), test/ reported."""
+    _image_folder(tmp_path / 'data')
+    out = tmp_path / 'run'
+    _run(tmp_path / 'data', '--dataset', 'folder', '--model', 'itop_mlp', '--img-size', '16', '-b', '4', '--lr', '0.05',
+         '--epochs', '1', '--aa', 'rand-m9-mstd0.5', '--reprob', '0.25', '--no-progress', '--output', out,
+         '--save-images', '--log-interval', '2')
+    import json
+    res = json.loads((out / 'results.json').read_text())
+    log = (out / 'log.txt').read_text()
+    assert 'train 16, validation 6 (split \'validation\'), test 6' in log
+    assert res['data_config']['input_size'] == [3, 16, 16] and res['optimizer_steps'] == 4
+    assert 'test_best' in res and (out / 'train-batch-0.jpg').is_file()

@@ -25,14 +25,13 @@ def create_accelerator(args: argparse.Namespace):
     ``--mixed_precision`` (or ``ACCELERATE_MIXED_PRECISION``) stays in force. The training order is a seeded
     permutation per epoch, identical on every rank and after a resume."""
     from accelerate import Accelerator
-    from accelerate.utils import DataLoaderConfiguration
+    from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
     mixed = ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else None
-    log_with = None
-    if args.log_wandb:
-        log_with = 'wandb'
     return Accelerator(
         mixed_precision=mixed, gradient_accumulation_steps=args.grad_accum_steps, step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed), log_with=log_with)
+        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not args.no_ddp_bb)],
+        log_with='wandb' if args.log_wandb else None)
 
 
 def is_own_model(name: str) -> bool:

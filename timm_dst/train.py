@@ -160,6 +160,9 @@ class _Run:
             self.model, self.model_kwargs = create_train_model(args, self.info, acc.device)
         except CheckpointError as e:
             raise _user_error(str(e)) from None
+        if args.sync_bn and acc.num_processes > 1 and acc.device.type == 'cpu':
+            raise _user_error('--sync-bn: torch\'s SyncBatchNorm runs on GPUs only; on CPU processes use --dist-bn '
+                              'reduce (the default) instead')
         if args.sync_bn and acc.num_processes > 1:
             from timm.layers import convert_sync_batchnorm
             self.model = convert_sync_batchnorm(self.model)
@@ -437,6 +440,8 @@ class _Run:
                 self._save_rewind()
             if self.ema is not None:
                 self.ema.update(self.model, step=self.num_updates)
+            if args.synchronize_step and acc.device.type == 'cuda':
+                torch.cuda.synchronize()
             now = time.time()
             times['update'].append(now - t_update)
             t_update = now
@@ -445,6 +450,10 @@ class _Run:
             if update_idx % args.log_interval == 0 or last_batch:
                 self._check_finite(bad, epoch)
                 self._log_progress(epoch, update_idx, loss_d, sums, count, times, step_samples)
+                if args.save_images and self.is_main:
+                    import torchvision.utils
+                    torchvision.utils.save_image(x, os.path.join(self.output_dir, f'train-batch-{batch_idx}.jpg'),
+                                                 padding=0, normalize=True)
             if self.scheduler is not None:
                 self.scheduler.step_update(num_updates=self.num_updates)
             step_samples = 0
