@@ -86,7 +86,8 @@ def test_recipe_parses(path):
     parser.set_defaults(**cfg)
     args = parser.parse_args([])
     for key, value in _load(path).items():
-        assert getattr(args, key.replace('-', '_')) is not None, (path, key, value)
+        dest = parser._option_string_actions['--' + key.replace('_', '-')].dest  # aliases: sparse-init is distribution
+        assert getattr(args, dest) is not None, (path, key, value)
 
 
 def test_paper_hyperparameters():

@@ -9,9 +9,9 @@ from typing import Any
 
 import yaml
 
-from .plugin import add_dst_args, method_flags, milestone, step_or_fraction, validate_dst_args
+from .plugin import add_dst_args, milestone, step_or_fraction, validate_dst_args
 
-__all__ = ['create_parser', 'parse_args', 'method_flags', 'args_to_yaml', 'REFUSED', 'DEFAULTS_DIFFER',
+__all__ = ['create_parser', 'parse_args', 'args_to_yaml', 'REFUSED', 'DEFAULTS_DIFFER',
            'MEANING_DIFFERS', 'OWN_FLAGS', 'flag_status']
 
 _EVAL_METRICS = ('top1', 'top5', 'loss')
@@ -363,7 +363,8 @@ def _scheduled_loader_group(p: argparse.ArgumentParser) -> None:
 
 
 def _dst_group(p: argparse.ArgumentParser) -> None:
-    add_dst_args(p)  # --dst (default: the registry's DEFAULT_TRAIN_METHOD), the controller and method flags
+    from ._registry import DEFAULT_TRAIN_METHOD
+    add_dst_args(p, default_method=DEFAULT_TRAIN_METHOD)  # --dst, the controller flags and the methods' own
 
 
 def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:

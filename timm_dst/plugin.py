@@ -31,7 +31,7 @@ import torch.nn as nn
 import yaml
 
 __all__ = [
-    'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'add_dst_args', 'method_flags',
+    'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'add_dst_args',
     'validate_dst_args', 'sparsifier_kwargs', 'create_sparsifier_from_args', 'pack_checkpoint', 'dst_state',
     'read_dst_state', 'restore_dst_state', 'load_plain_state_dict', 'rng_state', 'set_rng_state', 'read_checkpoint',
 ]
@@ -85,15 +85,6 @@ def milestone(value: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(f'expected FROM_STEP:INTERVAL, got {value!r}') from e
 
 
-def method_flags() -> dict[str, dict[str, Any]]:
-    """The methods' own arguments as flags (:func:`timm_dst.method_arguments`): ``{dest: {'methods': [...], 'type':
-    ..., 'default': ..., 'bool': ..., 'path': ..., 'cli_only': ...}}``."""
-    from ._registry import method_arguments
-    return {a.dest: {'methods': list(a.methods), 'type': a.type, 'default': a.default, 'bool': a.type is bool,
-                     'path': a.path, 'cli_only': a.cli_only, 'help': a.help, 'flag': a.flag}
-            for a in method_arguments()}
-
-
 def add_dst_args(
         parser: argparse.ArgumentParser,
         default_method: str | None = None,
@@ -107,13 +98,14 @@ def add_dst_args(
 
     Args:
         parser: An ``argparse.ArgumentParser`` (timm's train.py parser, for instance).
-        default_method: The ``--dst`` default.
+        default_method: The ``--dst`` default (None: the registry's ``DEFAULT_METHOD``).
         title: Title of the argument group in ``--help``.
     """
-    from ._registry import DEFAULT_TRAIN_METHOD, list_methods
+    from ._registry import DEFAULT_METHOD, get_method_info, list_methods, method_arguments
     g = parser.add_argument_group(title)
-    g.add_argument('--dst', type=str, default=default_method or DEFAULT_TRAIN_METHOD, metavar='METHOD',
-                   help=f'sparse training method: {", ".join(list_methods())} (dense = no sparsity)')
+    methods = '; '.join(f'{n}: {get_method_info(n).description}' for n in list_methods())
+    g.add_argument('--dst', type=str, default=default_method or DEFAULT_METHOD, metavar='METHOD',
+                   help=f'sparse training method, one of: {methods}'.replace('%', '%%'))
     g.add_argument('--sparsity', type=float, default=None, help='global sparsity in [0, 1) (default 0.9)')
     g.add_argument('--distribution', '--sparse-init', type=str.lower, default=None, choices=DISTRIBUTIONS,
                    help='per-tensor density distribution (--sparse-init is the ITOP code\'s name; default erk)')
@@ -148,12 +140,12 @@ def add_dst_args(
                    help='seed of the sparsifier\'s generator (default: --seed; the same on every rank)')
     g.add_argument('--dst-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='further keyword arguments for timm_dst.create_sparsifier')
-    for info in method_flags().values():
-        if info['bool']:
-            g.add_argument(info['flag'], action=argparse.BooleanOptionalAction, default=None, help=info['help'])
+    for arg in method_arguments():
+        if arg.type is bool:
+            g.add_argument(arg.flag, action=argparse.BooleanOptionalAction, default=None, help=arg.help)
         else:
-            g.add_argument(info['flag'], type=info['type'], default=None, help=info['help'],
-                           metavar='FILE' if info['path'] else info['type'].__name__.upper())
+            g.add_argument(arg.flag, type=arg.type, default=None, help=arg.help,
+                           metavar='FILE' if arg.path else arg.type.__name__.upper())
     return g
 
 
@@ -176,7 +168,7 @@ def validate_dst_args(args: argparse.Namespace, error: Callable[[str], Any]) -> 
         args: Parsed arguments holding the :func:`add_dst_args` flags.
         error: Called with the message of the first problem found (expected not to return).
     """
-    from ._registry import list_methods
+    from ._registry import list_methods, method_arguments
     if args.dst not in list_methods():
         return error(f'--dst {args.dst!r} is not a known method; accepted: {", ".join(list_methods())}')
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
@@ -191,14 +183,12 @@ def validate_dst_args(args: argparse.Namespace, error: Callable[[str], Any]) -> 
         return error(f'--update-interval {args.update_interval!r} must be a positive number of optimizer steps')
     if args.sparse_kernel_density is not None and not 0.0 <= args.sparse_kernel_density <= 1.0:
         return error(f'--sparse-kernel-density {args.sparse_kernel_density!r} must lie in [0, 1]')
-    for dest, info in method_flags().items():
-        if getattr(args, dest, None) is not None and args.dst not in info['methods']:
-            return error(f'--{dest.replace("_", "-")} is an option of {", ".join(info["methods"])}, '
-                         f'not of --dst {args.dst}')
-    for dest, info in method_flags().items():
-        path = getattr(args, dest, None)
-        if info['path'] and isinstance(path, str) and path and not os.path.isfile(path):
-            return error(f'{info["flag"]} {path!r}: no such file')
+    for arg in method_arguments():  # a method's own flags: only for a method that takes them; paths must exist
+        value = getattr(args, arg.dest, None)
+        if value is not None and args.dst not in arg.methods:
+            return error(f'{arg.flag} is an option of {", ".join(arg.methods)}, not of --dst {args.dst}')
+        if arg.path and isinstance(value, str) and value and not os.path.isfile(value):
+            return error(f'{arg.flag} {value!r}: no such file')
     return None
 
 
@@ -206,10 +196,11 @@ def sparsifier_kwargs(args: argparse.Namespace, seed: int | None = None) -> dict
     """Keyword arguments for :func:`timm_dst.create_sparsifier` from the DST flags: only what the user set (the
     method's defaults apply to the rest), plus the seed (``--dst-seed``, else ``seed``, else ``args.seed``, else 0).
     """
+    from ._registry import method_arguments
     kw = {key: getattr(args, dest) for dest, key in _FLAG_TO_KWARG.items() if getattr(args, dest, None) is not None}
-    for dest, info in method_flags().items():
-        if not info['cli_only'] and getattr(args, dest, None) is not None:
-            kw[dest] = getattr(args, dest)
+    for arg in method_arguments():
+        if not arg.cli_only and getattr(args, arg.dest, None) is not None:
+            kw[arg.dest] = getattr(args, arg.dest)
     if getattr(args, 'dst_seed', None) is not None:
         kw['seed'] = args.dst_seed
     else:

@@ -85,6 +85,8 @@ class Sparsifier:
         distribution: Per-tensor density rule: ``'erk'``, ``'er'`` or ``'uniform'``.
         update_interval: ΔT, optimizer steps between topology updates.
         total_steps: Optimizer steps of the whole run (needed by fractional ``update_end`` and decaying schedules).
+        defer_total_steps: The run's length is given later, through :meth:`set_total_steps` before the first optimizer
+            step (timm's train.py knows it only from its scheduler set-up, after the EMA copy and DDP exist).
         prune_rate: Initial fraction P of each tensor's active weights replaced per update.
         prune_rate_schedule: ``'cosine'``, ``'constant'`` or ``'linear'`` decay of the prune rate to
             ``prune_rate_min`` at ``update_end``.
@@ -134,6 +136,7 @@ class Sparsifier:
             remask_every_step: bool | None = None,
             seed: int = 0,
             sparse_kernel_density: float = DEFAULT_MAX_DENSITY,
+            defer_total_steps: bool = False,
     ):
         sparsity = check_float('sparsity', sparsity, 0.0, 1.0, high_open=True)
         check_choice('distribution', distribution, DISTRIBUTIONS)
@@ -169,15 +172,18 @@ class Sparsifier:
         self.grow_unexplored_first = bool(grow_unexplored_first)
         self.mask_init = mask_init
         self.seed = int(seed)
-        start = resolve_step(update_start, self.total_steps, 'update_start') or 0
-        end = resolve_step(update_end, self.total_steps, 'update_end')
-        if end is not None and end < start:
-            raise ValueError(f'update_end={update_end!r} (step {end}) comes before update_start={update_start!r} '
-                             f'(step {start}): no update could ever run')
+        self._update_span = (update_start, update_end)
+        self._total_steps_pending = bool(defer_total_steps) and self.total_steps is None
+        pending = self._total_steps_pending
+        start = resolve_step(update_start if not (pending and isinstance(update_start, float)) else None,
+                             self.total_steps, 'update_start') or 0
+        end = resolve_step(update_end if not (pending and isinstance(update_end, float)) else None,
+                           self.total_steps, 'update_end')
+        self._check_span(start, end)
         self.schedule = UpdateSchedule(update_interval, start=start, end=end, milestones=update_milestones,
                                        update_at_end=method.update_at_end)
         self.prune_rate_end = end if end is not None else self.total_steps
-        if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores:
+        if prune_rate_schedule != 'constant' and self.prune_rate_end is None and method.explores and not pending:
             raise ValueError(
                 f'prune_rate_schedule={prune_rate_schedule!r} decays over training: give total_steps or update_end, '
                 "or use prune_rate_schedule='constant'")
@@ -328,7 +334,27 @@ class Sparsifier:
 
     # ------------------------------------------------------------------------------------------------------------
     # hooks
+    def set_total_steps(self, total_steps: int) -> None:
+        """Set the optimizer steps of the whole run after attaching (with ``defer_total_steps=True``): fractional
+        ``update_start`` / ``update_end`` and the prune-rate decay are resolved against it."""
+        self.total_steps = check_int('total_steps', total_steps, minimum=1)
+        self._total_steps_pending = False
+        start = resolve_step(self._update_span[0], self.total_steps, 'update_start') or 0
+        end = resolve_step(self._update_span[1], self.total_steps, 'update_end')
+        self._check_span(start, end)
+        self.schedule.start, self.schedule.end = start, end
+        self.prune_rate_end = end if end is not None else self.total_steps
+
+    def _check_span(self, start: int, end: int | None) -> None:
+        if end is not None and end < start:
+            update_start, update_end = self._update_span
+            raise ValueError(f'update_end={update_end!r} (step {end}) comes before update_start={update_start!r} '
+                             f'(step {start}): no update could ever run')
+
     def _on_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if self._total_steps_pending:
+            raise RuntimeError('Sparsifier(defer_total_steps=True): call set_total_steps() before the first '
+                               'optimizer step')
         self.step += 1
         if self.remask_every_step:
             with torch.no_grad():

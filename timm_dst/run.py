@@ -1,0 +1,603 @@
+"""timm-dst-run: run an unmodified timm ``train.py`` with dynamic sparse training.
+
+::
+
+    python -m timm_dst.run PATH/TO/train.py DATA --model resnet50 ... --dst rigl-itop --sparsity 0.9
+    torchrun --nproc_per_node 2 -m timm_dst.run train.py ...
+    accelerate launch -m timm_dst.run train.py ...
+
+The DST flags (``--dst``, ``--sparsity``, ``--update-interval``, ... and every method's own flags: the names of
+``timm-dst-train``, see :func:`timm_dst.plugin.add_dst_args`) are taken out of the arguments, wherever they stand;
+everything else reaches train.py untouched (``-c config.yaml`` included). Before the script runs as ``__main__``,
+timm's public functions it calls are wrapped where train.py looks them up (``timm.models``, ``timm.optim``,
+``timm.scheduler``, ``timm.utils``, ``timm.task``):
+
+* ``create_model`` records the models made (the student is the first one the optimizer trains, not a distillation
+  teacher); ``optimizer_kwargs(cfg=args)`` hands over train.py's parsed arguments (seed, batch size, input size);
+* ``create_optimizer_v2``: the model and its optimizer exist (weights of ``--pretrained`` / ``--initial-checkpoint``
+  are loaded by then). The sparsifier attaches right after ``--resume`` has loaded (``resume_checkpoint`` /
+  ``resume_task_checkpoint``), or without one at the first of: the EMA copy (``ModelEma*``), DDP, ``torch.compile``,
+  the ``CheckpointSaver``, ``create_scheduler_v2``. So it is attached before EMA, DDP and compile in every timm 1.0.x
+  train.py;
+* ``create_scheduler_v2`` returns the scheduled epochs; with its ``updates_per_epoch`` (already divided by the gradient
+  accumulation) they give the run's optimizer steps (:meth:`Sparsifier.set_total_steps`);
+* ``CheckpointSaver`` writes every checkpoint (``checkpoint-N``, ``last``, ``model_best``, recovery) in the
+  :func:`timm_dst.plugin.pack_checkpoint` layout: plain timm ``state_dict`` / ``state_dict_ema`` plus the DST state;
+* ``update_summary`` (once per epoch) appends a row to ``dst_summary.csv`` beside ``summary.csv``.
+
+See docs/timm-train.md.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import copy
+import csv
+import json
+import logging
+import os
+import runpy
+import sys
+import weakref
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+
+from .plugin import (
+    add_dst_args,
+    dst_option_strings,
+    pack_checkpoint,
+    read_dst_state,
+    restore_dst_state,
+    set_rng_state,
+    sparsifier_kwargs,
+    validate_dst_args,
+)
+
+__all__ = ['main', 'split_argv', 'Launcher']
+
+PROG = 'timm-dst-run'
+DST_SUMMARY_CSV = 'dst_summary.csv'
+DST_SUMMARY_JSON = 'dst_summary.json'
+_logger = logging.getLogger('train')  # timm's train.py logger: the launcher's lines read like its own
+
+
+class LaunchError(Exception):
+    """A problem with the arguments or the script: reported in one line, exit status 2."""
+
+
+def _fail(msg: str) -> None:
+    print(f'{PROG}: error: {msg}', file=sys.stderr, flush=True)
+    raise SystemExit(2)
+
+
+def _rank() -> int:
+    """This process's rank (from the environment once train.py has destroyed its process group)."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank()
+    return int(os.environ.get('RANK', 0))
+
+
+def _is_primary() -> bool:
+    return _rank() == 0
+
+
+def _world_size() -> int:
+    return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# arguments
+def create_parser() -> argparse.ArgumentParser:
+    """The launcher's parser: the DST flags only (train.py parses the rest)."""
+    parser = argparse.ArgumentParser(
+        prog=PROG, allow_abbrev=False, add_help=False,
+        usage=f'{PROG} PATH/TO/train.py [train.py arguments] [DST flags]   (or python -m timm_dst.run ...)',
+        description='Run an unmodified timm train.py with dynamic sparse training. The DST flags below may stand '
+                    'anywhere after the script; every other argument goes to train.py as it is. '
+                    '`%(prog)s train.py --help` shows train.py\'s own flags after these. See docs/timm-train.md.')
+    parser.add_argument('-h', '--help', action='store_true', help='show this help (and train.py\'s) and exit')
+    g = add_dst_args(parser, default_method='rigl-itop')
+    g.add_argument('--dst-rank-masks', default=None, metavar='DIR',
+                   help='each process writes its final masks and R_s to DIR/masks_rank<R>.pt (to check that the '
+                        'ranks agree)')
+    return parser
+
+
+def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
+    """Split the launcher's arguments into the script, train.py's arguments and the DST flags (with their values).
+
+    DST flags match exactly (``--sparsity 0.9`` or ``--sparsity=0.9``); flags taking several values take the
+    following arguments up to the next one starting with ``-``. The script is the first other argument ending in
+    ``.py``.
+    """
+    opts = {**dst_option_strings(), '--dst-rank-masks': 1}
+    script, rest, dst = None, [], []
+    i = 0
+    while i < len(argv):
+        tok = argv[i]
+        name = tok.split('=', 1)[0] if tok.startswith('--') else tok
+        if name in opts:
+            dst.append(tok)
+            n = opts[name]
+            i += 1
+            if '=' in tok:
+                continue
+            if n == -1:
+                while i < len(argv) and not _is_flag(argv[i]):
+                    dst.append(argv[i])
+                    i += 1
+            else:
+                dst.extend(argv[i:i + n])
+                i += n
+            continue
+        if script is None and not tok.startswith('-') and tok.endswith('.py'):
+            script = tok
+        else:
+            rest.append(tok)
+        i += 1
+    return script, rest, dst
+
+
+def _is_flag(tok: str) -> bool:
+    if not tok.startswith('-') or tok == '-':
+        return False
+    try:
+        float(tok)
+        return False
+    except ValueError:
+        return True
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# the launcher
+class Launcher:
+    """Wraps timm's public functions for one run of a train.py and attaches the sparsifier at the right moment.
+
+    Args:
+        dst_args: The parsed DST flags (:func:`timm_dst.plugin.add_dst_args`).
+        script: The train.py path (for messages).
+    """
+
+    def __init__(self, dst_args: argparse.Namespace, script: str = 'train.py'):
+        self.dst_args = dst_args
+        self.script = script
+        self.train_args: argparse.Namespace | None = None
+        self.models: list[weakref.ref] = []
+        self.pending: tuple[nn.Module, Any] | None = None
+        self.sparsifier: Any = None
+        self.flops: Any = None
+        self.model: nn.Module | None = None
+        self.resume_state: dict[str, Any] | None = None
+        self.resume_epoch: int | None = None
+        self.dense_resume = False
+        self.updates_per_epoch: int | None = None
+        self.output_dir: str | None = None
+        self.optimizer_seen = False
+        self.scheduler_seen = False
+        self._last_logged_update = 0
+        self._hooks: list[Any] = []
+
+    # ------------------------------------------------------------------------------------------------------------
+    # patching
+    @contextlib.contextmanager
+    def patched(self) -> Iterator[None]:
+        """Install the wrappers (restored on exit)."""
+        import timm
+        import timm.models
+        import timm.optim
+        import timm.scheduler
+        import timm.scheduler.scheduler_factory
+        import timm.utils
+        import timm.utils.model_ema
+        from torch.nn.parallel import DistributedDataParallel
+        try:
+            import timm.task as timm_task
+        except ImportError:  # timm releases before the task API
+            timm_task = None
+        try:
+            import timm.optim._optim_factory as optim_factory
+        except ImportError:
+            optim_factory = None
+
+        saved: list[tuple[Any, str, Any]] = []
+
+        def patch(owner: Any, name: str, make: Callable[[Any], Any]) -> None:
+            if owner is None or not hasattr(owner, name):
+                return
+            orig = getattr(owner, name)
+            saved.append((owner, name, orig))
+            setattr(owner, name, make(orig))
+
+        wrapped: dict[int, Any] = {}  # one wrapper per original function, shared by every module exposing it
+
+        def shared(factory: Callable[[Any], Any]) -> Callable[[Any], Any]:
+            def make(orig: Any) -> Any:
+                if id(orig) not in wrapped:
+                    wrapped[id(orig)] = factory(orig)
+                return wrapped[id(orig)]
+            return make
+
+        for owner in (timm, timm.models):
+            patch(owner, 'create_model', shared(self._wrap_create_model))
+        for owner in (timm.optim, optim_factory):
+            patch(owner, 'create_optimizer_v2', shared(self._wrap_create_optimizer))
+            patch(owner, 'optimizer_kwargs', shared(self._wrap_optimizer_kwargs))
+        for owner in (timm.scheduler, timm.scheduler.scheduler_factory):
+            patch(owner, 'create_scheduler_v2', shared(self._wrap_create_scheduler))
+        patch(timm.models, 'resume_checkpoint', shared(self._wrap_resume))
+        if timm_task is not None:
+            patch(timm_task, 'resume_task_checkpoint', shared(self._wrap_resume))
+        patch(timm.utils, 'update_summary', shared(self._wrap_update_summary))
+        patch(torch, 'compile', shared(self._wrap_before))
+        saver_cls = self._saver_class(timm.utils.CheckpointSaver)
+        for owner in (timm.utils, sys.modules.get('timm.utils.checkpoint_saver')):
+            patch(owner, 'CheckpointSaver', lambda orig: saver_cls)
+        for cls_name in ('ModelEma', 'ModelEmaV2', 'ModelEmaV3'):
+            patch(getattr(timm.utils.model_ema, cls_name, None), '__init__', self._wrap_before)
+        patch(DistributedDataParallel, '__init__', self._wrap_before)
+        from torch.optim.optimizer import register_optimizer_step_pre_hook
+        hook = register_optimizer_step_pre_hook(self._any_step)
+        try:
+            yield
+        finally:
+            hook.remove()
+            for owner, name, orig in reversed(saved):
+                setattr(owner, name, orig)
+
+    def _wrap_create_model(self, orig: Callable) -> Callable:
+        def create_model(*args: Any, **kwargs: Any) -> nn.Module:
+            model = orig(*args, **kwargs)
+            self.models.append(weakref.ref(model))
+            return model
+        return create_model
+
+    def _wrap_optimizer_kwargs(self, orig: Callable) -> Callable:
+        def optimizer_kwargs(*args: Any, **kwargs: Any) -> dict[str, Any]:
+            cfg = kwargs.get('cfg', args[0] if args else None)
+            if isinstance(cfg, argparse.Namespace) and self.train_args is None:
+                self.train_args = cfg
+            return orig(*args, **kwargs)
+        return optimizer_kwargs
+
+    def _wrap_create_optimizer(self, orig: Callable) -> Callable:
+        def create_optimizer_v2(model_or_params: Any, *args: Any, **kwargs: Any) -> Any:
+            optimizer = orig(model_or_params, *args, **kwargs)
+            if self.optimizer_seen:
+                _logger.warning(f'{PROG}: create_optimizer_v2 called again: the sparsifier stays with the first '
+                                'optimizer')
+                return optimizer
+            self.optimizer_seen = True
+            if not isinstance(model_or_params, nn.Module):
+                _fail(f'{self.script} gives create_optimizer_v2 parameters, not the model: the launcher needs the '
+                      'model (edit the script with timm_dst.plugin instead, see docs/timm-train.md)')
+            self.pending = (self._student(model_or_params), optimizer)
+            return optimizer
+        return create_optimizer_v2
+
+    def _student(self, trained: nn.Module) -> nn.Module:
+        """The first model made by ``create_model`` that the optimizer trains (the module itself or a part of it)."""
+        inside = {id(m) for m in trained.modules()}
+        for ref in self.models:
+            m = ref()
+            if m is not None and id(m) in inside:
+                return m
+        return trained
+
+    def _wrap_before(self, orig: Callable) -> Callable:
+        """Attach (if still pending) before ``orig`` runs: EMA, DDP, torch.compile."""
+        def wrapper(*args: Any, **kwargs: Any) -> Any:
+            self.attach()
+            return orig(*args, **kwargs)
+        wrapper.__wrapped__ = orig  # type: ignore[attr-defined]
+        return wrapper
+
+    def _wrap_resume(self, orig: Callable) -> Callable:
+        def resume(model: Any, checkpoint_path: str, *args: Any, **kwargs: Any) -> Any:
+            if self.sparsifier is None:
+                epoch = orig(model, checkpoint_path, *args, **kwargs)
+                self.resume_epoch = epoch
+                self.attach(resume_path=checkpoint_path)
+                return epoch
+            # attached already: the plain weights reach the masked model through its load pre-hooks
+            epoch = orig(model, checkpoint_path, *args, **kwargs)
+            self.resume_epoch = epoch
+            self._restore(checkpoint_path)
+            return epoch
+        return resume
+
+    def _wrap_create_scheduler(self, orig: Callable) -> Callable:
+        def create_scheduler_v2(*args: Any, **kwargs: Any) -> Any:
+            self.attach()
+            out = orig(*args, **kwargs)
+            if self.scheduler_seen or self.sparsifier is None:
+                return out
+            self.scheduler_seen = True
+            num_epochs = out[1] if isinstance(out, tuple) and len(out) == 2 else None
+            num_epochs = num_epochs or kwargs.get('num_epochs')
+            upe = int(kwargs.get('updates_per_epoch') or 0)
+            if not num_epochs or upe < 1:
+                _fail(f'{self.script} calls create_scheduler_v2 without updates_per_epoch: the run\'s optimizer '
+                      'steps are unknown (timm 1.0.x train.py passes them)')
+            self.updates_per_epoch = upe
+            total = int(num_epochs) * upe
+            sp = self.sparsifier
+            sp.set_total_steps(total)
+            if self.dense_resume and self.resume_epoch:
+                sp.step = int(self.resume_epoch) * upe  # topology updates follow timm's step count
+            state = self.resume_state
+            if state is not None and state.get('rng') is not None:
+                if _world_size() == 1:  # the saving process's random states: data order and augmentation continue
+                    set_rng_state(state['rng'])
+                else:
+                    _logger.info('DST: random states of a multi-process run are not restored (rank 0\'s only saved)')
+            self._log(f'DST: {sp.method_name} over {total} optimizer steps ({num_epochs} epochs x {upe}), '
+                      f'step {sp.step}, density {sp.density:.4f}, R_s {sp.itop_rate:.4f}')
+            return out
+        return create_scheduler_v2
+
+    def _wrap_update_summary(self, orig: Callable) -> Callable:
+        def update_summary(epoch: int, *args: Any, **kwargs: Any) -> Any:
+            out = orig(epoch, *args, **kwargs)
+            filename = kwargs.get('filename', args[2] if len(args) > 2 else None)
+            if filename and self.sparsifier is not None:
+                self.output_dir = os.path.dirname(os.path.abspath(filename))
+                self._epoch_row(int(epoch), os.path.join(self.output_dir, DST_SUMMARY_CSV))
+            return out
+        return update_summary
+
+    def _saver_class(self, base: type) -> type:
+        launcher = self
+
+        class DSTCheckpointSaver(base):  # type: ignore[misc, valid-type]
+            """timm's ``CheckpointSaver``; every file it writes holds plain timm weights and the DST state."""
+
+            def __init__(self, *args: Any, **kwargs: Any):
+                launcher.attach()
+                super().__init__(*args, **kwargs)
+                launcher.output_dir = getattr(self, 'checkpoint_dir', None) or launcher.output_dir
+
+            def _save(self, save_path: str, *args: Any, **kwargs: Any) -> Any:
+                with launcher._packing_save():
+                    return super()._save(save_path, *args, **kwargs)
+
+        DSTCheckpointSaver.__name__ = DSTCheckpointSaver.__qualname__ = base.__name__
+        return DSTCheckpointSaver
+
+    @contextlib.contextmanager
+    def _packing_save(self) -> Iterator[None]:
+        """While timm's saver writes one checkpoint: the dict it hands to ``torch.save`` is packed first."""
+        real_save = torch.save
+        seen = []
+
+        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+            if isinstance(obj, dict) and not seen and self.sparsifier is not None:
+                seen.append(True)
+                pack_checkpoint(obj, self.sparsifier, flops=self.flops)
+            return real_save(obj, f, *args, **kwargs)
+
+        torch.save = save
+        try:
+            yield
+        finally:
+            torch.save = real_save
+        if not seen and self.sparsifier is not None:
+            raise RuntimeError('timm_dst.run: CheckpointSaver._save wrote no checkpoint dict through torch.save: '
+                               'this timm version saves differently; the checkpoint lacks the DST state')
+
+    def _any_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        """Every optimizer's step pre-hook: a step before the sparsifier is attached (and told the run's length)
+        means train.py does not use the timm functions the launcher relies on."""
+        if self.sparsifier is None:
+            _fail(f'{self.script}: an optimizer stepped before the sparsifier attached: the launcher needs '
+                  'timm.create_model / timm.optim.create_optimizer_v2 / timm.scheduler.create_scheduler_v2 '
+                  '(edit the script with timm_dst.plugin instead, see docs/timm-train.md)')
+        if self.sparsifier.method.attaches and self.sparsifier.total_steps is None:
+            _fail(f'{self.script}: training started without create_scheduler_v2: the run\'s optimizer steps are '
+                  'unknown to the sparsifier')
+
+    # ------------------------------------------------------------------------------------------------------------
+    # attaching
+    def attach(self, resume_path: str | None = None) -> None:
+        """Create the sparsifier on the student model and its optimizer, once (no-op when nothing is pending)."""
+        if self.pending is None:
+            return
+        from .flops import TrainingFlops
+        from .plugin import create_sparsifier_from_args
+        model, optimizer = self.pending
+        self.pending = None
+        state = self._read_state(resume_path) if resume_path else None
+        snapshot = None
+        if state is not None:  # attaching draws a topology and zeroes around it: keep the resumed values
+            snapshot = ([(p, p.detach().clone()) for p in model.parameters()], copy.deepcopy(optimizer.state_dict()))
+        seed = getattr(self.train_args, 'seed', None)  # train.py's --seed unless --dst-seed is given
+        kw = sparsifier_kwargs(self.dst_args, seed=int(seed) if seed is not None else 42)
+        try:
+            sp = create_sparsifier_from_args(model, optimizer, self.dst_args, defer_total_steps=True, seed=kw['seed'])
+        except ValueError as e:
+            _fail(f'--dst {self.dst_args.dst}: {e}')
+        self.sparsifier, self.model = sp, model
+        if snapshot is not None:
+            with torch.no_grad():
+                for p, v in snapshot[0]:  # the same parameter objects (masked ones are now <name>_orig)
+                    p.copy_(v)
+            optimizer.load_state_dict(snapshot[1])
+        if sp.method.attaches:
+            _install_plain_load_hooks(sp)
+        self.flops = self._make_flops(TrainingFlops, model, sp)
+        if state is not None:
+            try:
+                restore_dst_state(sp, state, flops=self.flops, rng=False)
+            except (ValueError, KeyError) as e:
+                _fail(f'--resume {resume_path}: {e}')
+            self.resume_state = state
+        elif resume_path:
+            self.dense_resume = True
+            self._log(f'DST: {resume_path} holds no timm_dst state: sparse training starts from its weights '
+                      f'({sp.mask_init} initial topology)')
+        self._hooks.append(sp.optimizer.register_step_post_hook(self._after_step))
+        self._last_logged_update = len(sp.history)
+        self._log(f'DST: attached {sp!r}')
+
+    def _read_state(self, path: str) -> dict[str, Any] | None:
+        try:
+            return read_dst_state(path)
+        except (ValueError, RuntimeError, OSError) as e:
+            _fail(f'--resume {path}: {e}')
+        return None
+
+    def _restore(self, path: str) -> None:
+        state = self._read_state(path)
+        if state is None:
+            self.dense_resume = True
+            return
+        try:
+            restore_dst_state(self.sparsifier, state, flops=self.flops, rng=False)
+        except (ValueError, KeyError) as e:
+            _fail(f'--resume {path}: {e}')
+        self.resume_state = state
+
+    def _make_flops(self, cls: type, model: nn.Module, sp: Any) -> Any:
+        """Training FLOPs at train.py's input size and nominal global batch (batch x accumulation x processes)."""
+        a = self.train_args
+        try:
+            from timm.data import resolve_data_config
+            input_size = resolve_data_config(vars(a) if a is not None else {}, model=model)['input_size']
+            batch = int(getattr(a, 'batch_size', 1) or 1) * int(getattr(a, 'grad_accum_steps', 1) or 1)
+            return cls(model, input_size, sp, samples_per_step=batch * _world_size(), attach=True)
+        except Exception as e:  # FLOPs are a report: a model flop_counter cannot trace trains all the same
+            _logger.warning(f'DST: no FLOPs count ({type(e).__name__}: {e})')
+            return None
+
+    # ------------------------------------------------------------------------------------------------------------
+    # reporting
+    def _log(self, msg: str) -> None:
+        if _is_primary():
+            _logger.info(msg)
+
+    def _after_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
+        sp = self.sparsifier
+        if len(sp.history) > self._last_logged_update:
+            self._last_logged_update = len(sp.history)
+            h = sp.history[-1]
+            self._log(f'DST: step {sp.step}  topology update {len(sp.history) - 1}  prune rate {h["prune_rate"]:.4f}  '
+                      f'density {h["density"]:.4f}  R_s {h["itop_rate"]:.4f}')
+
+    def row(self, epoch: int) -> dict[str, Any]:
+        """The DST columns of one epoch."""
+        sp = self.sparsifier
+        row = {'epoch': epoch, 'step': sp.step, 'topology_updates': max(len(sp.history) - 1, 0),
+               'density': f'{sp.density:.6f}', 'itop_rate': f'{sp.itop_rate:.6f}'}
+        if self.flops is not None:
+            s = self.flops.summary()
+            row.update({'inference_flops_ratio': f'{s["inference_flops_ratio"]:.6f}',
+                        'train_flops': f'{s["train_flops"]:.6g}', 'train_flops_ratio': f'{s["train_flops_ratio"]:.6f}'})
+        return row
+
+    def _epoch_row(self, epoch: int, path: str) -> None:
+        row = self.row(epoch)
+        rows = []
+        if os.path.isfile(path):  # a resumed run: rows of the epochs it repeats are replaced
+            with open(path, newline='') as f:
+                rows = [r for r in csv.DictReader(f) if int(r['epoch']) < epoch]
+        rows.append(row)
+        with open(path, 'w', newline='') as f:
+            writer = csv.DictWriter(f, fieldnames=list(row))
+            writer.writeheader()
+            writer.writerows(rows)
+        self._log(f'DST: epoch {epoch}  step {row["step"]}  density {row["density"]}  R_s {row["itop_rate"]}')
+
+    def finish(self) -> dict[str, Any] | None:
+        """After train.py returns: the final density, R_s and sparse FLOPs (logged, and ``dst_summary.json`` in the
+        output folder)."""
+        sp = self.sparsifier
+        if sp is None:
+            return None
+        from .train import dst_summary, flops_line
+        summary = dst_summary(sp, self.flops)
+        line = f'DST: {sp.method_name} final density {sp.density:.4f}  R_s {sp.itop_rate:.4f}'
+        if self.flops is not None:
+            line += f'  {flops_line(summary)}'
+        self._log(line)
+        if self.output_dir and _is_primary():
+            with open(os.path.join(self.output_dir, DST_SUMMARY_JSON), 'w') as f:
+                json.dump(summary, f, indent=2, default=list)
+        folder = getattr(self.dst_args, 'dst_rank_masks', None)
+        if folder and sp.method.attaches:
+            os.makedirs(folder, exist_ok=True)
+            torch.save({'masks': {t.name: t.mask.cpu() for t in sp.targets}, 'itop_rate': sp.itop_rate,
+                        'step': sp.step}, os.path.join(folder, f'masks_rank{_rank()}.pt'))
+        return summary
+
+
+def _install_plain_load_hooks(sp: Any) -> None:
+    """Let ``load_state_dict`` of a masked module (and of its copies, such as timm's EMA) take plain timm weights:
+    ``<name>`` goes into ``<name>_orig``, the mask is kept. timm's ``load_checkpoint`` / ``load_task_ema_checkpoint``
+    then load this package's plain checkpoints into the sparse model."""
+    by_module: dict[int, tuple[nn.Module, list[str]]] = {}
+    for t in sp.targets:
+        by_module.setdefault(id(t.module), (t.module, []))[1].append(t.param_name)
+    for module, names in by_module.values():
+        hook = _PlainLoadHook(tuple(names))
+        if hasattr(module, 'register_load_state_dict_pre_hook'):
+            module.register_load_state_dict_pre_hook(hook)
+        else:  # torch < 2.3
+            module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+class _PlainLoadHook:
+    """``load_state_dict`` pre-hook of a masked module: plain ``<name>`` keys become ``<name>_orig`` (the mask in the
+    module stays)."""
+
+    def __init__(self, names: tuple[str, ...]):
+        self.names = names
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        for name in self.names:
+            key = prefix + name
+            if key in state_dict and key + '_orig' not in state_dict and hasattr(module, name + '_orig'):
+                state_dict[key + '_orig'] = state_dict.pop(key)
+                state_dict.setdefault(key + '_mask', getattr(module, name + '_mask'))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+def main(argv: list[str] | None = None) -> None:
+    """``timm-dst-run PATH/TO/train.py [train.py arguments] [DST flags]``."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = create_parser()
+    script, rest, dst_tokens = split_argv(argv)
+    wants_help = any(t in ('-h', '--help') for t in argv)
+    if wants_help:
+        parser.print_help()
+        if script is None:
+            return
+        print(f'\n--- {script} --help ---', flush=True)
+    elif script is None:
+        _fail('give the path of a timm train.py first, e.g. timm-dst-run ../pytorch-image-models/train.py DATA '
+              '--model resnet50 --dst rigl-itop (see --help)')
+    if not os.path.isfile(script):
+        _fail(f'{script}: no such file (give the path of a timm train.py)')
+    dst_args, unknown = parser.parse_known_args(dst_tokens)
+    if unknown:
+        _fail(f'unexpected DST argument(s): {" ".join(unknown)}')
+    validate_dst_args(dst_args, _fail)
+
+    launcher = Launcher(dst_args, script=script)
+    script_path = os.path.abspath(script)
+    old_argv = sys.argv
+    sys.argv = [script_path] + rest  # as `python train.py ...` sees them
+    sys.path.insert(0, os.path.dirname(script_path))
+    try:
+        with launcher.patched():
+            runpy.run_path(script_path, run_name='__main__')
+        launcher.finish()
+    finally:
+        sys.argv = old_argv
+        sys.path.remove(os.path.dirname(script_path))
+
+
+if __name__ == '__main__':
+    main()
