@@ -316,13 +316,13 @@ class _PlainLoadHook:
         return _PlainLoadHook(self.names, self.full_names, self.outside)
 
     def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        from .reparam import _mask_method
+        from .reparam import _find_dst_mask
         for name, full in zip(self.names, self.full_names):
             key = prefix + name
             if key in state_dict and key + '_orig' not in state_dict and hasattr(module, name + '_orig'):
                 value = state_dict.pop(key)
-                method = _mask_method(module, name)
-                if full in self.outside and method is not None and not method.owns(module):
+                dst_mask = _find_dst_mask(module, name)
+                if full in self.outside and dst_mask is not None and not dst_mask.owns(module):
                     value = fill_outside_mask(value, self.outside[full])
                 state_dict[key + '_orig'] = value
                 state_dict.setdefault(key + '_mask', getattr(module, name + '_mask'))
