@@ -30,8 +30,9 @@ def every_iters(iters: int, batch_size: int, train_size: int = CIFAR_TRAIN) -> d
                 decay_epochs=round(iters / steps_per_epoch(train_size, batch_size), 4), decay_rate=0.1)
 
 
-CIFAR = dict(val_fraction=VAL_FRACTION, crop_padding=4, hflip=0.5, opt='nesterov', momentum=0.9, warmup_epochs=0,
-             seed=42)
+# the papers' CIFAR augmentation: pad-4-and-crop and flips only (timm's default colour jitter off)
+CIFAR = dict(val_fraction=VAL_FRACTION, crop_padding=4, hflip=0.5, color_jitter=0.0, opt='nesterov', momentum=0.9,
+             warmup_epochs=0, seed=42)
 EXPLORE = dict(prune_rate=0.5, prune_rate_schedule='cosine')
 
 # ITOP Table 3 (Section 3.2 typical training; the ΔT column is the extended-training ΔT of Figure 4)
@@ -138,7 +139,7 @@ def dsr_recipes() -> dict[str, tuple[str, dict]]:
     # no reallocation after epoch 190; Np 20000, H0 1e-3, delta 0.1. The paper trains on the whole training set.
     spe = steps_per_epoch(CIFAR_TRAIN, 128, 0.0)
     wrn = dict(model='wrn28_2', dataset='torch/cifar10', val_fraction=0.0, crop_padding=4, hflip=0.5,
-               batch_size=128, epochs=200, opt='nesterov', momentum=0.9, lr=0.1, weight_decay=5.0e-4,
+               color_jitter=0.0, batch_size=128, epochs=200, opt='nesterov', momentum=0.9, lr=0.1, weight_decay=5.0e-4,
                sched='multistep', decay_milestones=[60, 120, 160], decay_rate=0.2, warmup_epochs=0, dst='dsr',
                sparse_init='uniform', update_interval=100,
                update_milestones=[[0, 100], [25 * spe, 200], [80 * spe, 400], [140 * spe, 800]],

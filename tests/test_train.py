@@ -37,33 +37,36 @@ def _run(out, *extra):
 
 
 def _ckpt(out):
-    return torch.load(os.path.join(out, LAST), map_location='cpu', weights_only=False)
+    """A checkpoint, read as timm reads it (weights_only); ``run`` / ``sparsifier`` lifted from the DST state."""
+    import argparse
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(os.path.join(out, LAST), map_location='cpu', weights_only=True)
+    ckpt['run'] = ckpt['timm_dst']['run']
+    ckpt['sparsifier'] = ckpt['timm_dst']['sparsifier']
+    ckpt['num_updates'] = ckpt['run']['num_updates']
+    return ckpt
 
 
 def _check_invariants(state, sp_state):
-    """Exact counts, no stale values, R_s >= density, masks of the sparsifier state == model masks."""
-    masks = {k[:-5]: v for k, v in state.items() if k.endswith('_mask')}
+    """Plain timm weights (no mask keys), zeros off the masks, exact counts, R_s >= density."""
+    assert not any(k.endswith(('_mask', '_orig')) for k in state), 'checkpoint weights are not plain timm weights'
+    masks = sp_state['masks']
     assert masks, 'no sparse tensors in the checkpoint'
+    counts = []
     for name, mask in masks.items():
         assert mask.dtype == torch.bool
-        assert not state[name + '_orig'][~mask].any(), f'stale values under the mask of {name}'
-    counts = [int(m.sum()) for m in masks.values()]
+        assert not state[name][~mask].any(), f'nonzero values under the mask of {name}'
+        counts.append(int(mask.sum()))
     assert counts == sp_state['counts']
-    for (name, m), m_sp in zip(masks.items(), sp_state['masks'].values()):
-        assert torch.equal(m, m_sp), name
     explored = sum(int(e.sum()) for e in sp_state['explored'].values())
     assert explored >= sum(counts)
     for m, e in zip(sp_state['masks'].values(), sp_state['explored'].values()):
         assert not (m & ~e).any(), 'an active position is not counted as explored'
 
 
-def _model_state(out):
-    return _ckpt(out)['model']
-
-
-@pytest.mark.parametrize('stop_after', [7, 4], ids=['epoch-boundary', 'mid-epoch'])
+@pytest.mark.parametrize('stop_after', [6, 4], ids=['epoch-boundary', 'mid-epoch'])
 def test_resume_equals_straight(tmp_path, stop_after):
-    # 240 samples, 30 held out for validation: 210 / 32 -> 7 optimizer steps per epoch
+    # 240 samples, 30 held out for validation: 210 / 32 -> 6 full batches (timm drops the last partial one)
     _run(tmp_path / 'straight', '--epochs', 2)
     _run(tmp_path / 'split', '--epochs', 2, '--stop-after-updates', stop_after)
     first = _ckpt(tmp_path / 'split')
@@ -71,42 +74,45 @@ def test_resume_equals_straight(tmp_path, stop_after):
     assert not os.path.exists(tmp_path / 'split' / 'results.json')
     _run(tmp_path / 'split', '--epochs', 2, '--resume', tmp_path / 'split')
     a, b = _ckpt(tmp_path / 'straight'), _ckpt(tmp_path / 'split')
-    assert a['num_updates'] == b['num_updates'] == 2 * 7
-    assert a['model'].keys() == b['model'].keys()
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
+    assert a['num_updates'] == b['num_updates'] == 2 * 6
+    assert a['state_dict'].keys() == b['state_dict'].keys()
+    for k in a['state_dict']:
+        assert torch.equal(a['state_dict'][k], b['state_dict'][k]), k
     assert a['sparsifier']['step'] == b['sparsifier']['step']
     for k in a['sparsifier']['explored']:
         assert torch.equal(a['sparsifier']['explored'][k], b['sparsifier']['explored'][k])
-    _check_invariants(b['model'], b['sparsifier'])
+    _check_invariants(b['state_dict'], b['sparsifier'])
     rows = (tmp_path / 'split' / 'summary.csv').read_text().strip().splitlines()
-    assert [r.split(',')[0] for r in rows[1:]] == ['1', '2']
+    assert [r.split(',')[0] for r in rows[1:]] == ['0', '1']  # timm's epoch index
     ra = json.loads((tmp_path / 'straight' / 'results.json').read_text())
     rb = json.loads((tmp_path / 'split' / 'results.json').read_text())
     assert ra['itop_rate'] == rb['itop_rate'] and ra['test_last'] == rb['test_last']
 
 
 def test_grad_accumulation_counts_optimizer_steps(tmp_path):
-    # 7 micro-batches per epoch, accumulation 2 -> 4 optimizer steps per epoch (the last one partial)
-    _run(tmp_path, '--epochs', 2, '--grad-accum-steps', 2, '--update-interval', 2)
+    # 6 micro-batches per epoch, accumulation 4 -> 2 optimizer steps per epoch (the last one partial)
+    _run(tmp_path, '--epochs', 2, '--grad-accum-steps', 4, '--update-interval', 1)
     summary = json.loads((tmp_path / 'dst_summary.json').read_text())
-    assert summary['total_steps'] == 8
-    assert summary['step'] == 8
-    assert [h['step'] for h in summary['history']] == [0, 2, 4, 6, 8]
+    assert summary['total_steps'] == 4
+    assert summary['step'] == 4
+    assert [h['step'] for h in summary['history']] == [0, 1, 2, 3, 4]
     assert summary['itop_rate'] > summary['density']
     ckpt = _ckpt(tmp_path)
-    assert ckpt['num_updates'] == 8
-    _check_invariants(ckpt['model'], ckpt['sparsifier'])
+    assert ckpt['num_updates'] == 4
+    _check_invariants(ckpt['state_dict'], ckpt['sparsifier'])
 
 
 def test_outputs(tmp_path):
     _run(tmp_path, '--epochs', 3, '--lr', 0.3)
-    for f in ('args.yaml', 'summary.csv', 'dst_summary.json', LAST, 'model_best.pth.tar', 'model_best.safetensors',
-              'model_last.safetensors', 'results.json', 'log.txt'):
+    for f in ('args.yaml', 'summary.csv', 'summary.png', 'dst_summary.json', LAST, 'model_best.pth.tar',
+              'checkpoint-0.pth.tar', 'checkpoint-2.pth.tar', 'model_best.safetensors', 'model_last.safetensors',
+              'results.json', 'log.txt'):
         assert (tmp_path / f).is_file(), f
     header = (tmp_path / 'summary.csv').read_text().splitlines()[0].split(',')
-    for col in ('train_loss', 'val_loss', 'val_top1', 'val_top5', 'lr', 'density', 'itop_rate'):
-        assert col in header
+    assert header[:8] == ['epoch', 'train_loss', 'train_top1', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'density']
+    assert 'itop_rate' in header
+    log = (tmp_path / 'log.txt').read_text()
+    assert 'Train: 2 [   5/6 (100%)]  Loss: ' in log and 'R_s: ' in log  # timm's progress line, per --log-interval
     summary = json.loads((tmp_path / 'dst_summary.json').read_text())
     assert {'name', 'shape', 'numel', 'density', 'explored'} <= set(summary['tensors'][0])
     assert abs(summary['density'] - 0.2) < 0.01
@@ -126,25 +132,23 @@ def test_outputs(tmp_path):
 def test_variants_keep_invariants(tmp_path, extra):
     _run(tmp_path, '--epochs', 1, *extra)
     ckpt = _ckpt(tmp_path)
-    _check_invariants(ckpt['model'], ckpt['sparsifier'])
-    assert ckpt['sparsifier']['step'] == 7
+    _check_invariants(ckpt['state_dict'], ckpt['sparsifier'])
+    assert ckpt['sparsifier']['step'] == 6
     summary = json.loads((tmp_path / 'dst_summary.json').read_text())
     assert summary['itop_rate'] > summary['density'] and len(summary['history']) == 3
     if '--model-ema' in extra:
-        ema = {k[len('module.'):]: v for k, v in ckpt['ema'].items()}
-        for k, v in ckpt['model'].items():
-            if k.endswith('_mask'):
-                assert torch.equal(ema[k], v), k
-            elif v.is_floating_point():
-                assert not torch.equal(ema[k], v), f'EMA of {k} equals the model'
-        assert 'ema_val_top1' in (tmp_path / 'summary.csv').read_text()
+        ema = ckpt['state_dict_ema']
+        assert ema.keys() == ckpt['state_dict'].keys()
+        for name, mask in ckpt['sparsifier']['masks'].items():
+            assert not ema[name][~mask].any(), f'the EMA export of {name} is denser than the model'
+        assert not torch.equal(ema['head.weight'], ckpt['state_dict']['head.weight'])
 
 
 @pytest.mark.slow
 def test_torchcompile_inductor(tmp_path):
     _run(tmp_path, '--epochs', 1, '--torchcompile')
     ckpt = _ckpt(tmp_path)
-    _check_invariants(ckpt['model'], ckpt['sparsifier'])
+    _check_invariants(ckpt['state_dict'], ckpt['sparsifier'])
 
 
 def test_export_loads_in_plain_timm(tmp_path):
@@ -156,11 +160,11 @@ def test_export_loads_in_plain_timm(tmp_path):
     results = json.loads((tmp_path / 'results.json').read_text())
     row = [r.split(',') for r in (tmp_path / 'summary.csv').read_text().splitlines()]
     header, rows = row[0], row[1:]
-    best_val_top1 = float(rows[results['best_epoch'] - 1][header.index('val_top1')])
+    best_val_top1 = float(rows[results['best_epoch']][header.index('eval_top1')])
     # the validation split of the run, saved as tensors for a process that never imports timm_dst
     from timm_dst._config import parse_args
-    from timm_dst._data import create_datasets
-    _, val_ds, _, _ = create_datasets(parse_args(args))
+    from timm_dst._data import open_datasets
+    val_ds = open_datasets(parse_args(args)).val
     xs, ys = zip(*[val_ds[i] for i in range(len(val_ds))])
     torch.save({'x': torch.stack(xs), 'y': torch.tensor(ys)}, tmp_path / 'val.pt')
     code = textwrap.dedent(f'''
@@ -198,8 +202,8 @@ def test_two_processes_agree(tmp_path):
     for e0, e1 in zip(r0['explored'], r1['explored']):
         assert torch.equal(e0, e1)
     assert r0['itop_rate'] == r1['itop_rate'] > r0['density']
-    # 210 samples, 7 batches of 32 sharded over 2 ranks -> 4 optimizer steps per epoch
-    assert r0['step'] == r1['step'] == 8
+    # 210 samples, 6 full batches of 32 sharded over 2 ranks -> 3 optimizer steps per epoch
+    assert r0['step'] == r1['step'] == 6
 
 
 # ------------------------------------------------------------------------------------------------------------------
@@ -233,7 +237,8 @@ def test_bad_config_key(tmp_path, capsys):
 
 
 def test_config_keys_are_flag_names(tmp_path):
-    from timm_dst._config import dst_kwargs, parse_args
+    from timm_dst._config import parse_args
+    from timm_dst.plugin import sparsifier_kwargs as dst_kwargs
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('dataset: synthetic\nbatch-size: 16\nsparsity: 0.9\nsparse_init: ER\nupdate_end: 0.5\n'
                    'dst: dsr\ndsr_np: 100\n')
@@ -251,8 +256,8 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
              '--log-interval', 1)
     assert 'non-finite training loss' in str(e.value) and 'last good checkpoint is kept' in str(e.value)
     ckpt = _ckpt(tmp_path)
-    assert ckpt['next_epoch'] == 1 and ckpt['next_batch'] == 0
-    assert all(torch.isfinite(v).all() for v in ckpt['model'].values() if v.is_floating_point())
+    assert ckpt['run']['next_epoch'] == 1 and ckpt['run']['next_batch'] == 0
+    assert all(torch.isfinite(v).all() for v in ckpt['state_dict'].values() if v.is_floating_point())
     assert not (tmp_path / 'results.json').exists()
 
 
@@ -283,7 +288,7 @@ def test_snip_scores_the_first_training_batch(tmp_path, monkeypatch):
     assert len(list(snip._batches(seen['batches'], seen['num']))) == 1  # SNIP's default: one batch of a loader
     assert seen['first'][0].shape[0] == 32  # a training batch (the training batch size)
     ckpt = _ckpt(tmp_path)
-    _check_invariants(ckpt['model'], ckpt['sparsifier'])
+    _check_invariants(ckpt['state_dict'], ckpt['sparsifier'])
     summary = json.loads((tmp_path / 'dst_summary.json').read_text())
     assert summary['method'] == 'snip' and abs(summary['density'] - 0.2) < 0.01
 
@@ -309,16 +314,16 @@ def test_lth_two_phases(tmp_path, monkeypatch):
     _run(tmp_path / 'a', *lth)
     dense_dir = tmp_path / 'a' / 'dense'
     dense = _ckpt(dense_dir)
-    assert dense['num_updates'] == 14 and dense['args']['dst'] == 'dense'
-    assert not any(k.endswith('_mask') for k in dense['model'])
+    assert dense['num_updates'] == 12 and dense['args'].dst == 'dense'
+    assert not any(k.endswith('_mask') for k in dense['state_dict'])
     rewind = torch.load(dense_dir / 'rewind.pth', weights_only=True)
-    assert not torch.equal(rewind['head.weight'], dense['model']['head.weight'])  # step 3, not the end
+    assert not torch.equal(rewind['head.weight'], dense['state_dict']['head.weight'])  # step 3, not the end
     # the mask: global magnitude top-k of the final dense weights
     start = starts[0]
     masks = {k[:-len('_mask')]: v for k, v in start.items() if k.endswith('_mask')}
     assert masks
-    kept = torch.cat([dense['model'][n][m].abs() for n, m in masks.items()])
-    pruned = torch.cat([dense['model'][n][~m].abs() for n, m in masks.items()])
+    kept = torch.cat([dense['state_dict'][n][m].abs() for n, m in masks.items()])
+    pruned = torch.cat([dense['state_dict'][n][~m].abs() for n, m in masks.items()])
     assert kept.numel() == round(0.2 * (kept.numel() + pruned.numel()))
     assert kept.min() >= pruned.max()
     # phase 2 starts from the rewind point on surviving weights (and exactly on everything else)
@@ -338,16 +343,16 @@ def test_lth_two_phases(tmp_path, monkeypatch):
     # killed in phase 1, then in phase 2: resuming continues in the right phase and ends where the straight run did
     _run(tmp_path / 'b', *lth, '--stop-after-updates', 4)
     assert not (tmp_path / 'b' / 'dense' / 'results.json').exists() and not (tmp_path / 'b' / LAST).exists()
-    # --stop-after-updates counts both phases: 14 dense steps, then 7 of phase 2
-    _run(tmp_path / 'b', *lth, '--stop-after-updates', 21, '--resume', tmp_path / 'b' / 'dense' / LAST)
-    assert (tmp_path / 'b' / 'dense' / 'results.json').exists() and _ckpt(tmp_path / 'b')['num_updates'] == 7
+    # --stop-after-updates counts both phases: 12 dense steps, then 6 of phase 2
+    _run(tmp_path / 'b', *lth, '--stop-after-updates', 18, '--resume', tmp_path / 'b' / 'dense' / LAST)
+    assert (tmp_path / 'b' / 'dense' / 'results.json').exists() and _ckpt(tmp_path / 'b')['num_updates'] == 6
     assert not (tmp_path / 'b' / 'results.json').exists()
     _run(tmp_path / 'b', *lth, '--resume', tmp_path / 'b')
     a, b = _ckpt(tmp_path / 'a'), _ckpt(tmp_path / 'b')
-    assert a['num_updates'] == b['num_updates'] == 14
-    for k in a['model']:
-        assert torch.equal(a['model'][k], b['model'][k]), k
-    _check_invariants(b['model'], b['sparsifier'])
+    assert a['num_updates'] == b['num_updates'] == 12
+    for k in a['state_dict']:
+        assert torch.equal(a['state_dict'][k], b['state_dict'][k]), k
+    _check_invariants(b['state_dict'], b['sparsifier'])
 
 
 def test_flops_in_outputs(tmp_path):
@@ -361,9 +366,9 @@ def test_flops_in_outputs(tmp_path):
     assert summary['inference_flops_ratio'] < 1.0
     assert abs(summary['inference_flops_ratio'] - density) < 0.05  # an MLP: all FLOPs are in the sparse layers
     # RigL: sparse steps plus dense weight gradients on the steps of its updates (3, 6, 9: it stops at 75%)
-    assert summary['dense_grad_steps'] == 3 and summary['steps'] == 14
+    assert summary['dense_grad_steps'] == 3 and summary['steps'] == 12
     assert density < summary['inference_flops_ratio'] + 1e-9 < summary['train_flops_ratio'] < 1.0
-    # 2 epochs of 210 samples (the last batch of each is partial), dense training = 3 f_D per sample
-    assert summary['train_flops_dense'] == pytest.approx(3 * summary['inference_flops_dense'] * 420)
+    # 2 epochs of 6 full batches of 32, dense training = 3 f_D per sample
+    assert summary['train_flops_dense'] == pytest.approx(3 * summary['inference_flops_dense'] * 384)
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['train_flops'] == summary['train_flops']

@@ -1,53 +1,33 @@
-"""Checkpoints of the training CLI: one file per checkpoint, written atomically (temp file + ``os.replace``)."""
+"""Checkpoint files of the training CLI: reading them with a one-line error for anything that is not one, the
+``--initial-checkpoint`` load, and the resume-compatibility checks. The layout itself is :mod:`timm_dst.plugin`'s
+(``state_dict`` / ``state_dict_ema`` plain timm weights, the DST state under ``timm_dst``)."""
 from __future__ import annotations
 
+import argparse
 import os
-import random
+import pickle
 import shutil
+import zipfile
 from collections.abc import Mapping
 from typing import Any
 
-import numpy as np
 import torch
+import torch.nn as nn
 
-__all__ = ['LAST', 'BEST', 'save_atomic', 'link_atomic', 'save_safetensors_atomic', 'load_checkpoint',
-           'resolve_resume', 'rng_state', 'set_rng_state']
+__all__ = ['LAST', 'BEST', 'CheckpointError', 'link_atomic', 'save_safetensors_atomic', 'read_checkpoint_file',
+           'load_initial_checkpoint', 'resolve_resume', 'check_resume_compatible']
 
 LAST = 'last.pth.tar'
 BEST = 'model_best.pth.tar'
 
 
+class CheckpointError(ValueError):
+    """A checkpoint given by the user cannot be used (unreadable, foreign, or from an incompatible run)."""
+
+
 def _tmp_path(path: str) -> str:
     folder, name = os.path.split(os.path.abspath(path))
     return os.path.join(folder, f'.{name}.tmp{os.getpid()}')
-
-
-def _fsync_dir(folder: str) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-
-def save_atomic(obj: Any, path: str) -> None:
-    """``torch.save`` to a temp file in the same folder, fsync, then ``os.replace``: never a half-written file."""
-    tmp = _tmp_path(path)
-    try:
-        with open(tmp, 'wb') as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    _fsync_dir(os.path.dirname(os.path.abspath(path)))
 
 
 def link_atomic(src: str, dst: str) -> None:
@@ -77,36 +57,116 @@ def save_safetensors_atomic(state: Mapping[str, torch.Tensor], path: str, metada
 
 
 def resolve_resume(path: str) -> str:
-    """A checkpoint file from ``--resume`` (a file, or a run folder holding ``last.pth.tar``)."""
+    """A checkpoint file from ``--resume``: a file, or a run folder (its newest of ``last.pth.tar`` and the
+    ``recovery-*.pth.tar`` files)."""
     if os.path.isdir(path):
-        cand = os.path.join(path, LAST)
-        if not os.path.isfile(cand):
-            raise FileNotFoundError(f'{path!r} holds no {LAST}')
-        return cand
+        import glob
+        cands = [c for c in [os.path.join(path, LAST), *glob.glob(os.path.join(path, 'recovery-*.pth.tar'))]
+                 if os.path.isfile(c)]
+        if not cands:
+            raise FileNotFoundError(f'{path!r} holds no {LAST} (nor recovery-*.pth.tar)')
+        return max(cands, key=os.path.getmtime)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path!r}: no such checkpoint file or run folder')
     return path
 
 
-def load_checkpoint(path: str) -> dict[str, Any]:
-    """Load a CLI checkpoint (a dict written by :func:`save_atomic`) on the CPU."""
-    ckpt = torch.load(path, map_location='cpu', weights_only=False)
-    if not isinstance(ckpt, dict) or 'sparsifier' not in ckpt or 'model' not in ckpt:
-        raise ValueError(f'--resume {path!r}: not a timm-dst-train checkpoint')
+def read_checkpoint_file(path: str, flag: str) -> dict[str, Any]:
+    """Load a checkpoint on the CPU with ``weights_only=True``.
+
+    Raises:
+        CheckpointError: The file is empty, truncated, not a torch file, holds objects other than tensors and plain
+            data, or is not a dict; the message names ``flag`` and the file.
+    """
+    from .plugin import read_checkpoint
+    if os.path.isfile(path) and os.path.getsize(path) == 0:
+        raise CheckpointError(f'{flag} {path}: the file is empty')
+    if path.endswith('.safetensors'):
+        try:
+            from safetensors.torch import load_file
+            return {'state_dict': load_file(path)}
+        except Exception as e:
+            raise CheckpointError(f'{flag} {path}: not a readable safetensors file ({_short(e)})') from None
+    try:
+        ckpt = read_checkpoint(path, mmap=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, ValueError, OSError, zipfile.BadZipFile,
+            AttributeError, ImportError, IndexError, KeyError, TypeError) as e:
+        raise CheckpointError(f'{flag} {path}: not a readable checkpoint (truncated, corrupt, or holding objects '
+                              f'other than tensors and plain data: {_short(e)})') from None
+    if not isinstance(ckpt, dict):
+        raise CheckpointError(f'{flag} {path}: expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}')
     return ckpt
 
 
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy, torch (and CUDA) generator states of this process."""
-    state = {'python': random.getstate(), 'numpy': np.random.get_state(), 'torch': torch.get_rng_state()}
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
+def _short(e: BaseException) -> str:
+    text = ' '.join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 160 else text[:157] + '...'
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
-    random.setstate(state['python'])
-    np.random.set_state(state['numpy'])
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
+def model_state(ckpt: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
+    """The weights of a checkpoint dict: ``state_dict_ema`` (with ``use_ema``), ``state_dict``, ``model``, or the dict
+    itself when it is a state_dict; DDP / compile prefixes stripped."""
+    for key in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model'):
+        if isinstance(ckpt.get(key), Mapping):
+            sd = ckpt[key]
+            break
+    else:
+        sd = ckpt
+    out = {}
+    for k, v in sd.items():
+        if not torch.is_tensor(v):
+            continue
+        for prefix in ('module.', '_orig_mod.'):
+            while k.startswith(prefix):
+                k = k[len(prefix):]
+        out[k] = v
+    return out
+
+
+def load_initial_checkpoint(model: nn.Module, path: str) -> None:
+    """``--initial-checkpoint``: the weights of a timm checkpoint, a timm-dst checkpoint (its plain ``state_dict``),
+    a state_dict or a safetensors file, loaded strictly into the model before it is sparsified.
+
+    Raises:
+        CheckpointError: Unreadable file, or weights that do not fit the model (names the missing / unexpected keys).
+    """
+    ckpt = read_checkpoint_file(path, '--initial-checkpoint')
+    sd = model_state(ckpt)
+    if not sd:
+        raise CheckpointError(f'--initial-checkpoint {path}: holds no weights (no state_dict)')
+    own = model.state_dict()
+    missing = [k for k in own if k not in sd]
+    unexpected = [k for k in sd if k not in own]
+    wrong = [k for k in own if k in sd and tuple(sd[k].shape) != tuple(own[k].shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape differs', wrong)):
+            if keys:
+                parts.append(f'{label}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""} ({len(keys)})')
+        raise CheckpointError(f'--initial-checkpoint {path}: the weights do not fit --model ({"; ".join(parts)})')
+    model.load_state_dict(sd, strict=True)
+
+
+def check_resume_compatible(path: str, ckpt: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The DST state of a ``--resume`` checkpoint, after checking the run it came from can be continued with these
+    flags (same model and, unless ``--no-resume-opt``, the same optimizer).
+
+    Raises:
+        CheckpointError: What differs, in one line.
+    """
+    from .plugin import DST_KEY
+    if 'state_dict' not in ckpt:
+        raise CheckpointError(f'--resume {path}: not a training checkpoint (no state_dict)')
+    if ckpt.get('arch') is not None and ckpt['arch'] != args.model:
+        raise CheckpointError(f'--resume {path}: the checkpoint is of model {ckpt["arch"]!r}, not --model '
+                              f'{args.model!r}')
+    state = ckpt.get(DST_KEY)
+    if not isinstance(state, Mapping) or 'run' not in state:
+        raise CheckpointError(f'--resume {path}: holds no timm-dst-train run state (a dense timm checkpoint or another '
+                              'tool\'s): start from its weights with --initial-checkpoint instead')
+    old = ckpt.get('args')
+    old_opt = getattr(old, 'opt', None) if old is not None else None
+    if not args.no_resume_opt and old_opt is not None and str(old_opt).lower() != str(args.opt).lower():
+        raise CheckpointError(f'--resume {path}: the run was trained with --opt {old_opt}; resume with the same '
+                              '--opt, or add --no-resume-opt to start a fresh optimizer state')
+    return dict(state)

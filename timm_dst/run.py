@@ -100,7 +100,7 @@ def create_parser() -> argparse.ArgumentParser:
                     'anywhere after the script; every other argument goes to train.py as it is. '
                     '`%(prog)s train.py --help` shows train.py\'s own flags after these. See docs/timm-train.md.')
     parser.add_argument('-h', '--help', action='store_true', help='show this help (and train.py\'s) and exit')
-    g = add_dst_args(parser, default_method='rigl-itop')
+    g = add_dst_args(parser)  # --dst defaults to the registry's DEFAULT_METHOD
     g.add_argument('--dst-rank-masks', default=None, metavar='DIR',
                    help='each process writes its final masks and R_s to DIR/masks_rank<R>.pt (to check that the '
                         'ranks agree)')

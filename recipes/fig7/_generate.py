@@ -16,9 +16,9 @@ SETTINGS = {
     'resnet34_cifar100': dict(model='resnet34_cifar', dataset='torch/cifar100', lr=0.1, weight_decay=1.0e-4,
                               sparse_init='erk'),
 }
-COMMON = dict(val_fraction=0.1, crop_padding=4, hflip=0.5, epochs=200, batch_size=32, opt='nesterov', momentum=0.9,
-              sched='multistep', decay_milestones=[100, 150], decay_rate=0.1, warmup_epochs=0, seed=42,
-              output='output/fig7')
+COMMON = dict(val_fraction=0.1, crop_padding=4, hflip=0.5, color_jitter=0.0, epochs=200, batch_size=32,
+              opt='nesterov', momentum=0.9, sched='multistep', decay_milestones=[100, 150], decay_rate=0.1,
+              warmup_epochs=0, seed=42, output='output/fig7')
 EXPLORE = dict(update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine')
 
 
