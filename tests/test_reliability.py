@@ -644,3 +644,17 @@ def test_skipped_steps_leave_no_trace_for_every_method(method):
         assert torch.isfinite(m).all()
     if method != 'snfs' and sp.method.attaches:
         assert all(torch.equal(a, b) for a, b in zip(_masks(sp), _masks(ref)))
+
+
+def test_attach_masks_is_all_or_nothing():
+    from timm_dst.reparam import attach_masks
+    model = _mlp()
+    before = _state(model)
+    good = torch.rand(48, 64) > 0.5
+    bad = torch.ones(3, 3, dtype=torch.bool)  # wrong shape for the second layer
+    with pytest.raises(ValueError, match='shape'):
+        attach_masks([(model[1], 'weight', good), (model[3], 'weight', bad)])
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert isinstance(model[1].weight, nn.Parameter)
