@@ -218,17 +218,19 @@ def _tiny_cnn():
     return timm.create_model('test_resnet', num_classes=10), None, None
 
 
-def test_dtype_conversion_after_attaching():
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_dtype_conversion_after_attaching(dtype):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = timm_dst.create_sparsifier(model, opt, 'set', sparsity=0.8, update_interval=2, total_steps=20,
+    sp = timm_dst.create_sparsifier(model, opt, 'rigl', sparsity=0.8, update_interval=2, total_steps=20,
                                     sparse_kernel_density=0)
-    model.to(torch.float64)
+    model.to(dtype)
     x, y = _batch(1)
     for _ in range(4):
-        _step(model, opt, x.double(), y)
+        _step(model, opt, x.to(dtype), y)
+    assert len(sp.history) == 3
     for i, t in enumerate(sp.targets):
-        assert t.param.dtype == torch.float64
+        assert t.param.dtype == dtype and t.mask.dtype == torch.bool
         assert int(t.mask.sum()) == sp.counts[i] and not t.param[~t.mask].any()
 
 
