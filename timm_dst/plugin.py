@@ -521,7 +521,8 @@ def restore_dst_state(sparsifier: Any, state: Mapping[str, Any], flops: Any | No
 @torch.no_grad()
 def load_plain_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
     """Load a plain timm state_dict (``x``, not ``x_orig`` / ``x_mask``) into a model with masks attached: each
-    masked tensor's value goes into ``x_orig``; the masks are kept as they are.
+    masked tensor's value goes into ``x_orig``; the masks are kept as they are, so restore the DST state (the masks)
+    first: the sparsifier zeroes the weights outside its current masks after a load.
 
     Returns:
         ``model.load_state_dict``'s incompatible keys.
