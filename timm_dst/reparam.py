@@ -317,6 +317,7 @@ def attach_masks(items: list[tuple[nn.Module, str, torch.Tensor]]) -> list[DSTMa
             raise ValueError(f'{type(module).__name__}.{name} already carries a mask; attach masks only once '
                              '(timm_dst.fold_masks(model) makes a model plain again)')
     done: list[tuple[nn.Module, str, DSTMask]] = []
+    orders = {id(module): (module, list(module._parameters)) for module, _, _ in items}  # to restore on failure
     try:
         for module, name, mask in items:
             dst_mask = DSTMask.apply(module, name, mask=mask)
@@ -325,6 +326,11 @@ def attach_masks(items: list[tuple[nn.Module, str, torch.Tensor]]) -> list[DSTMa
     except BaseException:
         for module, name, dst_mask in reversed(done):
             _detach(module, name, dst_mask)
+        for module, order in orders.values():  # parameter order is state_dict order (timm's EMA zips by position)
+            params = dict(module._parameters)
+            module._parameters.clear()
+            module._parameters.update((k, params[k]) for k in order if k in params)
+            module._parameters.update((k, v) for k, v in params.items() if k not in order)
         raise
     with torch.no_grad():
         for module, name, _ in done:
