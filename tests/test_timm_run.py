@@ -389,3 +389,83 @@ def test_two_epochs_then_resume_for_a_third(fmnist_folder, tmp_path):
         assert torch.equal(mask, b[DST_KEY]['sparsifier']['masks'][key])
     for key, value in a['state_dict'].items():
         torch.testing.assert_close(b['state_dict'][key], value, rtol=0, atol=0)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# another release's train.py (TIMM_DST_OTHER_TRAIN_PY=PATH/TO/train.py; skipped when unset)
+OTHER_TRAIN_PY = os.environ.get('TIMM_DST_OTHER_TRAIN_PY', '')
+needs_other_train_py = pytest.mark.skipif(not os.path.isfile(OTHER_TRAIN_PY),
+                                          reason='TIMM_DST_OTHER_TRAIN_PY (another timm train.py) not set')
+# a train.py without --device (timm before 1.0.x's --device flag) asks timm.utils.init_distributed_device for CUDA and
+# calls torch.cuda.synchronize() in validate(): without a GPU the run goes through this prelude (the train.py itself
+# stays unmodified), which makes both use the CPU, then starts the launcher
+_CPU_PRELUDE = textwrap.dedent('''
+    import sys
+    import torch
+    import timm.utils
+    import timm.utils.distributed as tud
+    _init = tud.init_distributed_device
+    def init_distributed_device(args):
+        args.device = 'cpu'
+        return _init(args)
+    timm.utils.init_distributed_device = tud.init_distributed_device = init_distributed_device
+    torch.cuda.synchronize = lambda *a, **k: None
+    from timm_dst.run import main
+    main(sys.argv[1:])
+''')
+_CHECK_PLAIN = textwrap.dedent('''
+    import json, sys
+    import timm
+    path, in_chans = sys.argv[1], int(sys.argv[2])
+    out = {}
+    for use_ema in (False, True):
+        model = timm.create_model('resnet10t', in_chans=in_chans, num_classes=10)
+        timm.models.load_checkpoint(model, path, strict=True, use_ema=use_ema)
+        w = [p for p in model.parameters() if p.dim() > 1]
+        out[str(use_ema)] = sum(int((p == 0).sum()) for p in w) / sum(p.numel() for p in w)
+    print('RESULT', json.dumps({'zeros': out, 'timm_dst': any(m.startswith('timm_dst') for m in sys.modules)}))
+''')
+
+
+@needs_other_train_py
+def test_other_release_train_py(fmnist_folder, tmp_path):
+    """Another timm release's train.py: trains sparse, plain timm weights (EMA too) with ~90% zeros loaded without
+    timm_dst, ``--resume`` from the 2-epoch checkpoint equals the uninterrupted 3-epoch run (weights, EMA, masks)."""
+    text = open(OTHER_TRAIN_PY).read()
+    gray = "'--input-img-mode'" in text  # older scripts read every image as RGB: 3 channels then
+    model_args = ['--model', 'resnet10t', '--input-size', '1' if gray else '3', '28', '28', '--mean', '0.286',
+                  '--std', '0.353', '--num-classes', '10', '--workers', '0', '-b', '32']
+    if gray:
+        model_args += ['--in-chans', '1', '--input-img-mode', 'L']
+    launcher = [sys.executable, '-m', 'timm_dst.run']
+    if "'--device'" in text:
+        model_args += ['--device', 'cpu']
+    elif not torch.cuda.is_available():
+        launcher = [sys.executable, '-c', _CPU_PRELUDE]
+    out = str(tmp_path)
+
+    def run(experiment: str, *extra: str) -> str:
+        cmd = [*launcher, OTHER_TRAIN_PY, fmnist_folder, *model_args, *DST_ARGS, '--model-ema', '--output', out,
+               '--experiment', experiment, '--epochs', '3', *extra]
+        res = subprocess.run(cmd, cwd=out, env=ENV, capture_output=True, text=True, timeout=900)
+        assert res.returncode == 0, f'{" ".join(cmd)}:\n{res.stdout[-3000:]}\n{res.stderr[-3000:]}'
+        return res.stdout + res.stderr
+
+    log = run('full')
+    assert 'DST: rigl-itop over 12 optimizer steps (3 epochs x 4)' in log and log.count('topology update') == 6
+    log = run('resumed', '--resume', os.path.join(out, 'full', 'checkpoint-1.pth.tar'))
+    assert 'step=8)' in log and log.count('topology update') == 2
+    a, b = (read_checkpoint(os.path.join(out, d, 'last.pth.tar')) for d in ('full', 'resumed'))
+    assert a[DST_KEY]['step'] == b[DST_KEY]['step'] == 12 and a[DST_KEY]['itop_rate'] == b[DST_KEY]['itop_rate']
+    for key, mask in a[DST_KEY]['sparsifier']['masks'].items():
+        assert torch.equal(mask, b[DST_KEY]['sparsifier']['masks'][key])
+    for sd in ('state_dict', 'state_dict_ema'):
+        for key, value in a[sd].items():
+            torch.testing.assert_close(b[sd][key], value, rtol=0, atol=0)
+    env = {k: v for k, v in os.environ.items() if k != 'PYTHONPATH'}
+    res = subprocess.run([sys.executable, '-c', _CHECK_PLAIN, os.path.join(out, 'full', 'last.pth.tar'),
+                          '1' if gray else '3'], cwd=out, env=env, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    plain = json.loads(res.stdout.split('RESULT ', 1)[1])
+    assert plain['timm_dst'] is False
+    assert all(0.899 <= z <= 0.93 for z in plain['zeros'].values()), plain
