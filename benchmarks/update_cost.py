@@ -41,7 +41,8 @@ def main() -> None:
         # no scheduled updates: updates are triggered by hand so they can be timed on their own
         sp = timm_dst.create_sparsifier(model, opt, method=method, sparsity=args.sparsity, update_interval=10 ** 9,
                                         update_end=None, prune_rate=0.3, prune_rate_schedule='constant', **kwargs)
-        if method in ('rigl', 'rigl-itop', 'snfs'):
+        dense_grads = timm_dst.get_method_info(method).uses_dense_grads
+        if dense_grads:
             sp._set_capture(True)  # what the hook does on the step before an update
 
         def train_step(model=model, opt=opt):
@@ -59,7 +60,7 @@ def main() -> None:
             t0 = time.perf_counter()
             sp.update()
             updates.append(time.perf_counter() - t0)
-            if method in ('rigl', 'rigl-itop', 'snfs'):
+            if dense_grads:
                 sp._set_capture(True)
         s, u = statistics.median(steps), statistics.median(updates)
         print(f'{method:6s} train step {s * 1e3:8.1f} ms  update {u * 1e3:8.1f} ms  update / step = {u / s:.3f}')

@@ -556,3 +556,91 @@ def test_masked_weights_stay_zero_under_timm_optimizers(opt_name):
     for i, t in enumerate(sp.targets):
         assert int(t.mask.sum()) == sp.counts[i]
         assert not t.param[~t.mask].any()
+
+
+def test_whole_model_pickle_round_trip():
+    import io
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    timm_dst.create_sparsifier(model, opt, 'set', sparsity=0.8, total_steps=10, sparse_kernel_density=0)
+    buf = io.BytesIO()
+    torch.save(model, buf)
+    buf.seek(0)
+    loaded = torch.load(buf, weights_only=False)
+    x, _ = _batch(1)
+    assert torch.equal(loaded(x), model(x))
+
+
+def test_damaged_sparsifier_state_is_refused():
+    model = _mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = timm_dst.create_sparsifier(model, opt, 'set', sparsity=0.8, total_steps=10)
+    state = sp.state_dict()
+    del state['masks']
+    with pytest.raises(ValueError, match='masks'):
+        sp.load_state_dict(state)
+
+
+def test_model_load_state_dict_updates_the_sparsifier():
+    """Masks loaded with model.load_state_dict (not sp.load_state_dict): counts and R_s follow them."""
+    src = _mlp()
+    opt = torch.optim.SGD(src.parameters(), lr=0.1)
+    timm_dst.create_sparsifier(src, opt, 'set', sparsity=0.8, update_interval=1, total_steps=100, distribution='er',
+                               sparse_kernel_density=0)
+    x, y = _batch(1)
+    for _ in range(3):
+        _step(src, opt, x, y)
+    dst = _mlp(3)
+    opt2 = torch.optim.SGD(dst.parameters(), lr=0.1, momentum=0.9)
+    sp = timm_dst.create_sparsifier(dst, opt2, 'set', sparsity=0.5, update_interval=1, total_steps=100,
+                                    distribution='uniform', seed=9, sparse_kernel_density=0)
+    _step(dst, opt2, x, y)
+    dst.load_state_dict(src.state_dict())
+    assert sp.counts == [int(t.mask.sum()) for t in sp.targets]
+    assert all(bool((e | ~t.mask).all()) for e, t in zip(sp.explored, sp.targets))
+    for t in sp.targets:
+        assert not opt2.state[t.param]['momentum_buffer'][~t.mask].any()
+    _step(dst, opt2, x, y)
+    assert sp.counts == [int(t.mask.sum()) for t in sp.targets]
+
+
+_ALL = ['dense', 'static', 'set', 'rigl', 'snfs', 'dsr', 'set-itop', 'rigl-itop', 'snip', 'lth', 'gmp',
+        'snip-set-itop', 'lth-set-itop']
+
+
+@pytest.mark.parametrize('method', _ALL)
+def test_skipped_steps_leave_no_trace_for_every_method(method):
+    """GradScaler skips two overflowing steps (one at an update step): no warning, exact counts, finite state, and
+    (except SNFS, whose momentum mixes gradient scales) the same masks as a run that never saw the bad batches."""
+    def run(skip: bool):
+        model = _mlp()
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        x, y = _batch(1)
+        extra = {'snip': dict(snip_batches=(x, y)), 'snip-set-itop': dict(snip_batches=(x, y)),
+                 'lth': dict(lth_rewind_state=_mlp(4).state_dict()),
+                 'lth-set-itop': dict(lth_rewind_state=_mlp(4).state_dict()),
+                 'gmp': dict(update_end=6, update_start=0)}.get(method, {})
+        sp = timm_dst.create_sparsifier(model, opt, method, sparsity=0.8, update_interval=2, total_steps=10,
+                                        sparse_kernel_density=0, **extra)
+        scaler = torch.amp.GradScaler('cpu', init_scale=2.0 ** 8)
+        with warnings.catch_warnings(record=True) as rec:
+            warnings.simplefilter('always')
+            for i in range(8):
+                if skip and i in (1, 4):
+                    _step(model, opt, *_batch(7), scaler, poison='loss' if i == 1 else 'bias')
+                _step(model, opt, x, y, scaler)
+        assert _nonfinite_warnings(rec) == []
+        return sp, model
+
+    sp, model = run(True)
+    ref, _ = run(False)
+    assert sp.step == ref.step == (8 if sp.method.attaches else 0)  # dense attaches no hook at all
+    assert [h['step'] for h in sp.history] == [h['step'] for h in ref.history]
+    if sp.method.attaches:
+        for i, t in enumerate(sp.targets):
+            assert int(t.mask.sum()) == sp.counts[i]
+            assert not t.param[~t.mask].any()
+    for m in getattr(sp.method, 'momentum', None) or []:
+        assert torch.isfinite(m).all()
+    if method != 'snfs' and sp.method.attaches:
+        assert all(torch.equal(a, b) for a, b in zip(_masks(sp), _masks(ref)))

@@ -134,8 +134,8 @@ def _constructor_params(cls: type) -> dict[str, inspect.Parameter]:
 
 
 def _description(cls: type) -> str:
-    doc = inspect.getdoc(cls) or ''
-    return doc.strip().split('\n', 1)[0].strip() if doc.strip() else cls.__name__
+    doc = inspect.cleandoc(cls.__dict__.get('__doc__') or '')  # the class's own, not an inherited one
+    return doc.split('\n', 1)[0].strip() or cls.__name__
 
 
 def register_method(name: str, cls: type, *, description: str | None = None, **defaults: Any) -> type:

@@ -1,17 +1,19 @@
 """DST for an existing training script: the DST flags, the sparsifier from parsed arguments, the checkpoint layout.
 
 The same pieces serve ``timm-dst-train``, the launcher (``python -m timm_dst.run train.py ...``) and users who edit
-their own copy of timm's ``train.py``::
+their own copy of timm's ``train.py`` (docs/timm-train.md shows the diff)::
 
-    from timm_dst.plugin import add_dst_args, create_sparsifier_from_args, pack_checkpoint
+    from timm_dst import plugin
 
-    add_dst_args(parser)                          # --dst, --sparsity, --update-interval, ... and the methods' flags
+    plugin.add_dst_args(parser)                   # --dst, --sparsity, --update-interval, ... and the methods' flags
     ...
     optimizer = create_optimizer_v2(model, ...)
-    sparsifier = create_sparsifier_from_args(model, optimizer, args)   # before EMA, DDP, torch.compile
+    # after the optional resume, before EMA, DDP and torch.compile
+    sparsifier = plugin.create_sparsifier_from_args(model, optimizer, args, resume=args.resume)
     ...
+    saver = plugin.pack_saver(utils.CheckpointSaver(...), sparsifier)
     lr_scheduler, num_epochs = create_scheduler_v2(...)
-    sparsifier.set_total_steps(num_epochs * updates_per_epoch)
+    plugin.begin_training(sparsifier, num_epochs * updates_per_epoch)
 
 Checkpoint layout (:func:`pack_checkpoint`): timm's own keys, with ``state_dict`` / ``state_dict_ema`` as plain timm
 weights (``x = x_orig * x_mask``, masks dropped: loadable by ``timm.models.load_checkpoint`` and ``validate.py`` without
@@ -20,13 +22,16 @@ timm_dst), and the DST state beside them under :data:`DST_KEY`, readable with ``
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import os
 import random
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
@@ -34,6 +39,7 @@ __all__ = [
     'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'add_dst_args',
     'validate_dst_args', 'sparsifier_kwargs', 'create_sparsifier_from_args', 'pack_checkpoint', 'dst_state',
     'read_dst_state', 'restore_dst_state', 'load_plain_state_dict', 'rng_state', 'set_rng_state', 'read_checkpoint',
+    'outside_mask', 'fill_outside_mask', 'begin_training', 'accept_plain_weights', 'packing_torch_save', 'pack_saver',
 ]
 
 DST_KEY = 'timm_dst'  # the checkpoint key of the DST state
@@ -210,25 +216,155 @@ def sparsifier_kwargs(args: argparse.Namespace, seed: int | None = None) -> dict
 
 
 def create_sparsifier_from_args(model: nn.Module, optimizer: Any, args: argparse.Namespace,
-                                total_steps: int | None = None, **overrides: Any):
+                                total_steps: int | None = None, resume: str | None = None, **overrides: Any):
     """:func:`timm_dst.create_sparsifier` with the method and keywords of the parsed DST flags.
 
-    Call it after the optimizer exists and before the EMA copy, DDP and ``torch.compile``. When the run's length is
-    known only later (timm's scheduler set-up), leave ``total_steps`` None and call ``sparsifier.set_total_steps``.
+    Call it after the optimizer exists (and after a ``--resume`` has loaded) and before the EMA copy, DDP and
+    ``torch.compile``. When the run's length is known only later (timm's scheduler set-up), leave ``total_steps`` None
+    and call :func:`begin_training` once it is.
+
+    With ``resume`` (the checkpoint train.py resumed from), a checkpoint holding a DST state continues it exactly
+    (masks, explored masks, step, generators, method state; the resumed weights and optimizer state are kept); a
+    dense one starts sparse training from its weights. The state read is left in ``sparsifier.resume_state``. Plain
+    timm weights load into the sparse model (and its EMA copy) afterwards: ``load_state_dict`` maps ``x`` to
+    ``x_orig`` and keeps the masks.
 
     Args:
         model: The model to sparsify.
         optimizer: Its optimizer.
         args: Parsed arguments holding the :func:`add_dst_args` flags.
         total_steps: Optimizer steps of the whole run, when known.
+        resume: Checkpoint the weights were resumed from, if any.
         **overrides: Further :func:`timm_dst.create_sparsifier` keywords (win over the flags).
+
+    Raises:
+        ValueError: Bad DST settings, or a checkpoint whose DST state does not match them.
     """
     from ._registry import create_sparsifier
     kw = sparsifier_kwargs(args)
     kw.update(overrides)
     if total_steps is not None:
         kw['total_steps'] = total_steps
-    return create_sparsifier(model, optimizer, method=args.dst, **kw)
+    else:
+        kw.setdefault('defer_total_steps', True)
+    state = read_dst_state(resume) if resume else None
+    snapshot = None
+    if state is not None:  # attaching draws a topology and zeroes around it: keep the resumed values
+        snapshot = ([(p, p.detach().clone()) for p in model.parameters()], copy.deepcopy(optimizer.state_dict()))
+    sp = create_sparsifier(model, optimizer, method=args.dst, **kw)
+    if snapshot is not None:
+        with torch.no_grad():
+            for p, v in snapshot[0]:  # the same parameter objects (masked ones are now <name>_orig)
+                p.copy_(v)
+        optimizer.load_state_dict(snapshot[1])
+        restore_dst_state(sp, state, rng=False)
+    sp.resume_state = state
+    if sp.method.attaches:
+        accept_plain_weights(sp, (state or {}).get('ema_outside_mask'))
+    return sp
+
+
+def begin_training(sparsifier: Any, total_steps: int, start_step: int | None = None,
+                   restore_rng: bool = True) -> None:
+    """After the scheduler set-up, right before the training loop: the run's optimizer steps, and on a resume the
+    random states of the saving process (single-process runs: data order and augmentation then continue exactly).
+
+    Args:
+        sparsifier: From :func:`create_sparsifier_from_args`.
+        total_steps: Optimizer steps of the whole run (timm: ``num_epochs * updates_per_epoch``).
+        start_step: Optimizer steps already done by a run resumed from a dense checkpoint (timm:
+            ``start_epoch * updates_per_epoch``), so topology updates follow timm's count. Ignored when the DST state
+            was restored (it holds the step).
+        restore_rng: Restore the resumed checkpoint's random states (one process only: a multi-process run saved
+            rank 0's alone).
+    """
+    sparsifier.set_total_steps(total_steps)
+    state = getattr(sparsifier, 'resume_state', None)
+    if state is None and start_step:
+        sparsifier.step = int(start_step)
+    ddp = dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+    if restore_rng and state is not None and state.get('rng') is not None and not ddp:
+        set_rng_state(state['rng'])
+
+
+def accept_plain_weights(sparsifier: Any, ema_outside_mask: Mapping[str, Any] | None = None) -> None:
+    """Let ``load_state_dict`` of each masked module, and of its deep copies (timm's EMA), take plain timm weights:
+    ``<name>`` goes into ``<name>_orig``, the mask is kept. timm's ``resume_checkpoint``, ``load_checkpoint`` and
+    ``load_task_ema_checkpoint`` then load checkpoints in this layout into the sparse model. On a copy, the
+    ``ema_outside_mask`` entries (:func:`outside_mask`) are written back."""
+    by_module: dict[int, tuple[nn.Module, list[str], list[str]]] = {}
+    for t in sparsifier.targets:
+        entry = by_module.setdefault(id(t.module), (t.module, [], []))
+        entry[1].append(t.param_name)
+        entry[2].append(t.name)
+    for module, names, full_names in by_module.values():
+        hook = _PlainLoadHook(tuple(names), tuple(full_names), dict(ema_outside_mask or {}))
+        if hasattr(module, 'register_load_state_dict_pre_hook'):
+            module.register_load_state_dict_pre_hook(hook)
+        else:  # torch < 2.3
+            module._register_load_state_dict_pre_hook(hook, with_module=True)
+
+
+class _PlainLoadHook:
+    """``load_state_dict`` pre-hook of a masked module (see :func:`accept_plain_weights`)."""
+
+    def __init__(self, names: tuple[str, ...], full_names: tuple[str, ...], outside: dict[str, Any]):
+        self.names, self.full_names, self.outside = names, full_names, outside
+
+    def __deepcopy__(self, memo: dict) -> _PlainLoadHook:  # copies (the EMA) share the resumed entries
+        return _PlainLoadHook(self.names, self.full_names, self.outside)
+
+    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
+        from .reparam import _mask_method
+        for name, full in zip(self.names, self.full_names):
+            key = prefix + name
+            if key in state_dict and key + '_orig' not in state_dict and hasattr(module, name + '_orig'):
+                value = state_dict.pop(key)
+                method = _mask_method(module, name)
+                if full in self.outside and method is not None and not method.owns(module):
+                    value = fill_outside_mask(value, self.outside[full])
+                state_dict[key + '_orig'] = value
+                state_dict.setdefault(key + '_mask', getattr(module, name + '_mask'))
+
+
+@contextlib.contextmanager
+def packing_torch_save(sparsifier: Any, flops: Any | None = None) -> Iterator[None]:
+    """Within the block, the first dict handed to ``torch.save`` is packed (:func:`pack_checkpoint`) first: wrap
+    a call that writes one timm checkpoint (``CheckpointSaver._save``).
+
+    Raises:
+        RuntimeError: When the block saved no dict through ``torch.save`` (the checkpoint would lack the DST state).
+    """
+    real_save = torch.save
+    seen = []
+
+    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
+        if isinstance(obj, dict) and not seen:
+            seen.append(True)
+            pack_checkpoint(obj, sparsifier, flops=flops)
+        return real_save(obj, f, *args, **kwargs)
+
+    torch.save = save
+    try:
+        yield
+    finally:
+        torch.save = real_save
+    if not seen:
+        raise RuntimeError('timm_dst: the checkpoint write saved no dict through torch.save; the checkpoint lacks the '
+                           'DST state (this timm version saves differently)')
+
+
+def pack_saver(saver: Any, sparsifier: Any, flops: Any | None = None) -> Any:
+    """Make a timm ``CheckpointSaver`` write every checkpoint (``checkpoint-N``, ``last``, ``model_best``,
+    recovery) in the :func:`pack_checkpoint` layout; returns the saver."""
+    orig = saver._save
+
+    def _save(*args: Any, **kwargs: Any) -> Any:
+        with packing_torch_save(sparsifier, flops):
+            return orig(*args, **kwargs)
+
+    saver._save = _save
+    return saver
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -290,13 +426,39 @@ def _plain(state: Any) -> Any:
     return state
 
 
+def outside_mask(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
+    """The non-zero ``x_orig`` values where ``x_mask`` is off, per plain key: ``{'index': flat indices, 'value': ...}``.
+
+    The controlled model is zero there, but a copy that averages it (timm's EMA) is not: its values at dropped
+    positions decay towards zero and count again when the position grows back. The plain weights hold
+    ``x_orig * x_mask``; these entries complete the EMA for an exact continuation (:func:`fill_outside_mask`).
+    """
+    from .reparam import _strip_prefix
+    out = {}
+    for key, value in state.items():
+        base = key[:-5]
+        if key.endswith('_orig') and base + '_mask' in state:
+            flat = value.detach().reshape(-1)
+            index = ((flat != 0) & ~state[base + '_mask'].reshape(-1).bool()).nonzero().squeeze(1)
+            out[_strip_prefix(base)] = {'index': index.cpu(), 'value': flat[index].cpu().clone()}
+    return out
+
+
+def fill_outside_mask(value: torch.Tensor, entry: Mapping[str, torch.Tensor]) -> torch.Tensor:
+    """A plain weight with the :func:`outside_mask` entries written back (a new tensor)."""
+    out = value.detach().clone()
+    out.view(-1)[entry['index'].to(out.device)] = entry['value'].to(out.device, out.dtype)
+    return out
+
+
 def pack_checkpoint(checkpoint: dict[str, Any], sparsifier: Any, flops: Any | None = None, rng: bool = True,
                     extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Turn a timm training checkpoint dict into the timm-dst layout, in place (and return it).
 
     ``state_dict``, ``state_dict_ema`` (and the older ``model`` / ``model_ema``) become plain timm weights: masked
     tensors folded (``x = x_orig * x_mask``, zeros included), masks dropped, DDP / compile prefixes stripped. The DST
-    state (:func:`dst_state`) goes under :data:`DST_KEY`. Every other key is left as it is.
+    state (:func:`dst_state`) goes under :data:`DST_KEY`, with the EMA's values outside the masks
+    (``ema_outside_mask``, see :func:`outside_mask`). Every other key is left as it is.
 
     Args:
         checkpoint: The dict about to be saved (``epoch``, ``state_dict``, ``optimizer``, ...).
@@ -305,6 +467,10 @@ def pack_checkpoint(checkpoint: dict[str, Any], sparsifier: Any, flops: Any | No
         rng: Store this process's random states.
         extra: Further entries of the DST state.
     """
+    extra = dict(extra or {})
+    for key in ('state_dict_ema', 'model_ema'):
+        if isinstance(checkpoint.get(key), Mapping) and any(str(k).endswith('_orig') for k in checkpoint[key]):
+            extra.setdefault('ema_outside_mask', outside_mask(checkpoint[key]))
     for key in ('state_dict', 'state_dict_ema', 'model', 'model_ema'):
         if key in checkpoint and checkpoint[key] is not None:
             checkpoint[key] = _plain(checkpoint[key])

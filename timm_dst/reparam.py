@@ -35,8 +35,8 @@ class DSTMask(prune.BasePruningMethod):
     multiply per forward, and another in the backward): on the module the sparsifier controls, ``module.<name>`` *is*
     the parameter ``<name>_orig`` (an instance attribute, not a second registered parameter), so its forward pre-hook
     has nothing to do, and a hook on ``<name>_orig`` masks its gradient as it accumulates. That is exact because the
-    sparsifier keeps ``orig`` zero wherever the mask is False (DESIGN invariant 2), so ``orig == orig * mask`` and the
-    masked ``orig.grad`` is the gradient ``orig * mask`` would give.
+    sparsifier keeps ``orig`` zero wherever the mask is False (docs/design.md, invariant 2), so ``orig == orig * mask``
+    and the masked ``orig.grad`` is the gradient ``orig * mask`` would give.
     """
 
     PRUNING_TYPE = 'unstructured'

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import copy
 import csv
 import json
 import logging
@@ -48,11 +47,12 @@ import torch.nn as nn
 
 from .plugin import (
     add_dst_args,
+    begin_training,
+    create_sparsifier_from_args,
     dst_option_strings,
-    pack_checkpoint,
+    packing_torch_save,
     read_dst_state,
     restore_dst_state,
-    set_rng_state,
     sparsifier_kwargs,
     validate_dst_args,
 )
@@ -100,7 +100,7 @@ def create_parser() -> argparse.ArgumentParser:
                     'anywhere after the script; every other argument goes to train.py as it is. '
                     '`%(prog)s train.py --help` shows train.py\'s own flags after these. See docs/timm-train.md.')
     parser.add_argument('-h', '--help', action='store_true', help='show this help (and train.py\'s) and exit')
-    g = add_dst_args(parser, default_method='rigl-itop')
+    g = add_dst_args(parser)  # --dst defaults to the registry's DEFAULT_METHOD
     g.add_argument('--dst-rank-masks', default=None, metavar='DIR',
                    help='each process writes its final masks and R_s to DIR/masks_rank<R>.pt (to check that the '
                         'ranks agree)')
@@ -171,9 +171,7 @@ class Launcher:
         self.sparsifier: Any = None
         self.flops: Any = None
         self.model: nn.Module | None = None
-        self.resume_state: dict[str, Any] | None = None
         self.resume_epoch: int | None = None
-        self.dense_resume = False
         self.updates_per_epoch: int | None = None
         self.output_dir: str | None = None
         self.optimizer_seen = False
@@ -238,7 +236,7 @@ class Launcher:
             patch(owner, 'CheckpointSaver', lambda orig: saver_cls)
         for cls_name in ('ModelEma', 'ModelEmaV2', 'ModelEmaV3'):
             patch(getattr(timm.utils.model_ema, cls_name, None), '__init__', self._wrap_before)
-        patch(DistributedDataParallel, '__init__', self._wrap_before)
+        patch(DistributedDataParallel, '__init__', self._wrap_ddp)
         from torch.optim.optimizer import register_optimizer_step_pre_hook
         hook = register_optimizer_step_pre_hook(self._any_step)
         try:
@@ -295,6 +293,18 @@ class Launcher:
         wrapper.__wrapped__ = orig  # type: ignore[attr-defined]
         return wrapper
 
+    def _wrap_ddp(self, orig: Callable) -> Callable:
+        """Attach before DDP wraps the model. Also: ``device_ids=[cpu]`` (timm's train.py with ``--device cpu``),
+        which DDP refuses, becomes None, DDP's way of saying a CPU module."""
+        def __init__(ddp: Any, module: nn.Module, *args: Any, **kwargs: Any) -> None:
+            self.attach()
+            ids = kwargs.get('device_ids')
+            if ids and all(torch.device(d).type == 'cpu' for d in ids if not isinstance(d, int)) \
+                    and not any(isinstance(d, int) for d in ids):
+                kwargs['device_ids'] = None
+            orig(ddp, module, *args, **kwargs)
+        return __init__
+
     def _wrap_resume(self, orig: Callable) -> Callable:
         def resume(model: Any, checkpoint_path: str, *args: Any, **kwargs: Any) -> Any:
             if self.sparsifier is None:
@@ -325,15 +335,15 @@ class Launcher:
             self.updates_per_epoch = upe
             total = int(num_epochs) * upe
             sp = self.sparsifier
-            sp.set_total_steps(total)
-            if self.dense_resume and self.resume_epoch:
-                sp.step = int(self.resume_epoch) * upe  # topology updates follow timm's step count
-            state = self.resume_state
-            if state is not None and state.get('rng') is not None:
-                if _world_size() == 1:  # the saving process's random states: data order and augmentation continue
-                    set_rng_state(state['rng'])
-                else:
-                    _logger.info('DST: random states of a multi-process run are not restored (rank 0\'s only saved)')
+            start = int(self.resume_epoch) * upe if self.resume_epoch else None
+            if sp.resume_state is not None and start is not None and sp.step != start:
+                _logger.warning(f'DST: the checkpoint\'s {sp.step} optimizer steps differ from timm\'s count '
+                                f'({self.resume_epoch} epochs x {upe}): another process count, batch size or '
+                                'accumulation than the saved run, or a recovery checkpoint; topology updates '
+                                f'continue from step {sp.step}')
+            if sp.resume_state is not None and sp.resume_state.get('rng') is not None and _world_size() > 1:
+                self._log('DST: random states of a multi-process run are not restored (rank 0\'s only saved)')
+            begin_training(sp, total, start_step=start)
             self._log(f'DST: {sp.method_name} over {total} optimizer steps ({num_epochs} epochs x {upe}), '
                       f'step {sp.step}, density {sp.density:.4f}, R_s {sp.itop_rate:.4f}')
             return out
@@ -361,32 +371,13 @@ class Launcher:
                 launcher.output_dir = getattr(self, 'checkpoint_dir', None) or launcher.output_dir
 
             def _save(self, save_path: str, *args: Any, **kwargs: Any) -> Any:
-                with launcher._packing_save():
+                if launcher.sparsifier is None:
+                    return super()._save(save_path, *args, **kwargs)
+                with packing_torch_save(launcher.sparsifier, launcher.flops):
                     return super()._save(save_path, *args, **kwargs)
 
         DSTCheckpointSaver.__name__ = DSTCheckpointSaver.__qualname__ = base.__name__
         return DSTCheckpointSaver
-
-    @contextlib.contextmanager
-    def _packing_save(self) -> Iterator[None]:
-        """While timm's saver writes one checkpoint: the dict it hands to ``torch.save`` is packed first."""
-        real_save = torch.save
-        seen = []
-
-        def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
-            if isinstance(obj, dict) and not seen and self.sparsifier is not None:
-                seen.append(True)
-                pack_checkpoint(obj, self.sparsifier, flops=self.flops)
-            return real_save(obj, f, *args, **kwargs)
-
-        torch.save = save
-        try:
-            yield
-        finally:
-            torch.save = real_save
-        if not seen and self.sparsifier is not None:
-            raise RuntimeError('timm_dst.run: CheckpointSaver._save wrote no checkpoint dict through torch.save: '
-                               'this timm version saves differently; the checkpoint lacks the DST state')
 
     def _any_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Every optimizer's step pre-hook: a step before the sparsifier is attached (and told the run's length)
@@ -406,36 +397,20 @@ class Launcher:
         if self.pending is None:
             return
         from .flops import TrainingFlops
-        from .plugin import create_sparsifier_from_args
         model, optimizer = self.pending
         self.pending = None
-        state = self._read_state(resume_path) if resume_path else None
-        snapshot = None
-        if state is not None:  # attaching draws a topology and zeroes around it: keep the resumed values
-            snapshot = ([(p, p.detach().clone()) for p in model.parameters()], copy.deepcopy(optimizer.state_dict()))
         seed = getattr(self.train_args, 'seed', None)  # train.py's --seed unless --dst-seed is given
         kw = sparsifier_kwargs(self.dst_args, seed=int(seed) if seed is not None else 42)
         try:
-            sp = create_sparsifier_from_args(model, optimizer, self.dst_args, defer_total_steps=True, seed=kw['seed'])
-        except ValueError as e:
-            _fail(f'--dst {self.dst_args.dst}: {e}')
+            sp = create_sparsifier_from_args(model, optimizer, self.dst_args, resume=resume_path, seed=kw['seed'])
+        except (ValueError, KeyError, RuntimeError, OSError) as e:
+            _fail(f'--resume {resume_path}: {e}' if resume_path else f'--dst {self.dst_args.dst}: {e}')
         self.sparsifier, self.model = sp, model
-        if snapshot is not None:
-            with torch.no_grad():
-                for p, v in snapshot[0]:  # the same parameter objects (masked ones are now <name>_orig)
-                    p.copy_(v)
-            optimizer.load_state_dict(snapshot[1])
-        if sp.method.attaches:
-            _install_plain_load_hooks(sp)
         self.flops = self._make_flops(TrainingFlops, model, sp)
-        if state is not None:
-            try:
-                restore_dst_state(sp, state, flops=self.flops, rng=False)
-            except (ValueError, KeyError) as e:
-                _fail(f'--resume {resume_path}: {e}')
-            self.resume_state = state
-        elif resume_path:
-            self.dense_resume = True
+        state = sp.resume_state
+        if state is not None and self.flops is not None and state.get('flops') is not None:
+            self.flops.load_state_dict(state['flops'])
+        elif resume_path and state is None:
             self._log(f'DST: {resume_path} holds no timm_dst state: sparse training starts from its weights '
                       f'({sp.mask_init} initial topology)')
         self._hooks.append(sp.optimizer.register_step_post_hook(self._after_step))
@@ -450,15 +425,15 @@ class Launcher:
         return None
 
     def _restore(self, path: str) -> None:
+        """A resume after attaching (not timm's order): the weights came in through the load hooks."""
         state = self._read_state(path)
-        if state is None:
-            self.dense_resume = True
-            return
-        try:
-            restore_dst_state(self.sparsifier, state, flops=self.flops, rng=False)
-        except (ValueError, KeyError) as e:
-            _fail(f'--resume {path}: {e}')
-        self.resume_state = state
+        sp = self.sparsifier
+        if state is not None:
+            try:
+                restore_dst_state(sp, state, flops=self.flops, rng=False)
+            except (ValueError, KeyError) as e:
+                _fail(f'--resume {path}: {e}')
+        sp.resume_state = state
 
     def _make_flops(self, cls: type, model: nn.Module, sp: Any) -> Any:
         """Training FLOPs at train.py's input size and nominal global batch (batch x accumulation x processes)."""
@@ -531,36 +506,6 @@ class Launcher:
             torch.save({'masks': {t.name: t.mask.cpu() for t in sp.targets}, 'itop_rate': sp.itop_rate,
                         'step': sp.step}, os.path.join(folder, f'masks_rank{_rank()}.pt'))
         return summary
-
-
-def _install_plain_load_hooks(sp: Any) -> None:
-    """Let ``load_state_dict`` of a masked module (and of its copies, such as timm's EMA) take plain timm weights:
-    ``<name>`` goes into ``<name>_orig``, the mask is kept. timm's ``load_checkpoint`` / ``load_task_ema_checkpoint``
-    then load this package's plain checkpoints into the sparse model."""
-    by_module: dict[int, tuple[nn.Module, list[str]]] = {}
-    for t in sp.targets:
-        by_module.setdefault(id(t.module), (t.module, []))[1].append(t.param_name)
-    for module, names in by_module.values():
-        hook = _PlainLoadHook(tuple(names))
-        if hasattr(module, 'register_load_state_dict_pre_hook'):
-            module.register_load_state_dict_pre_hook(hook)
-        else:  # torch < 2.3
-            module._register_load_state_dict_pre_hook(hook, with_module=True)
-
-
-class _PlainLoadHook:
-    """``load_state_dict`` pre-hook of a masked module: plain ``<name>`` keys become ``<name>_orig`` (the mask in the
-    module stays)."""
-
-    def __init__(self, names: tuple[str, ...]):
-        self.names = names
-
-    def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        for name in self.names:
-            key = prefix + name
-            if key in state_dict and key + '_orig' not in state_dict and hasattr(module, name + '_orig'):
-                state_dict[key + '_orig'] = state_dict.pop(key)
-                state_dict.setdefault(key + '_mask', getattr(module, name + '_mask'))
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -68,6 +68,55 @@ def topk_indices(score: torch.Tensor, k: int) -> torch.Tensor:
     return candidates[torch.topk(score[candidates], k, sorted=False).indices]
 
 
+class _ParentRefresh:
+    """Forward pre-hook on the parent of a sparse module: on copies of the controlled model (timm's EMA), set the
+    child's weight to ``orig * mask`` before a parent that reads it directly runs. A class, not a closure, so that
+    ``torch.save(model)`` can pickle the model (copies and pickles drop the reference to the controlled parent)."""
+
+    def __init__(self, parent: nn.Module, child: str, param_name: str):
+        self.controlled: weakref.ref | None = weakref.ref(parent)
+        self.child, self.param_name = child, param_name
+
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, 'controlled': None}
+
+    def __call__(self, module: nn.Module, inputs: Any) -> None:
+        if self.controlled is not None and module is self.controlled():
+            return  # the child's weight is its parameter: nothing to refresh
+        sub = module.get_submodule(self.child)  # relative lookup: works in deep copies (timm EMA) too
+        if hasattr(sub, self.param_name + '_orig'):  # masks folded: nothing to refresh
+            setattr(sub, self.param_name, effective_weight(sub, self.param_name))
+
+
+class _AfterModelLoad:
+    """``load_state_dict`` post-hook on the controlled model: masks loaded with ``model.load_state_dict`` (instead of
+    ``Sparsifier.load_state_dict``) are taken over: counts recounted, R_s extended, weights and optimizer state zeroed
+    where masked. Copies and pickles of the model drop the reference to the sparsifier."""
+
+    def __init__(self, sparsifier: Sparsifier):
+        self.sparsifier: weakref.ref | None = weakref.ref(sparsifier)
+
+    def __getstate__(self) -> dict:
+        return {'sparsifier': None}
+
+    def __call__(self, module: nn.Module, incompatible_keys: Any) -> None:
+        sp = self.sparsifier() if self.sparsifier is not None else None
+        if sp is not None and sp.model is module and not sp._detached:
+            sp._take_over_masks()
+
+
+def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> bool:
+    """Whether every entry of ``tensors`` is finite (one fused norm per tensor, one device sync). Under
+    ``torch.distributed`` the answer is agreed by all ranks (a collective: call it on every rank), so that all ranks
+    skip or run the same updates."""
+    ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all() if tensors else None
+    if _dist_world() > 1:
+        flag = torch.ones(1, device=device) if ok is None else ok.to(device=device, dtype=torch.float32).reshape(1)
+        dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+        return bool(flag.item() > 0)
+    return True if ok is None else bool(ok)
+
+
 def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
@@ -216,6 +265,7 @@ class Sparsifier:
         self._update_pending = False  # an update postponed by a non-finite gradient runs at the next real step
         self._detached = False  # set by fold_masks: the masks are gone
         self._warned_state = False
+        self._finite_cache: tuple[int, bool] | None = None  # (step, finite) of the last check
 
         if not method.attaches:
             self.counts = [t.numel for t in self.targets]
@@ -246,6 +296,7 @@ class Sparsifier:
         self.remask_every_step = bool(remask_every_step)
         self._origs = [t.param for t in self.targets]  # parameters keep their identity across module.to()
         self._step_hook = self.optimizer.register_step_post_hook(self._on_step)
+        self._parent_handles.append(self.model.register_load_state_dict_post_hook(_AfterModelLoad(self)))
         # some timm blocks read a child's weight in their own forward (BEiT / EVA / Swin V2 attention:
         # F.linear(x, self.qkv.weight, qkv_bias)), so the child's prune hook never runs. On the controlled model the
         # child's weight is its `_orig` parameter anyway; copies of it (timm's EMA) need `orig * mask` from the parent
@@ -359,10 +410,15 @@ class Sparsifier:
         if self.remask_every_step:
             with torch.no_grad():
                 torch._foreach_mul_(self._origs, [t.mask for t in self.targets])  # buffers: looked up fresh
-        if any(g is not None for g in self._dense_grads) and not self._step_finite():
+        due = self._update_pending or self.schedule.is_update_step(self.step)
+        captured = [g for g in self._dense_grads if g is not None]
+        # capture on/off is the same on every rank (the schedule decides), so the agreed check runs on all of them
+        if self._capture_handles and not _all_finite(captured, self._device()):
+            self._finite_cache = (self.step, False)
             # never fold a non-finite window into method state (SNFS momentum) or grow from it (RigL)
-            warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: its dense gradients are dropped',
-                          stacklevel=2)
+            if not due:  # on an update step, update() says it
+                warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: its dense gradients are dropped',
+                              stacklevel=2)
             self.clear_dense_grads()
         capturing = bool(self._capture_handles)
         self.method.on_step(self)
@@ -372,6 +428,7 @@ class Sparsifier:
         capture = self.method.needs_dense_grad(self, self.step + 1) or (self._update_pending and capturing)
         if capture != bool(self._capture_handles):
             self._set_capture(capture)
+        self._finite_cache = None  # valid within one step only: an update called by hand checks afresh
 
     def _parent(self, i: int) -> tuple[nn.Module, str] | None:
         """The module owning target ``i``'s module, and the child's name relative to it."""
@@ -382,16 +439,8 @@ class Sparsifier:
         return self.model.get_submodule(parent), child
 
     @staticmethod
-    def _make_refresh_hook(parent: nn.Module, child: str, param_name: str):
-        controlled = weakref.ref(parent)
-
-        def _hook(module: nn.Module, inputs: Any) -> None:
-            if module is controlled():  # the child's weight is its parameter: nothing to refresh
-                return
-            sub = module.get_submodule(child)  # relative lookup: works in deep copies (timm EMA) too
-            if hasattr(sub, param_name + '_orig'):  # masks folded: nothing to refresh
-                setattr(sub, param_name, effective_weight(sub, param_name))
-        return _hook
+    def _make_refresh_hook(parent: nn.Module, child: str, param_name: str) -> _ParentRefresh:
+        return _ParentRefresh(parent, child, param_name)
 
     def _set_capture(self, on: bool) -> None:
         for h in self._capture_handles:
@@ -435,8 +484,9 @@ class Sparsifier:
     def dense_grads(self) -> list[torch.Tensor]:
         """The captured dense gradients of the sparse weights (summed over micro-steps, averaged over ranks).
 
-        A read-only view for methods: new tensors (zeros where nothing was captured); the accumulators themselves are
-        private. Collective with several processes: call it on every rank.
+        The methods' read-only view (zeros where nothing was captured): read the tensors, never modify them in place
+        (on one process they are the controller's accumulators, not copies). Collective with several processes: call
+        it on every rank.
         """
         grads = [g if g is not None else torch.zeros_like(t.param, dtype=torch.float32)
                  for g, t in zip(self._dense_grads, self.targets)]
@@ -456,14 +506,15 @@ class Sparsifier:
     def _gradients_finite(self) -> bool:
         tensors = [t.param.grad for t in self.targets if t.param.grad is not None]
         tensors += [g for g in self._dense_grads if g is not None]
-        if not tensors:
-            return True
-        return bool(torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all())
+        return _all_finite(tensors, self._device())
+
+    def _device(self) -> torch.device:
+        return self.targets[0].param.device
 
     def _step_finite(self) -> bool:
         """Whether this step's gradients (of the sparse weights, and the captured dense ones) are finite; one check
         per step."""
-        cached = getattr(self, '_finite_cache', None)
+        cached = self._finite_cache
         if cached is None or cached[0] != self.step:
             cached = self._finite_cache = (self.step, self._gradients_finite())
         return cached[1]
@@ -691,6 +742,19 @@ class Sparsifier:
         self._parent_handles = []
         self._set_capture(False)
 
+    @torch.no_grad()
+    def _take_over_masks(self) -> None:
+        """The masks were written from outside (``model.load_state_dict``): make counts, R_s, weights and optimizer
+        state agree with them."""
+        for i, t in enumerate(self.targets):
+            t.param.mul_(t.mask)
+            if self.explored[i].device != t.mask.device:
+                self.explored[i] = self.explored[i].to(t.mask.device)
+            self.explored[i] |= t.mask
+            refresh_weight(t.module, t.param_name)
+        self._zero_optimizer_state([t.mask for t in self.targets])
+        self._refresh_counts()
+
     def _detach_masks(self) -> None:
         """Called by :func:`timm_dst.fold_masks` before it removes the masks."""
         self.remove()
@@ -730,6 +794,7 @@ class Sparsifier:
             'history': [dict(h) for h in self.history],
             'generators': {k: g.get_state() for k, g in self._generators.items()},
             'dense_grads': [g.cpu() if g is not None else None for g in self._dense_grads],
+            'update_pending': self._update_pending,
             'method': self.method.state_dict(),
         }
 
@@ -743,6 +808,10 @@ class Sparsifier:
         self._check_live()
         if not isinstance(state, dict) or 'config' not in state:
             raise ValueError('state: not a timm_dst Sparsifier state_dict (no "config" entry)')
+        needed = ['step'] + (['masks', 'explored'] if self.method.attaches else [])
+        missing = [k for k in needed if k not in state]
+        if missing:
+            raise ValueError(f'state: a timm_dst Sparsifier state_dict lacks {", ".join(missing)} (damaged or edited)')
         cfg = state['config']
         for key in ('method', 'sparsity', 'distribution', 'targets'):
             mine, theirs = self.config[key], cfg.get(key)
@@ -755,6 +824,8 @@ class Sparsifier:
                 raise ValueError(f'state: {key} of the checkpoint ({detail}) does not match this sparsifier; '
                                  f'accepted: {accepted}')
         self.step = int(state['step'])
+        self._update_pending = bool(state.get('update_pending', False))
+        self._finite_cache = None
         self.history = [dict(h) for h in state.get('history', [])]
         for key, g_state in state.get('generators', {}).items():
             self.generator(key).set_state(g_state)
@@ -770,4 +841,5 @@ class Sparsifier:
         self._dense_grads = [g.to(t.param.device) if g is not None else None for g, t in zip(grads, self.targets)]
         self.method.load_state_dict(state.get('method', {}))
         if self.method.attaches:
-            self._set_capture(self.method.needs_dense_grad(self, self.step + 1))
+            self._set_capture(self.method.needs_dense_grad(self, self.step + 1) or (
+                self._update_pending and self.method.needs_dense_grad(self, self.step)))

@@ -81,7 +81,7 @@ def _user_error(message: str) -> SystemExit:
 # one run: state, building, resume, the epoch loop
 class _Run:
     """One training run: built by ``__init__`` (data, model, optimizer, schedule, sparsifier, EMA, Accelerate, in the
-    order DESIGN.md section 5 requires), trained by :meth:`fit`, finished by :meth:`finish`."""
+    order docs/design.md section 5 requires), trained by :meth:`fit`, finished by :meth:`finish`."""
 
     def __init__(self, args: argparse.Namespace, rewind: tuple[int, str] | None = None):
         from accelerate.utils import broadcast_object_list, set_seed
