@@ -146,8 +146,10 @@ class _Run:
             self.splits, self.data_config, args, bs_eval)
         self.mixup = create_mixup(args, self.info.num_classes)
         self.train_loss, self.eval_loss = create_losses(args, self.mixup is not None)
-        # timm's create_loader drops the last partial training batch; Accelerate then shards the batches
-        self.batches_per_epoch = math.ceil(len(self.train_loader) / acc.num_processes)
+        # timm's create_loader drops the last partial training batch; Accelerate then shards the batches, dropping
+        # the batches that would not reach every process (its BatchSamplerShard with drop_last)
+        n, p = len(self.train_loader), acc.num_processes
+        self.batches_per_epoch = n // p if self.train_loader.drop_last else math.ceil(n / p)
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
         if self.batches_per_epoch < 1:
             raise _user_error(f'-b/--batch-size {args.batch_size} is larger than the {self.info.train_size} training '
