@@ -139,6 +139,11 @@ class _Run:
         _logger.info(f'{describe_sizes(self.info)} | input {tuple(self.data_config["input_size"])} | '
                      f'{acc.num_processes} process(es) on {acc.device} | output {self.output_dir}')
         _logger.info(f'model {args.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters')
+        if self.info.name == 'synthetic':
+            from ._config import synthetic_ignored
+            if ignored := synthetic_ignored(args):
+                _logger.warning(f'{", ".join(ignored)}: not applied: the synthetic data set is tensors, image '
+                                'transforms do not apply to it (mixup / cutmix do)')
         in_memory = self.splits.train.tensors or hasattr(self.splits.train.base, 'gather')
         bs_eval = args.validation_batch_size or (max(args.batch_size, _EVAL_BATCH_IN_MEMORY) if in_memory
                                                  else args.batch_size)
