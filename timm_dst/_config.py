@@ -10,8 +10,9 @@ from typing import Any
 import yaml
 
 from .plugin import add_dst_args, milestone, step_or_fraction, validate_dst_args
+from .plugin import sparsifier_kwargs as dst_kwargs
 
-__all__ = ['create_parser', 'parse_args', 'args_to_yaml', 'REFUSED', 'DEFAULTS_DIFFER',
+__all__ = ['create_parser', 'parse_args', 'args_to_yaml', 'dst_kwargs', 'REFUSED', 'DEFAULTS_DIFFER',
            'MEANING_DIFFERS', 'OWN_FLAGS', 'flag_status']
 
 _EVAL_METRICS = ('top1', 'top5', 'loss')

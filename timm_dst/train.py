@@ -35,6 +35,7 @@ from ._train_outputs import (
     SUMMARY_PNG,
     DstCheckpointSaver,
     dst_summary,
+    flops_line,
     plot_summary,
     setup_logging,
     train_log_line,
@@ -43,11 +44,13 @@ from ._train_outputs import (
 )
 from ._train_resume import resume_run
 
-__all__ = ['main', 'train', 'train_two_phases', 'evaluate', 'TrainingDivergedError']
+__all__ = ['main', 'train', 'train_two_phases', 'evaluate', 'TrainingDivergedError', 'dst_summary', 'flops_line']
 
 _logger = logging.getLogger('timm_dst.train')
 
 CONFIG_YAML = 'args.yaml'
+DENSE_PHASE_DIR = 'dense'
+REWIND_FILE = 'rewind.pth'
 _EVAL_BATCH_IN_MEMORY = 1024  # evaluation batch of in-memory data (unless --validation-batch-size)
 
 
