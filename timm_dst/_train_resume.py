@@ -31,6 +31,8 @@ def resume_run(run: Any) -> None:
         ckpt = read_checkpoint_file(args.resume, '--resume')
         state = check_resume_compatible(args.resume, ckpt, args)
         pos = state['run']
+        # the masks first: loading weights into the model re-applies the masks it carries at that moment
+        restore_dst_state(run.sparsifier, state, flops=run.flops, rng=False)
         load_plain_state_dict(run.model, model_state(ckpt))
         if not args.no_resume_opt:
             try:
@@ -38,7 +40,6 @@ def resume_run(run: Any) -> None:
             except (ValueError, KeyError) as e:
                 raise CheckpointError(f'--resume {args.resume}: its optimizer state does not fit --opt '
                                       f'{args.opt} ({e}); add --no-resume-opt to start a fresh one') from None
-        restore_dst_state(run.sparsifier, state, flops=run.flops, rng=False)
     except CheckpointError as e:
         raise _user_error(str(e)) from None
     except ValueError as e:  # the sparsifier's own check (method, sparsity, distribution, tensors)
