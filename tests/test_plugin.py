@@ -121,9 +121,9 @@ def test_checkpoint_layout_round_trip():
     model2, _, _ = make_tiny('cnn', seed=1)
     opt2 = torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
     sp2 = timm_dst.create_sparsifier(model2, opt2, 'rigl-itop', sparsity=0.9, update_interval=2, total_steps=8)
+    restore_dst_state(sp2, state, rng=False)  # masks first, then the plain weights under them
     load_plain_state_dict(model2, loaded['state_dict'])
     opt2.load_state_dict(loaded['optimizer'])
-    restore_dst_state(sp2, state, rng=False)
     assert sp2.step == 4 and sp2.itop_rate == sp.itop_rate
     assert all(torch.equal(a.mask, b.mask) for a, b in zip(sp.targets, sp2.targets))
     model2.eval()

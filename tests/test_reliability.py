@@ -218,17 +218,19 @@ def _tiny_cnn():
     return timm.create_model('test_resnet', num_classes=10), None, None
 
 
-def test_dtype_conversion_after_attaching():
+@pytest.mark.parametrize('dtype', [torch.float64, torch.bfloat16])
+def test_dtype_conversion_after_attaching(dtype):
     model = _mlp()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    sp = timm_dst.create_sparsifier(model, opt, 'set', sparsity=0.8, update_interval=2, total_steps=20,
+    sp = timm_dst.create_sparsifier(model, opt, 'rigl', sparsity=0.8, update_interval=2, total_steps=20,
                                     sparse_kernel_density=0)
-    model.to(torch.float64)
+    model.to(dtype)
     x, y = _batch(1)
     for _ in range(4):
-        _step(model, opt, x.double(), y)
+        _step(model, opt, x.to(dtype), y)
+    assert len(sp.history) == 3
     for i, t in enumerate(sp.targets):
-        assert t.param.dtype == torch.float64
+        assert t.param.dtype == dtype and t.mask.dtype == torch.bool
         assert int(t.mask.sum()) == sp.counts[i] and not t.param[~t.mask].any()
 
 
@@ -644,3 +646,17 @@ def test_skipped_steps_leave_no_trace_for_every_method(method):
         assert torch.isfinite(m).all()
     if method != 'snfs' and sp.method.attaches:
         assert all(torch.equal(a, b) for a, b in zip(_masks(sp), _masks(ref)))
+
+
+def test_attach_masks_is_all_or_nothing():
+    from timm_dst.reparam import attach_masks
+    model = _mlp()
+    before = _state(model)
+    good = torch.rand(48, 64) > 0.5
+    bad = torch.ones(3, 3, dtype=torch.bool)  # wrong shape for the second layer
+    with pytest.raises(ValueError, match='shape'):
+        attach_masks([(model[1], 'weight', good), (model[3], 'weight', bad)])
+    assert list(model.state_dict()) == list(before)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert not any(m._forward_pre_hooks for m in model.modules())
+    assert isinstance(model[1].weight, nn.Parameter)

@@ -328,3 +328,64 @@ def test_dense_checkpoint_starts_sparse_training(legacy, tmp_path):
                 assert w.abs()[mask].min() >= w.abs()[~mask].max()
         if flag == '--resume':
             assert 'holds no timm_dst state' in log and ckpt[DST_KEY]['step'] == 8 and ckpt['epoch'] == 1
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# longer checks (pytest -m slow)
+_EDITS = [  # docs/timm-train.md: the lines a user adds to the shared train.py
+    ('from timm.utils import NativeScaler\n', 'from timm.utils import NativeScaler\nfrom timm_dst import plugin\n'),
+    ('\n\ndef _parse_args():', '\nplugin.add_dst_args(parser)\n\n\ndef _parse_args():'),
+    ('            log_info=utils.is_primary(args),\n        )\n\n    # setup exponential moving average',
+     '            log_info=utils.is_primary(args),\n        )\n'
+     '    sparsifier = plugin.create_sparsifier_from_args(model, optimizer, args, resume=args.resume)\n\n'
+     '    # setup exponential moving average'),
+    ("            task=task,\n        )\n        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:",
+     "            task=task,\n        )\n        plugin.pack_saver(saver, sparsifier)\n"
+     "        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:"),
+    ('        updates_per_epoch=updates_per_epoch,\n    )\n    start_epoch = 0',
+     '        updates_per_epoch=updates_per_epoch,\n    )\n'
+     '    plugin.begin_training(sparsifier, num_epochs * updates_per_epoch, '
+     'start_step=(resume_epoch or 0) * updates_per_epoch)\n    start_epoch = 0'),
+]
+
+
+@pytest.mark.slow
+@needs_timm_scripts
+def test_edited_train_py_matches_the_launcher(runs, tmp_path):
+    """The documented five-line edit of the shared train.py trains exactly as the launcher does."""
+    text = open(TRAIN_PY).read()
+    for old, new in _EDITS:
+        assert text.count(old) == 1, old
+        text = text.replace(old, new)
+    script = tmp_path / 'train.py'
+    script.write_text(text)
+    out = str(tmp_path)
+    args = [str(script), runs['data'], *MODEL_ARGS, '-b', '32', *DST_ARGS, '--output', out, '--experiment', 'edited',
+            '--epochs', '3']
+    res = subprocess.run([sys.executable, *args], cwd=out, env=ENV, capture_output=True, text=True, timeout=900)
+    assert res.returncode == 0, res.stderr[-3000:]
+    a = read_checkpoint(os.path.join(runs['out'], 'full', 'last.pth.tar'))
+    b = read_checkpoint(os.path.join(out, 'edited', 'last.pth.tar'))
+    assert a[DST_KEY]['itop_rate'] == b[DST_KEY]['itop_rate']
+    for key, value in a['state_dict'].items():
+        torch.testing.assert_close(b['state_dict'][key], value, rtol=0, atol=0)
+
+
+@pytest.mark.slow
+@needs_timm_scripts
+def test_two_epochs_then_resume_for_a_third(fmnist_folder, tmp_path):
+    """The issue's sequence: train two epochs, resume with --epochs 3. With schedules that do not depend on the
+    run's length (step lr decay without warm-up, constant prune rate) it equals an uninterrupted 3-epoch run."""
+    out = str(tmp_path)
+    same = ['--sched', 'step', '--decay-epochs', '10', '--warmup-epochs', '0', '--prune-rate-schedule', 'constant',
+            '--prune-rate', '0.3']
+    train(fmnist_folder, out, 'three', '--epochs', '3', *same)
+    train(fmnist_folder, out, 'two', '--epochs', '2', *same)
+    train(fmnist_folder, out, 'third', '--epochs', '3', *same, '--resume', os.path.join(out, 'two', 'last.pth.tar'))
+    a = read_checkpoint(os.path.join(out, 'three', 'last.pth.tar'))
+    b = read_checkpoint(os.path.join(out, 'third', 'last.pth.tar'))
+    assert a[DST_KEY]['step'] == b[DST_KEY]['step'] == 12 and a[DST_KEY]['itop_rate'] == b[DST_KEY]['itop_rate']
+    for key, mask in a[DST_KEY]['sparsifier']['masks'].items():
+        assert torch.equal(mask, b[DST_KEY]['sparsifier']['masks'][key])
+    for key, value in a['state_dict'].items():
+        torch.testing.assert_close(b['state_dict'][key], value, rtol=0, atol=0)

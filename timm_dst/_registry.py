@@ -94,7 +94,8 @@ class MethodArgument:
         dest: The keyword (and argparse ``dest``), e.g. ``'dsr_np'``.
         type: ``int``, ``float``, ``str`` or ``bool`` (a ``--x`` / ``--no-x`` switch).
         default: The default of the first method taking it (shown in help; the CLI's own default is None = unset).
-        help: Help text: the argument's description from the method's docstring and the methods taking it.
+        help: Help text: the argument's description from the method's docstring and the methods taking it (plain
+            text: escape ``%`` as ``%%`` for argparse).
         methods: The method names taking it.
         path: A string value is a file path (a CLI checks that it exists).
         cli_only: Not a :func:`create_sparsifier` keyword but read by the CLI itself (a dense phase's rewind step).
@@ -313,7 +314,7 @@ def method_arguments() -> list[MethodArgument]:
         doc = e.pop('doc')
         help_ = f'{doc} ' if doc else ''
         help_ += f'[--dst {" / ".join(e["methods"])}; default {e["default"]!r}]'
-        out.append(MethodArgument(help=help_.replace('%', '%%'), methods=tuple(e.pop('methods')), **e))
+        out.append(MethodArgument(help=help_, methods=tuple(e.pop('methods')), **e))
     return out
 
 

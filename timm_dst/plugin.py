@@ -147,10 +147,11 @@ def add_dst_args(
     g.add_argument('--dst-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='further keyword arguments for timm_dst.create_sparsifier')
     for arg in method_arguments():
+        help_ = arg.help.replace('%', '%%')  # argparse formats help with %
         if arg.type is bool:
-            g.add_argument(arg.flag, action=argparse.BooleanOptionalAction, default=None, help=arg.help)
+            g.add_argument(arg.flag, action=argparse.BooleanOptionalAction, default=None, help=help_)
         else:
-            g.add_argument(arg.flag, type=arg.type, default=None, help=arg.help,
+            g.add_argument(arg.flag, type=arg.type, default=None, help=help_,
                            metavar='FILE' if arg.path else arg.type.__name__.upper())
     return g
 
@@ -315,13 +316,13 @@ class _PlainLoadHook:
         return _PlainLoadHook(self.names, self.full_names, self.outside)
 
     def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        from .reparam import _mask_method
+        from .reparam import _find_dst_mask
         for name, full in zip(self.names, self.full_names):
             key = prefix + name
             if key in state_dict and key + '_orig' not in state_dict and hasattr(module, name + '_orig'):
                 value = state_dict.pop(key)
-                method = _mask_method(module, name)
-                if full in self.outside and method is not None and not method.owns(module):
+                dst_mask = _find_dst_mask(module, name)
+                if full in self.outside and dst_mask is not None and not dst_mask.owns(module):
                     value = fill_outside_mask(value, self.outside[full])
                 state_dict[key + '_orig'] = value
                 state_dict.setdefault(key + '_mask', getattr(module, name + '_mask'))
@@ -521,7 +522,8 @@ def restore_dst_state(sparsifier: Any, state: Mapping[str, Any], flops: Any | No
 @torch.no_grad()
 def load_plain_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
     """Load a plain timm state_dict (``x``, not ``x_orig`` / ``x_mask``) into a model with masks attached: each
-    masked tensor's value goes into ``x_orig``; the masks are kept as they are.
+    masked tensor's value goes into ``x_orig``; the masks are kept as they are, so restore the DST state (the masks)
+    first: the sparsifier zeroes the weights outside its current masks after a load.
 
     Returns:
         ``model.load_state_dict``'s incompatible keys.

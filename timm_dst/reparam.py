@@ -1,4 +1,4 @@
-"""``torch.nn.utils.prune`` glue: the mask pruning method, attach / fold / export.
+"""``torch.nn.utils.prune`` glue: the mask pruning method (DSTMask), attach / fold / export.
 
 A sparse tensor ``module.<name>`` becomes, after :func:`attach_mask`, the usual ``torch.nn.utils.prune`` triple:
 ``<name>_orig`` (the trainable parameter), ``<name>_mask`` (a **bool** buffer) and ``<name>`` (recomputed as
@@ -271,7 +271,7 @@ def flat_fill_(tensor: torch.Tensor, index: torch.Tensor, value: float | bool) -
     return tensor
 
 
-def _mask_method(module: nn.Module, name: str) -> DSTMask | None:
+def _find_dst_mask(module: nn.Module, name: str) -> DSTMask | None:
     """The :class:`DSTMask` attached to ``module.<name>``, if any."""
     for hook in module._forward_pre_hooks.values():
         if isinstance(hook, DSTMask) and hook._tensor_name == name:
@@ -281,9 +281,9 @@ def _mask_method(module: nn.Module, name: str) -> DSTMask | None:
 
 def effective_weight(module: nn.Module, name: str) -> torch.Tensor:
     """The weight the forward of ``module`` uses for its masked tensor ``name`` (see :meth:`DSTMask.apply_mask`)."""
-    method = _mask_method(module, name)
-    if method is not None:
-        return method.apply_mask(module)
+    dst_mask = _find_dst_mask(module, name)
+    if dst_mask is not None:
+        return dst_mask.apply_mask(module)
     orig = getattr(module, name + '_orig')
     return orig * getattr(module, name + '_mask')
 
@@ -317,14 +317,20 @@ def attach_masks(items: list[tuple[nn.Module, str, torch.Tensor]]) -> list[DSTMa
             raise ValueError(f'{type(module).__name__}.{name} already carries a mask; attach masks only once '
                              '(timm_dst.fold_masks(model) makes a model plain again)')
     done: list[tuple[nn.Module, str, DSTMask]] = []
+    orders = {id(module): (module, list(module._parameters)) for module, _, _ in items}  # to restore on failure
     try:
         for module, name, mask in items:
-            method = DSTMask.apply(module, name, mask=mask)
-            done.append((module, name, method))
-            method.install_grad_mask(module)
+            dst_mask = DSTMask.apply(module, name, mask=mask)
+            done.append((module, name, dst_mask))
+            dst_mask.install_grad_mask(module)
     except BaseException:
-        for module, name, method in reversed(done):
-            _detach(module, name, method)
+        for module, name, dst_mask in reversed(done):
+            _detach(module, name, dst_mask)
+        for module, order in orders.values():  # parameter order is state_dict order (timm's EMA zips by position)
+            params = dict(module._parameters)
+            module._parameters.clear()
+            module._parameters.update((k, params[k]) for k in order if k in params)
+            module._parameters.update((k, v) for k, v in params.items() if k not in order)
         raise
     with torch.no_grad():
         for module, name, _ in done:
@@ -333,14 +339,14 @@ def attach_masks(items: list[tuple[nn.Module, str, torch.Tensor]]) -> list[DSTMa
     return [m for _, _, m in done]
 
 
-def _detach(module: nn.Module, name: str, method: DSTMask) -> None:
+def _detach(module: nn.Module, name: str, dst_mask: DSTMask) -> None:
     """Undo :meth:`DSTMask.apply` without folding: the parameter comes back unchanged."""
-    if method._grad_hook is not None:
-        method._grad_hook.remove()
-    for handle in method._handles:
+    if dst_mask._grad_hook is not None:
+        dst_mask._grad_hook.remove()
+    for handle in dst_mask._handles:
         handle.remove()
     for key, hook in list(module._forward_pre_hooks.items()):
-        if hook is method:
+        if hook is dst_mask:
             del module._forward_pre_hooks[key]
     orig = module._parameters.pop(name + '_orig')
     module._buffers.pop(name + '_mask', None)
@@ -360,8 +366,8 @@ def _alias_orig(module: nn.Module, name: str) -> None:
 def refresh_weight(module: nn.Module, name: str) -> None:
     """Reset ``module.<name>``: ``<name>_orig`` itself on the module the sparsifier controls (its forward and any
     parent reading ``module.<name>`` then train ``<name>_orig`` directly), a detached ``orig * mask`` elsewhere."""
-    method = _mask_method(module, name)
-    if method is not None and method.owns(module):
+    dst_mask = _find_dst_mask(module, name)
+    if dst_mask is not None and dst_mask.owns(module):
         _alias_orig(module, name)
         return
     with torch.no_grad():

@@ -312,10 +312,10 @@ class Launcher:
                 self.resume_epoch = epoch
                 self.attach(resume_path=checkpoint_path)
                 return epoch
-            # attached already: the plain weights reach the masked model through its load pre-hooks
+            # attached already: the masks first, then the plain weights reach the masked model through its load hooks
+            self._restore(checkpoint_path)
             epoch = orig(model, checkpoint_path, *args, **kwargs)
             self.resume_epoch = epoch
-            self._restore(checkpoint_path)
             return epoch
         return resume
 
@@ -491,7 +491,7 @@ class Launcher:
         sp = self.sparsifier
         if sp is None:
             return None
-        from .train import dst_summary, flops_line
+        from ._train_outputs import dst_summary, flops_line
         summary = dst_summary(sp, self.flops)
         line = f'DST: {sp.method_name} final density {sp.density:.4f}  R_s {sp.itop_rate:.4f}'
         if self.flops is not None:
