@@ -161,7 +161,6 @@ def test_config_errors_name_the_key(tmp_path, capsys, text, needle):
     (['--update-interval', '2.5'], "--update-interval: invalid int value: '2.5'"),
     (['--sparsity', 'abc'], "--sparsity: invalid float value: 'abc'"),
     (['--mixup', '0.2', '-b', '31'], 'need an even batch size'),
-    (['--dataset', 'synthetic', '--aa', 'rand-m9'], '--aa: synthetic data are tensors'),
 ])
 def test_typed_flag_errors(tmp_path, capsys, argv, needle):
     line = _user_error(capsys, TINY + argv + ['--output', tmp_path / 'o'])
@@ -174,3 +173,9 @@ def test_no_validation_result_line(tmp_path):
     result = [ln for ln in log.splitlines() if ' RESULT ' in ln][-1]
     assert '(last weights; no validation split)' in result and 'best-on-validation' not in result
     assert json.loads((tmp_path / 'results.json').read_text())['best_epoch'] is None
+
+
+def test_synthetic_data_says_what_it_does_not_apply(tmp_path):
+    _run(tmp_path, '--epochs', 1, '--aa', 'rand-m9', '--crop-padding', 4)
+    log = (tmp_path / 'log.txt').read_text()
+    assert '--aa, --crop-padding: not applied: the synthetic data set is tensors' in log

@@ -10,12 +10,10 @@ from typing import Any
 
 from ._checkpoint import LAST
 
-__all__ = ['train_two_phases', 'DENSE_PHASE_DIR', 'REWIND_FILE']
+__all__ = ['train_two_phases']
 
 _logger = logging.getLogger('timm_dst.train')
 
-DENSE_PHASE_DIR = 'dense'
-REWIND_FILE = 'rewind.pth'
 RESULTS = 'results.json'
 
 # DST flags that mean nothing to the dense phase (reset to their defaults there; the method flags too)
@@ -27,6 +25,7 @@ _DENSE_PHASE_RESET = (
 
 
 def _two_phase_root(args: argparse.Namespace, output_dir: Any) -> str:
+    from .train import DENSE_PHASE_DIR
     if args.output or not args.resume:
         return output_dir(args)
     root = os.path.abspath(args.resume)
@@ -67,6 +66,7 @@ def train_two_phases(args: argparse.Namespace, run_cls: Any, output_dir: Any) ->
     """
     from ._registry import get_method_info, method_arguments
     from ._train_outputs import fmt_flops, write_json_atomic
+    from .train import DENSE_PHASE_DIR, REWIND_FILE
     phase = get_method_info(args.dst).dense_phase
     out = _two_phase_root(args, output_dir)
     dense_dir = os.path.join(out, DENSE_PHASE_DIR)

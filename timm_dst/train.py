@@ -22,13 +22,13 @@ from datetime import datetime
 from typing import Any
 
 import torch
-import torch.nn as nn
 
 from ._checkpoint import LAST, CheckpointError, save_safetensors_atomic
 from ._config import args_to_yaml, parse_args
 from ._data import create_loaders, create_mixup, data_config_args, describe_sizes, open_datasets
 from ._registry import get_method_info
-from ._train_build import create_accelerator, create_losses, create_train_model, pretrained_overlay, scale_lr
+from ._train_build import create_accelerator, create_losses, create_train_model, scale_lr
+from ._train_eval import DST_SUMMARY, EXPORT_BEST, evaluate, finish_run
 from ._train_lth import train_two_phases as _train_two_phases
 from ._train_outputs import (
     SUMMARY_CSV,
@@ -39,20 +39,18 @@ from ._train_outputs import (
     plot_summary,
     setup_logging,
     train_log_line,
-    truncate_summary,
     write_json_atomic,
     write_summary_row,
 )
+from ._train_resume import resume_run
 
-__all__ = ['main', 'train', 'train_two_phases', 'evaluate', 'TrainingDivergedError']
+__all__ = ['main', 'train', 'train_two_phases', 'evaluate', 'TrainingDivergedError', 'dst_summary', 'flops_line']
 
 _logger = logging.getLogger('timm_dst.train')
 
-DST_SUMMARY = 'dst_summary.json'
-RESULTS = 'results.json'
 CONFIG_YAML = 'args.yaml'
-EXPORT_BEST = 'model_best.safetensors'
-EXPORT_LAST = 'model_last.safetensors'
+DENSE_PHASE_DIR = 'dense'
+REWIND_FILE = 'rewind.pth'
 _EVAL_BATCH_IN_MEMORY = 1024  # evaluation batch of in-memory data (unless --validation-batch-size)
 
 
@@ -73,32 +71,6 @@ def _output_dir(args: argparse.Namespace) -> str:
     if args.experiment:
         out = os.path.join(out, args.experiment)
     return out
-
-
-@torch.no_grad()
-def evaluate(model: nn.Module, loader: Any, accelerator: Any, desc: str = 'eval',
-             progress: bool = False) -> dict[str, float]:
-    """Loss, top-1 and top-5 accuracy (%) over ``loader`` (sharded; duplicates from even batches dropped)."""
-    from timm.utils import accuracy
-    from tqdm import tqdm
-    was_training = model.training
-    model.eval()
-    loss_sum, correct1, correct5, count = 0.0, 0.0, 0.0, 0
-    for x, y in tqdm(loader, desc=desc, leave=False, disable=not progress):
-        with accelerator.autocast():
-            out = model(x)
-        if isinstance(out, tuple | list):
-            out = out[0]
-        out, y = accelerator.gather_for_metrics((out.float(), y))
-        n = y.shape[0]
-        loss_sum += nn.functional.cross_entropy(out, y, reduction='sum').item()
-        a1, a5 = accuracy(out, y, topk=(1, min(5, out.shape[1])))
-        correct1 += a1.item() * n / 100.0
-        correct5 += a5.item() * n / 100.0
-        count += n
-    model.train(was_training)
-    count = max(count, 1)
-    return {'loss': loss_sum / count, 'top1': 100.0 * correct1 / count, 'top5': 100.0 * correct5 / count}
 
 
 def _user_error(message: str) -> SystemExit:
@@ -138,7 +110,7 @@ class _Run:
         self.meters = {'loss_sum': 0.0, 'correct': 0.0, 'count': 0}
         self.resume_rng = self.resume_scaler = self.resume_saver = None
         if args.resume:
-            self._resume()
+            resume_run(self)
         self._prepare()
         set_seed(args.seed, device_specific=True)
         if self.resume_rng is not None:
@@ -170,6 +142,11 @@ class _Run:
         _logger.info(f'{describe_sizes(self.info)} | input {tuple(self.data_config["input_size"])} | '
                      f'{acc.num_processes} process(es) on {acc.device} | output {self.output_dir}')
         _logger.info(f'model {args.model}: {sum(p.numel() for p in self.model.parameters()):,} parameters')
+        if self.info.name == 'synthetic':
+            from ._config import synthetic_ignored
+            if ignored := synthetic_ignored(args):
+                _logger.warning(f'{", ".join(ignored)}: not applied: the synthetic data set is tensors, image '
+                                'transforms do not apply to it (mixup / cutmix do)')
         in_memory = self.splits.train.tensors or hasattr(self.splits.train.base, 'gather')
         bs_eval = args.validation_batch_size or (max(args.batch_size, _EVAL_BATCH_IN_MEMORY) if in_memory
                                                  else args.batch_size)
@@ -177,8 +154,10 @@ class _Run:
             self.splits, self.data_config, args, bs_eval)
         self.mixup = create_mixup(args, self.info.num_classes)
         self.train_loss, self.eval_loss = create_losses(args, self.mixup is not None)
-        # timm's create_loader drops the last partial training batch; Accelerate then shards the batches
-        self.batches_per_epoch = math.ceil(len(self.train_loader) / acc.num_processes)
+        # timm's create_loader drops the last partial training batch; Accelerate then shards the batches, dropping
+        # the batches that would not reach every process (its BatchSamplerShard with drop_last)
+        n, p = len(self.train_loader), acc.num_processes
+        self.batches_per_epoch = n // p if self.train_loader.drop_last else math.ceil(n / p)
         self.updates_per_epoch = math.ceil(self.batches_per_epoch / args.grad_accum_steps)
         if self.batches_per_epoch < 1:
             raise _user_error(f'-b/--batch-size {args.batch_size} is larger than the {self.info.train_size} training '
@@ -229,81 +208,6 @@ class _Run:
             init['wandb'].update(id=self.args.wandb_resume_id, resume='must')
         self.accelerator.init_trackers(self.args.wandb_project or safe_model_name(self.args.model),
                                        config=vars(self.args), init_kwargs=init)
-
-    # ------------------------------------------------------------------------------------------------------------
-    # resume
-    def _resume(self) -> None:
-        from ._checkpoint import check_resume_compatible, model_state, read_checkpoint_file
-        from .plugin import load_plain_state_dict, restore_dst_state
-        args, acc = self.args, self.accelerator
-        try:
-            ckpt = read_checkpoint_file(args.resume, '--resume')
-            state = check_resume_compatible(args.resume, ckpt, args)
-            run = state['run']
-            load_plain_state_dict(self.model, model_state(ckpt))
-            if not args.no_resume_opt:
-                try:
-                    self.optimizer.load_state_dict(ckpt['optimizer'])
-                except (ValueError, KeyError) as e:
-                    raise CheckpointError(f'--resume {args.resume}: its optimizer state does not fit --opt '
-                                          f'{args.opt} ({e}); add --no-resume-opt to start a fresh one') from None
-            restore_dst_state(self.sparsifier, state, flops=self.flops, rng=False)
-        except CheckpointError as e:
-            raise _user_error(str(e)) from None
-        except ValueError as e:  # the sparsifier's own check (method, sparsity, distribution, tensors)
-            raise _user_error(f'--resume {args.resume}: {e}') from None
-        if self.ema is not None:
-            if ckpt.get('state_dict_ema') is None:
-                raise _user_error(f'--resume {args.resume}: no EMA in the checkpoint (trained without --model-ema)')
-            self._restore_ema(model_state(ckpt, use_ema=True), run.get('ema_orig') or state.get('ema_orig'))
-        if run['num_epochs'] == self.num_epochs and ckpt.get('scheduler') is not None and self.scheduler is not None:
-            self.scheduler.load_state_dict(ckpt['scheduler'])
-        elif run['num_epochs'] != self.num_epochs:
-            self._extend(run)
-        self.start_epoch, self.start_batch = run['next_epoch'], run['next_batch']
-        self.num_updates = run['num_updates']
-        self.meters = dict(run.get('meters') or self.meters)
-        self.resume_scaler = None if args.no_resume_opt else ckpt.get('amp_scaler')
-        self.resume_saver = ckpt.get('saver')
-        rngs = run.get('rng') or []
-        if len(rngs) == acc.num_processes:
-            self.resume_rng = rngs[acc.process_index]
-        else:
-            _logger.warning(f'checkpoint from {len(rngs)} process(es), now {acc.num_processes}: random states are '
-                            're-seeded (data order is unchanged)')
-        if self.is_main:
-            truncate_summary(os.path.join(self.output_dir, SUMMARY_CSV), self.start_epoch)
-        _logger.info(f'resumed from {args.resume}: epoch {self.start_epoch}, batch {self.start_batch}, '
-                     f'{self.num_updates} optimizer steps')
-
-    def _extend(self, run: dict[str, Any]) -> None:
-        """A resume with another ``--epochs``: the lr schedule and the sparsifier both follow the new length (the
-        schedule is rebuilt for it and stepped to the checkpoint's position; the sparsifier already counts the new
-        total), or the run is refused when the checkpoint is past the new end."""
-        if run['num_updates'] > self.total_steps:
-            raise _user_error(f'--resume {self.args.resume}: the run is at optimizer step {run["num_updates"]}, past '
-                              f'the end of --epochs {self.args.epochs} ({self.total_steps} steps)')
-        if self.scheduler is not None:
-            if self.args.sched_on_updates:
-                self.scheduler.step_update(run['num_updates'])
-            else:
-                self.scheduler.step(run['next_epoch'])
-        _logger.info(f'resume: {run["num_epochs"]} -> {self.num_epochs} epochs; the lr schedule and the sparsifier '
-                     f'(total {self.total_steps} optimizer steps) follow the new length')
-
-    @torch.no_grad()
-    def _restore_ema(self, plain: dict[str, torch.Tensor], orig: dict[str, torch.Tensor] | None) -> None:
-        from .plugin import load_plain_state_dict
-        load_plain_state_dict(self.ema.module, plain)
-        own = dict(self.ema.module.named_buffers())
-        for name, buf in self.model.named_buffers():  # the EMA's masks are the model's
-            if name.endswith('_mask') and name in own:
-                own[name].copy_(buf)
-        if orig:
-            params = dict(self.ema.module.named_parameters())
-            for k, v in orig.items():
-                if k in params:
-                    params[k].copy_(v)
 
     # ------------------------------------------------------------------------------------------------------------
     def _prepare(self) -> None:
@@ -600,65 +504,8 @@ class _Run:
         _logger.info(' | '.join(parts))
 
     def finish(self, wall: float) -> dict[str, Any]:
-        """Export the last weights, test the best and last exported weights in plain timm, write results.json."""
-        import timm
-        args, acc, sp = self.args, self.accelerator, self.sparsifier
-        last_export = os.path.join(self.output_dir, EXPORT_LAST)
-        self.export(last_export, use_ema=self.ema is not None)
-        best_export = os.path.join(self.output_dir, EXPORT_BEST)
-        acc.wait_for_everyone()
-        results: dict[str, Any] = {
-            'model': args.model, 'dataset': self.info.name, 'method': sp.method_name, 'sparsity': sp.sparsity,
-            'density': sp.density, 'itop_rate': sp.itop_rate, 'optimizer_steps': self.num_updates,
-            'epochs': self.num_epochs, 'best_epoch': self.best_epoch,
-            f'best_eval_{args.eval_metric}': self.best_metric, 'train_wall_s': wall,
-            'load_with': (f'timm.create_model({args.model!r}, pretrained=True, '
-                          f'pretrained_cfg_overlay=dict(file=...), **model_kwargs)'),
-            'model_kwargs': self.model_kwargs, 'data_config': {k: list(v) if isinstance(v, tuple) else v
-                                                               for k, v in self.data_config.items()},
-        }
-        results.update(self.flops.summary())
-        exports = {'last': last_export}
-        if self.best_epoch is not None and os.path.isfile(best_export):
-            exports['best'] = best_export
-        for tag, path in exports.items():
-            plain = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=pretrained_overlay(
-                path, self.info, self.data_config['input_size']), **self.model_kwargs).to(acc.device)
-            if self.val_loader is not None:
-                results[f'val_{tag}'] = evaluate(plain, self.val_loader, acc, f'validate {tag}')
-            if self.test_loader is not None:
-                results[f'test_{tag}'] = evaluate(plain, self.test_loader, acc, f'test {tag}')
-        if args.save_rank_masks:
-            torch.save({'masks': {t.name: t.mask.detach().cpu().clone() for t in sp.targets} if sp.targets and
-                        sp.method.attaches else {},
-                        'itop_rate': sp.itop_rate, 'density': sp.density, 'step': sp.step,
-                        'explored': [e.cpu() for e in sp.explored]},
-                       os.path.join(self.output_dir, f'masks_rank{acc.process_index}.pt'))
-        if self.is_main:
-            write_json_atomic(dst_summary(sp, self.flops), os.path.join(self.output_dir, DST_SUMMARY))
-            write_json_atomic(results, os.path.join(self.output_dir, RESULTS))
-        self._log_result(results, wall, exports)
-        acc.wait_for_everyone()
-        acc.end_training()
-        return results
-
-    def _log_result(self, results: dict[str, Any], wall: float, exports: dict[str, str]) -> None:
-        args, sp = self.args, self.sparsifier
-        if 'test_best' in results:
-            test = f'test top1 {results["test_best"]["top1"]:.2f} (best-on-validation weights, epoch {self.best_epoch})'
-        elif 'test_last' in results:
-            why = 'no validation split' if self.val_loader is None else 'no epoch was validated'
-            test = f'test top1 {results["test_last"]["top1"]:.2f} (last weights; {why})'
-        else:
-            test = 'no test split'
-        if self.best_metric is not None:
-            _logger.info(f'done in {wall:.1f}s | best eval {args.eval_metric} {self.best_metric:.4g} at epoch '
-                         f'{self.best_epoch} | weights {exports.get("best")}')
-        else:
-            _logger.info(f'done in {wall:.1f}s | weights {exports["last"]}')
-        _logger.info(flops_line(self.flops.summary()))
-        _logger.info(f'RESULT {args.model} {sp.method_name} | {test} | density {sp.density:.4f} | '
-                     f'R_s {sp.itop_rate:.4f}')
+        """Export, test the exported weights in plain timm, write results.json (see :func:`_train_eval.finish_run`)."""
+        return finish_run(self, wall)
 
 
 # --------------------------------------------------------------------------------------------------------------------

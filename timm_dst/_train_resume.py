@@ -1,0 +1,100 @@
+"""Resuming a ``timm-dst-train`` run from its checkpoint: the checks that make a resume safe (one-line errors), the
+restore of every piece of state, and a longer or shorter ``--epochs`` handled consistently."""
+from __future__ import annotations
+
+import logging
+import os
+from typing import Any
+
+import torch
+
+from ._checkpoint import CheckpointError
+from ._train_outputs import SUMMARY_CSV, truncate_summary
+
+__all__ = ['resume_run']
+
+_logger = logging.getLogger('timm_dst.train')
+
+
+def _user_error(message: str) -> SystemExit:
+    from .train import _user_error as error
+    return error(message)
+
+
+def resume_run(run: Any) -> None:
+    """Restore a ``--resume`` checkpoint into a built run (weights, optimizer, sparsifier, EMA, schedule, position,
+    meters, random states); every user error is one line, exit status 2."""
+    from ._checkpoint import check_resume_compatible, model_state, read_checkpoint_file
+    from .plugin import load_plain_state_dict, restore_dst_state
+    args, acc = run.args, run.accelerator
+    try:
+        ckpt = read_checkpoint_file(args.resume, '--resume')
+        state = check_resume_compatible(args.resume, ckpt, args)
+        pos = state['run']
+        # the masks first: loading weights into the model re-applies the masks it carries at that moment
+        restore_dst_state(run.sparsifier, state, flops=run.flops, rng=False)
+        load_plain_state_dict(run.model, model_state(ckpt))
+        if not args.no_resume_opt:
+            try:
+                run.optimizer.load_state_dict(ckpt['optimizer'])
+            except (ValueError, KeyError) as e:
+                raise CheckpointError(f'--resume {args.resume}: its optimizer state does not fit --opt '
+                                      f'{args.opt} ({e}); add --no-resume-opt to start a fresh one') from None
+    except CheckpointError as e:
+        raise _user_error(str(e)) from None
+    except ValueError as e:  # the sparsifier's own check (method, sparsity, distribution, tensors)
+        raise _user_error(f'--resume {args.resume}: {e}') from None
+    if run.ema is not None:
+        if ckpt.get('state_dict_ema') is None:
+            raise _user_error(f'--resume {args.resume}: no EMA in the checkpoint (trained without --model-ema)')
+        _restore_ema(run, model_state(ckpt, use_ema=True), pos.get('ema_orig') or state.get('ema_orig'))
+    if pos['num_epochs'] == run.num_epochs and ckpt.get('scheduler') is not None and run.scheduler is not None:
+        run.scheduler.load_state_dict(ckpt['scheduler'])
+    elif pos['num_epochs'] != run.num_epochs:
+        _extend(run, pos)
+    run.start_epoch, run.start_batch = pos['next_epoch'], pos['next_batch']
+    run.num_updates = pos['num_updates']
+    run.meters = dict(pos.get('meters') or run.meters)
+    run.resume_scaler = None if args.no_resume_opt else ckpt.get('amp_scaler')
+    run.resume_saver = ckpt.get('saver')
+    rngs = pos.get('rng') or []
+    if len(rngs) == acc.num_processes:
+        run.resume_rng = rngs[acc.process_index]
+    else:
+        _logger.warning(f'checkpoint from {len(rngs)} process(es), now {acc.num_processes}: random states are '
+                        're-seeded (data order is unchanged)')
+    if run.is_main:
+        truncate_summary(os.path.join(run.output_dir, SUMMARY_CSV), run.start_epoch)
+    _logger.info(f'resumed from {args.resume}: epoch {run.start_epoch}, batch {run.start_batch}, '
+                 f'{run.num_updates} optimizer steps')
+
+
+def _extend(run: Any, pos: dict[str, Any]) -> None:
+    """A resume with another ``--epochs``: the lr schedule and the sparsifier both follow the new length (the
+    schedule is rebuilt for it and stepped to the checkpoint's position; the sparsifier already counts the new
+    total), or the run is refused when the checkpoint is past the new end."""
+    if pos['num_updates'] > run.total_steps:
+        raise _user_error(f'--resume {run.args.resume}: the run is at optimizer step {pos["num_updates"]}, past '
+                          f'the end of --epochs {run.args.epochs} ({run.total_steps} steps)')
+    if run.scheduler is not None:
+        if run.args.sched_on_updates:
+            run.scheduler.step_update(pos['num_updates'])
+        else:
+            run.scheduler.step(pos['next_epoch'])
+    _logger.info(f'resume: {pos["num_epochs"]} -> {run.num_epochs} epochs; the lr schedule and the sparsifier '
+                 f'(total {run.total_steps} optimizer steps) follow the new length')
+
+
+@torch.no_grad()
+def _restore_ema(run: Any, plain: dict[str, torch.Tensor], orig: dict[str, torch.Tensor] | None) -> None:
+    from .plugin import load_plain_state_dict
+    load_plain_state_dict(run.ema.module, plain)
+    own = dict(run.ema.module.named_buffers())
+    for name, buf in run.model.named_buffers():  # the EMA's masks are the model's
+        if name.endswith('_mask') and name in own:
+            own[name].copy_(buf)
+    if orig:
+        params = dict(run.ema.module.named_parameters())
+        for k, v in orig.items():
+            if k in params:
+                params[k].copy_(v)
