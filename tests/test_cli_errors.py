@@ -157,6 +157,7 @@ def test_config_errors_name_the_key(tmp_path, capsys, text, needle):
 
 @pytest.mark.parametrize('argv, needle', [
     (['--model-kwargs', 'hidden=[1,'], "--model-kwargs 'hidden=[1,': the value of hidden is not valid YAML"),
+    (['--dst-kwargs', 'seed=[1,'], "--dst-kwargs 'seed=[1,': the value of seed is not valid YAML"),
     (['--opt', 'nope'], "--opt 'nope' is not a timm optimizer; accepted: "),
     (['--update-interval', '2.5'], "--update-interval: invalid int value: '2.5'"),
     (['--sparsity', 'abc'], "--sparsity: invalid float value: 'abc'"),

@@ -9,7 +9,7 @@ from typing import Any
 
 import yaml
 
-from .plugin import add_dst_args, milestone, step_or_fraction, validate_dst_args
+from .plugin import ParseKwargs, add_dst_args, milestone, step_or_fraction, validate_dst_args
 from .plugin import sparsifier_kwargs as dst_kwargs
 
 __all__ = ['create_parser', 'parse_args', 'args_to_yaml', 'dst_kwargs', 'REFUSED', 'DEFAULTS_DIFFER',
@@ -77,23 +77,6 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f'{self.prog}: error: {message}\n')
 
 
-class _ParseKwargs(argparse.Action):
-    """``key=value`` pairs into a dict; values are read as YAML (``3``, ``0.5``, ``true``, ``[1, 2]``)."""
-
-    def __call__(self, parser, namespace, values, option_string=None):
-        kw = dict(getattr(namespace, self.dest) or {})
-        for item in values:
-            if '=' not in item:
-                parser.error(f'{option_string}: expected key=value, got {item!r}')
-            key, value = item.split('=', 1)
-            try:
-                kw[key] = yaml.safe_load(value)
-            except yaml.YAMLError as e:
-                parser.error(f'{option_string} {item!r}: the value of {key} is not valid YAML '
-                             f'({" ".join(str(getattr(e, "problem", "") or e).split())})')
-        setattr(namespace, self.dest, kw)
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # the parser, one group at a time (timm's groups, in timm's order)
 def _dataset_group(p: argparse.ArgumentParser) -> None:
@@ -159,7 +142,7 @@ def _model_group(p: argparse.ArgumentParser) -> None:
                    help='micro-batches per optimizer step (topology updates count optimizer steps)')
     g.add_argument('--grad-checkpointing', action='store_true', default=False, help='gradient checkpointing')
     g.add_argument('--fast-norm', action='store_true', default=False, help='timm\'s fast norm layers')
-    g.add_argument('--model-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='KEY=VALUE',
+    g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='extra keyword arguments for timm.create_model (values read as YAML)')
     g.add_argument('--head-init-scale', default=None, type=float, help='scale the classifier\'s initial weights')
     g.add_argument('--head-init-bias', default=None, type=float, help='initial classifier bias')
@@ -198,7 +181,7 @@ def _optimizer_group(p: argparse.ArgumentParser) -> None:
     g.add_argument('--layer-decay-min-scale', type=float, default=0, help='lower bound of the layer-decay scale')
     g.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
                    help='layers whose layer-decay scale falls below this are frozen')
-    g.add_argument('--opt-kwargs', nargs='*', default={}, action=_ParseKwargs, metavar='KEY=VALUE',
+    g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='extra optimizer keyword arguments (values read as YAML)')
 
 

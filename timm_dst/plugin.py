@@ -36,7 +36,7 @@ import torch.nn as nn
 import yaml
 
 __all__ = [
-    'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'add_dst_args',
+    'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'ParseKwargs', 'add_dst_args',
     'validate_dst_args', 'sparsifier_kwargs', 'create_sparsifier_from_args', 'pack_checkpoint', 'dst_state',
     'read_dst_state', 'restore_dst_state', 'load_plain_state_dict', 'rng_state', 'set_rng_state', 'read_checkpoint',
     'outside_mask', 'fill_outside_mask', 'begin_training', 'accept_plain_weights', 'packing_torch_save', 'pack_saver',
@@ -70,7 +70,11 @@ class ParseKwargs(argparse.Action):
             if '=' not in item:
                 parser.error(f'{option_string}: expected key=value, got {item!r}')
             key, value = item.split('=', 1)
-            kw[key] = yaml.safe_load(value)
+            try:
+                kw[key] = yaml.safe_load(value)
+            except yaml.YAMLError as e:
+                parser.error(f'{option_string} {item!r}: the value of {key} is not valid YAML '
+                             f'({" ".join(str(getattr(e, "problem", "") or e).split())})')
         setattr(namespace, self.dest, kw)
 
 
