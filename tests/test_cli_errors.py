@@ -102,12 +102,52 @@ def test_resume_with_another_optimizer(finished_run, tmp_path, capsys):
     assert json.loads((run / 'results.json').read_text())['optimizer_steps'] == 9
 
 
-def test_resume_of_a_dense_timm_checkpoint_is_refused(tmp_path, capsys):
-    import timm
-    model = timm.create_model('itop_mlp', num_classes=4, in_chans=1, img_size=6, hidden=[24, 16])
-    torch.save({'epoch': 0, 'arch': 'itop_mlp', 'state_dict': model.state_dict()}, tmp_path / 'dense.pth.tar')
-    line = _user_error(capsys, TINY + ['--output', tmp_path / 'o', '--resume', tmp_path / 'dense.pth.tar'])
-    assert '--resume' in line and '--initial-checkpoint' in line
+def test_resume_of_a_dense_timm_checkpoint_starts_sparse_training(tmp_path, monkeypatch, caplog):
+    """A dense timm checkpoint (timm's keys, no DST state) given to --resume: sparse training starts from its weights
+    (--mask-init magnitude: the largest of them) and optimizer state, at its next epoch."""
+    import logging
+
+    import timm_dst.plugin as plugin
+    from timm_dst.plugin import DST_KEY, read_checkpoint
+    argv = [a for a in TINY]
+    i = argv.index('--dst')
+    argv[i:i + 6] = ['--dst', 'dense']  # drops --sparsity 0.8 --update-interval 2
+    main(argv + ['--output', str(tmp_path / 'dense'), '--epochs', '1'])
+    ckpt = read_checkpoint(str(tmp_path / 'dense' / LAST), mmap=False)
+    ckpt.pop(DST_KEY)  # what timm's own train.py writes: state_dict, optimizer, epoch, version, args, ...
+    assert {'state_dict', 'optimizer', 'epoch', 'args'} <= set(ckpt) and ckpt['epoch'] == 0
+    torch.save(ckpt, tmp_path / 'dense.pth.tar')
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+    seen = {}
+    real = plugin.begin_training
+
+    def begin_training(sp, *args, **kwargs):  # the sparse model right after its topology was drawn
+        real(sp, *args, **kwargs)
+        seen['step'] = sp.step
+        seen['masked'] = {t.name: (t.param.detach() * t.mask).clone() for t in sp.targets}
+        seen['masks'] = {t.name: t.mask.detach().bool().clone() for t in sp.targets}
+
+    monkeypatch.setattr(plugin, 'begin_training', begin_training)
+    out = tmp_path / 'sparse'
+    with caplog.at_level(logging.INFO, logger='timm_dst.train'):
+        _run(out, '--epochs', 2, '--dst', 'set-itop', '--sparsity', 0.9, '--mask-init', 'magnitude',
+             '--resume', tmp_path / 'dense.pth.tar')
+    line = [r.getMessage() for r in caplog.records if 'a dense checkpoint' in r.getMessage()]
+    assert len(line) == 1 and 'at epoch 1' in line[0] and '--mask-init magnitude' in line[0], line
+    assert seen['step'] == 3  # one epoch of 3 optimizer steps already done
+    dense = ckpt['state_dict']
+    for name, masked in seen['masked'].items():
+        mask, w = seen['masks'][name], dense[name]
+        assert torch.equal(masked[mask], w[mask])  # the active positions start from the checkpoint's weights
+        assert w[mask].abs().min() >= w[~mask].abs().max()  # and are its largest ones (magnitude)
+    rows = (out / 'summary.csv').read_text().strip().splitlines()
+    header = rows[0].split(',')
+    assert [int(r.split(',')[header.index('epoch')]) for r in rows[1:]] == [1]
+    summary = json.loads((out / 'dst_summary.json').read_text())
+    assert summary['step'] == 6 and summary['total_steps'] == 6
+    assert summary['density'] == pytest.approx(0.1, abs=2e-3)
 
 
 # --------------------------------------------------------------------------------------------------------------------

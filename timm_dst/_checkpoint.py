@@ -15,7 +15,8 @@ import torch
 import torch.nn as nn
 
 __all__ = ['LAST', 'BEST', 'CheckpointError', 'link_atomic', 'save_safetensors_atomic', 'read_checkpoint_file',
-           'load_initial_checkpoint', 'resolve_resume', 'check_resume_compatible']
+           'load_initial_checkpoint', 'load_dense_weights', 'resolve_resume', 'check_resume_source',
+           'check_resume_compatible']
 
 LAST = 'last.pth.tar'
 BEST = 'model_best.pth.tar'
@@ -130,10 +131,18 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
     Raises:
         CheckpointError: Unreadable file, or weights that do not fit the model (names the missing / unexpected keys).
     """
-    ckpt = read_checkpoint_file(path, '--initial-checkpoint')
+    load_dense_weights(model, read_checkpoint_file(path, '--initial-checkpoint'), path, '--initial-checkpoint')
+
+
+def load_dense_weights(model: nn.Module, ckpt: Mapping[str, Any], path: str, flag: str) -> None:
+    """Load a checkpoint's plain weights (:func:`model_state`) strictly into a model without masks.
+
+    Raises:
+        CheckpointError: No weights, or weights that do not fit the model (names the missing / unexpected keys).
+    """
     sd = model_state(ckpt)
     if not sd:
-        raise CheckpointError(f'--initial-checkpoint {path}: holds no weights (no state_dict)')
+        raise CheckpointError(f'{flag} {path}: holds no weights (no state_dict)')
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
     unexpected = [k for k in sd if k not in own]
@@ -143,13 +152,14 @@ def load_initial_checkpoint(model: nn.Module, path: str) -> None:
         for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape differs', wrong)):
             if keys:
                 parts.append(f'{label}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""} ({len(keys)})')
-        raise CheckpointError(f'--initial-checkpoint {path}: the weights do not fit --model ({"; ".join(parts)})')
+        raise CheckpointError(f'{flag} {path}: the weights do not fit --model ({"; ".join(parts)})')
     model.load_state_dict(sd, strict=True)
 
 
-def check_resume_compatible(path: str, ckpt: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
-    """The DST state of a ``--resume`` checkpoint, after checking the run it came from can be continued with these
-    flags (same model and, unless ``--no-resume-opt``, the same optimizer).
+def check_resume_source(path: str, ckpt: Mapping[str, Any], args: argparse.Namespace) -> bool:
+    """Check a ``--resume`` checkpoint came from a run that can be continued with these flags (a training checkpoint
+    of the same model and, unless ``--no-resume-opt``, the same optimizer); returns whether it is dense (a timm
+    checkpoint without DST state: sparse training starts from its weights).
 
     Raises:
         CheckpointError: What differs, in one line.
@@ -160,13 +170,26 @@ def check_resume_compatible(path: str, ckpt: Mapping[str, Any], args: argparse.N
     if ckpt.get('arch') is not None and ckpt['arch'] != args.model:
         raise CheckpointError(f'--resume {path}: the checkpoint is of model {ckpt["arch"]!r}, not --model '
                               f'{args.model!r}')
-    state = ckpt.get(DST_KEY)
-    if not isinstance(state, Mapping) or 'run' not in state:
-        raise CheckpointError(f'--resume {path}: holds no timm-dst-train run state (a dense timm checkpoint or another '
-                              'tool\'s): start from its weights with --initial-checkpoint instead')
     old = ckpt.get('args')
     old_opt = getattr(old, 'opt', None) if old is not None else None
     if not args.no_resume_opt and old_opt is not None and str(old_opt).lower() != str(args.opt).lower():
         raise CheckpointError(f'--resume {path}: the run was trained with --opt {old_opt}; resume with the same '
                               '--opt, or add --no-resume-opt to start a fresh optimizer state')
+    return ckpt.get(DST_KEY) is None
+
+
+def check_resume_compatible(path: str, ckpt: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
+    """The timm-dst-train run state of a ``--resume`` checkpoint holding a DST state, after
+    :func:`check_resume_source`.
+
+    Raises:
+        CheckpointError: What differs, in one line.
+    """
+    from .plugin import DST_KEY
+    check_resume_source(path, ckpt, args)
+    state = ckpt.get(DST_KEY)
+    if not isinstance(state, Mapping) or 'run' not in state:
+        raise CheckpointError(f'--resume {path}: its DST state holds no timm-dst-train run state (a checkpoint of '
+                              'another tool, e.g. timm\'s train.py under timm_dst.run): continue it with that tool, '
+                              'or start from its weights with --initial-checkpoint')
     return dict(state)

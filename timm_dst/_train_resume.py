@@ -11,7 +11,7 @@ import torch
 from ._checkpoint import CheckpointError
 from ._train_outputs import SUMMARY_CSV, truncate_summary
 
-__all__ = ['resume_run']
+__all__ = ['load_resume', 'resume_run']
 
 _logger = logging.getLogger('timm_dst.train')
 
@@ -21,14 +21,54 @@ def _user_error(message: str) -> SystemExit:
     return error(message)
 
 
+def load_resume(run: Any) -> bool:
+    """Read the ``--resume`` checkpoint (kept in ``run.resume_ckpt``) before the sparsifier is created; returns whether
+    it is dense (a timm checkpoint without DST state). A dense one's weights (and, unless ``--no-resume-opt``, its
+    optimizer state) are loaded into the model now, so the initial topology (``--mask-init``) is chosen from them,
+    as timm's train.py under the launcher does (:func:`timm_dst.plugin.create_sparsifier_from_args`)."""
+    from ._checkpoint import check_resume_source, load_dense_weights, read_checkpoint_file
+    args = run.args
+    try:
+        run.resume_ckpt = ckpt = read_checkpoint_file(args.resume, '--resume')
+        dense = check_resume_source(args.resume, ckpt, args)
+        if dense:
+            load_dense_weights(run.model, ckpt, args.resume, '--resume')
+            if not args.no_resume_opt:
+                _load_optimizer(run, ckpt)
+    except CheckpointError as e:
+        raise _user_error(str(e)) from None
+    return dense
+
+
+def _load_optimizer(run: Any, ckpt: dict[str, Any]) -> None:
+    args = run.args
+    if ckpt.get('optimizer') is None:
+        raise CheckpointError(f'--resume {args.resume}: holds no optimizer state; add --no-resume-opt to start a '
+                              'fresh one')
+    try:
+        run.optimizer.load_state_dict(ckpt['optimizer'])
+    except (ValueError, KeyError) as e:
+        raise CheckpointError(f'--resume {args.resume}: its optimizer state does not fit --opt {args.opt} ({e}); '
+                              'add --no-resume-opt to start a fresh one') from None
+
+
+def dense_start_epoch(ckpt: dict[str, Any]) -> int:
+    """The epoch a dense timm checkpoint continues at, as ``timm.models.resume_checkpoint`` counts it (the saved
+    epoch + 1 for checkpoints of version 2 and later)."""
+    epoch = int(ckpt.get('epoch') or 0)
+    return epoch + 1 if int(ckpt.get('version') or 0) > 1 else epoch
+
+
 def resume_run(run: Any) -> None:
     """Restore a ``--resume`` checkpoint into a built run (weights, optimizer, sparsifier, EMA, schedule, position,
     meters, random states); every user error is one line, exit status 2."""
-    from ._checkpoint import check_resume_compatible, model_state, read_checkpoint_file
+    from ._checkpoint import check_resume_compatible, model_state
     from .plugin import load_plain_state_dict, restore_dst_state
     args, acc = run.args, run.accelerator
+    ckpt = run.resume_ckpt
+    if run.dense_resume:
+        return _resume_dense(run, ckpt)
     try:
-        ckpt = read_checkpoint_file(args.resume, '--resume')
         state = check_resume_compatible(args.resume, ckpt, args)
         pos = state['run']
         # the masks first: loading weights into the model re-applies the masks it carries at that moment
@@ -67,6 +107,32 @@ def resume_run(run: Any) -> None:
         truncate_summary(os.path.join(run.output_dir, SUMMARY_CSV), run.start_epoch)
     _logger.info(f'resumed from {args.resume}: epoch {run.start_epoch}, batch {run.start_batch}, '
                  f'{run.num_updates} optimizer steps')
+
+
+def _resume_dense(run: Any, ckpt: dict[str, Any]) -> None:
+    """The rest of a dense ``--resume`` (weights, optimizer state and masks are in place): position, lr schedule,
+    EMA and AMP scaler; the run continues at the checkpoint's next epoch with fresh meters and random states."""
+    from ._checkpoint import model_state
+    args, sp = run.args, run.sparsifier
+    start = dense_start_epoch(ckpt)
+    if start >= run.num_epochs:
+        raise _user_error(f'--resume {args.resume}: the dense checkpoint is at epoch {start}, at or past the end of '
+                          f'--epochs {args.epochs}')
+    run.start_epoch, run.start_batch, run.num_updates = start, 0, start * run.updates_per_epoch
+    if run.scheduler is not None and start > 0:
+        if args.sched_on_updates:
+            run.scheduler.step_update(run.num_updates)
+        else:
+            run.scheduler.step(start)
+    if run.ema is not None:
+        _restore_ema(run, model_state(ckpt, use_ema=True), None)
+    run.resume_scaler = None if args.no_resume_opt else ckpt.get('amp_scaler')
+    if run.is_main:
+        truncate_summary(os.path.join(run.output_dir, SUMMARY_CSV), run.start_epoch)
+    opt = 'a fresh optimizer state' if args.no_resume_opt else 'its optimizer state'
+    _logger.info(f'resumed from {args.resume}: a dense checkpoint (no timm-dst state): sparse training starts from '
+                 f'its weights with {opt} at epoch {start} (optimizer step {run.num_updates}); initial topology by '
+                 f'--mask-init {sp.mask_init}, density {sp.density:.4f}')
 
 
 def _extend(run: Any, pos: dict[str, Any]) -> None:

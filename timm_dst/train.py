@@ -42,7 +42,7 @@ from ._train_outputs import (
     write_json_atomic,
     write_summary_row,
 )
-from ._train_resume import resume_run
+from ._train_resume import dense_start_epoch, load_resume, resume_run
 
 __all__ = ['main', 'train', 'train_two_phases', 'evaluate', 'TrainingDivergedError', 'dst_summary', 'flops_line']
 
@@ -169,7 +169,7 @@ class _Run:
         from timm.utils import ModelEmaV3
 
         from .flops import TrainingFlops
-        from .plugin import create_sparsifier_from_args
+        from .plugin import begin_training, create_sparsifier_from_args
         args, acc = self.args, self.accelerator
         scale_lr(args, args.batch_size * acc.num_processes * args.grad_accum_steps)
         self.optimizer = create_optimizer_v2(self.model, **optimizer_kwargs(cfg=args), **(args.opt_kwargs or {}))
@@ -186,11 +186,17 @@ class _Run:
             # score on the first training batch(es), from the unprepared loader (every rank scores the same batches;
             # on a resume the scores are computed again, then the checkpoint's masks replace them)
             overrides = {data_arg: self.train_loader}
+        # a dense --resume checkpoint: its weights (and optimizer state) go in first, the topology is drawn from them
+        self.resume_ckpt = None
+        self.dense_resume = load_resume(self) if args.resume else False
         try:
             self.sparsifier = create_sparsifier_from_args(self.model, self.optimizer, args,
                                                           total_steps=self.total_steps, **overrides)
         except ValueError as e:
             raise _user_error(str(e)) from None
+        if self.dense_resume:  # topology updates follow the count of steps already done, as under the launcher
+            begin_training(self.sparsifier, self.total_steps,
+                           start_step=dense_start_epoch(self.resume_ckpt) * self.updates_per_epoch, restore_rng=False)
         _logger.info(f'{self.sparsifier!r} | {self.updates_per_epoch} optimizer steps per epoch, '
                      f'{self.total_steps} in all')
         self.flops = TrainingFlops(self.model, tuple(self.data_config['input_size']), self.sparsifier)
