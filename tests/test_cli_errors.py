@@ -150,6 +150,15 @@ def test_resume_of_a_dense_timm_checkpoint_starts_sparse_training(tmp_path, monk
     assert summary['density'] == pytest.approx(0.1, abs=2e-3)
 
 
+def test_resume_of_another_tools_dst_checkpoint_is_refused(finished_run, tmp_path, capsys):
+    from timm_dst.plugin import DST_KEY, read_checkpoint
+    ckpt = read_checkpoint(str(finished_run / LAST), mmap=False)
+    ckpt[DST_KEY].pop('run')  # a DST state as timm's train.py under timm_dst.run writes it
+    torch.save(ckpt, tmp_path / 'launcher.pth.tar')
+    line = _user_error(capsys, TINY + ['--output', tmp_path / 'o', '--resume', tmp_path / 'launcher.pth.tar'])
+    assert 'no timm-dst-train run state' in line and '--initial-checkpoint' in line, line
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # item 6: resume with more epochs
 def test_resume_with_more_epochs_extends_schedule_and_sparsifier(finished_run, tmp_path):

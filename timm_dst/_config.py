@@ -120,7 +120,8 @@ def _model_group(p: argparse.ArgumentParser) -> None:
     g.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
                    help='load these weights (timm or timm-dst checkpoint, state_dict, safetensors) before sparsifying')
     g.add_argument('--resume', default='', type=str, metavar='PATH',
-                   help='continue a run from its checkpoint (last.pth.tar, recovery-*.pth.tar) or run folder')
+                   help='continue a run from its checkpoint (last.pth.tar, recovery-*.pth.tar) or run folder; a dense '
+                        'timm checkpoint starts sparse training from its weights at its next epoch')
     g.add_argument('--no-resume-opt', action='store_true', default=False,
                    help='with --resume: fresh optimizer and AMP scaler state')
     g.add_argument('--num-classes', type=int, default=None, metavar='N', help='classes (default: from the data)')
