@@ -128,6 +128,8 @@ def test_resume_of_a_dense_timm_checkpoint_starts_sparse_training(tmp_path, monk
         seen['step'] = sp.step
         seen['masked'] = {t.name: (t.param.detach() * t.mask).clone() for t in sp.targets}
         seen['masks'] = {t.name: t.mask.detach().bool().clone() for t in sp.targets}
+        seen['momentum'] = {t.name: sp.optimizer.state[t.param].get('momentum_buffer', torch.zeros(0)).clone()
+                            for t in sp.targets}
 
     monkeypatch.setattr(plugin, 'begin_training', begin_training)
     out = tmp_path / 'sparse'
@@ -142,6 +144,8 @@ def test_resume_of_a_dense_timm_checkpoint_starts_sparse_training(tmp_path, monk
         mask, w = seen['masks'][name], dense[name]
         assert torch.equal(masked[mask], w[mask])  # the active positions start from the checkpoint's weights
         assert w[mask].abs().min() >= w[~mask].abs().max()  # and are its largest ones (magnitude)
+        momentum = seen['momentum'][name]  # the checkpoint's optimizer state, zeroed at the inactive positions
+        assert momentum.shape == mask.shape and momentum[mask].abs().sum() > 0 and not momentum[~mask].any()
     rows = (out / 'summary.csv').read_text().strip().splitlines()
     header = rows[0].split(',')
     assert [int(r.split(',')[header.index('epoch')]) for r in rows[1:]] == [1]
