@@ -411,18 +411,17 @@ class Sparsifier:
             with torch.no_grad():
                 torch._foreach_mul_(self._origs, [t.mask for t in self.targets])  # buffers: looked up fresh
         due = self._update_pending or self.schedule.is_update_step(self.step)
-        captured = [g for g in self._dense_grads if g is not None]
+        capturing = bool(self._capture_handles)
         # capture on/off is the same on every rank (the schedule decides), so the agreed check runs on all of them
-        if self._capture_handles and not _all_finite(captured, self._device()):
+        if capturing and not _all_finite([g for g in self._dense_grads if g is not None], self._device()):
             self._finite_cache = (self.step, False)
             # never fold a non-finite window into method state (SNFS momentum) or grow from it (RigL)
             if not due:  # on an update step, update() says it
                 warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: its dense gradients are dropped',
                               stacklevel=2)
             self.clear_dense_grads()
-        capturing = bool(self._capture_handles)
         self.method.on_step(self)
-        if self._update_pending or self.schedule.is_update_step(self.step):
+        if due:
             self.update()
         # an update postponed by a non-finite gradient runs at the next step, with a fresh capture when it uses one
         capture = self.method.needs_dense_grad(self, self.step + 1) or (self._update_pending and capturing)
