@@ -36,6 +36,26 @@ def tiny_kind(request) -> str:
     return request.param
 
 
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.fixture
+def fresh_accelerate_state():
+    """In-process CLI runs each build their own Accelerator: start and end with none."""
+    _reset_accelerate()
+    yield
+    _reset_accelerate()
+
+
+def run_cli(argv: list[str], out, *extra) -> None:
+    """``timm-dst-train`` in this process with ``argv`` and ``--output out`` plus ``extra`` flags."""
+    from timm_dst.train import main
+    main(list(argv) + ['--output', str(out), *map(str, extra)])
+    _reset_accelerate()
+
+
 def train_steps(model, opt, x, y, steps: int) -> None:
     """``steps`` plain training steps on one batch (the loop a user writes)."""
     for _ in range(steps):

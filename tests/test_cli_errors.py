@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from conftest import run_cli
 
 from timm_dst._checkpoint import LAST
 from timm_dst.train import main
@@ -19,18 +20,11 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')
 
 
 def _run(out, *extra):
-    from accelerate.state import AcceleratorState
-    main(TINY + ['--output', str(out), *map(str, extra)])
-    AcceleratorState._reset_state(reset_partial_state=True)
+    run_cli(TINY, out, *extra)
 
 
 def _user_error(capsys, argv) -> str:

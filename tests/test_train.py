@@ -9,6 +9,7 @@ import textwrap
 
 import pytest
 import torch
+from conftest import run_cli
 
 from timm_dst import list_methods
 from timm_dst._checkpoint import LAST
@@ -22,18 +23,11 @@ TINY = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_accelerate_state():
-    from accelerate.state import AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
+pytestmark = pytest.mark.usefixtures('fresh_accelerate_state')
 
 
 def _run(out, *extra):
-    main(TINY + ['--output', str(out), *map(str, extra)])
-    AcceleratorState = __import__('accelerate.state', fromlist=['AcceleratorState']).AcceleratorState
-    AcceleratorState._reset_state(reset_partial_state=True)
+    run_cli(TINY, out, *extra)
 
 
 def _ckpt(out):
