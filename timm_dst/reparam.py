@@ -16,7 +16,15 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
-from ._sparse_linear import CsrStructure, SparseLinearForward, csr_structure
+from ._sparse_linear import (
+    DEFAULT_BLOCK_MAX_DENSITY,
+    BlockStructure,
+    CsrStructure,
+    SparseLinearForward,
+    block_structure,
+    csr_structure,
+    find_block_size,
+)
 
 __all__ = [
     'DSTMask', 'attach_mask', 'attach_masks', 'effective_weight', 'refresh_weight', 'fold_masks', 'export_state_dict',
@@ -194,9 +202,10 @@ class DSTMask(prune.BasePruningMethod):
         return self._index_cache
 
     def install_sparse_kernels(self, module: nn.Module, max_density: float, n_active: int) -> bool:
-        """Give a plain ``nn.Linear`` CSR kernels while at most ``max_density`` of it is active (see
-        :mod:`timm_dst._sparse_linear`); take them away above it, so denser layers pay nothing per call. Called again
-        whenever the layer's budget changes (DSR moves budgets between layers).
+        """Give a plain ``nn.Linear`` CSR kernels while at most ``max_density`` of it is active, or block kernels while
+        its mask is made of whole blocks at most ``DEFAULT_BLOCK_MAX_DENSITY`` dense (see
+        :mod:`timm_dst._sparse_linear`; both off when ``max_density`` is 0); take them away otherwise, so denser layers
+        pay nothing per call. Called again whenever the layer's budget changes (DSR moves budgets between layers).
 
         Args:
             module: The module this mask is attached to.
@@ -207,9 +216,11 @@ class DSTMask(prune.BasePruningMethod):
             Whether the kernels are installed (only on exact ``nn.Linear`` modules, masked on ``weight``).
         """
         installed = isinstance(module.__dict__.get('forward'), SparseLinearForward)
-        numel = getattr(module, self._tensor_name + '_mask').numel()
+        mask = getattr(module, self._tensor_name + '_mask')
+        numel = mask.numel()
         wanted = (type(module) is nn.Linear and self._tensor_name == 'weight' and max_density > 0
-                  and n_active <= max_density * numel)
+                  and (n_active <= max_density * numel
+                       or self.blocks(mask, DEFAULT_BLOCK_MAX_DENSITY) is not None))
         if wanted and not installed:
             module.forward = SparseLinearForward(module, self, max_density)
         elif installed and not wanted:
@@ -227,6 +238,29 @@ class DSTMask(prune.BasePruningMethod):
             cache['csr'] = csr_structure(cache['index'], tuple(mask.shape))
         return cache['csr']
 
+    def blocks(self, mask: torch.Tensor, max_density: float) -> BlockStructure | None:
+        """The cached active blocks of ``mask`` when it is made of whole blocks (``R x C`` with ``R * C >= 64``) and at
+        most ``max_density`` dense; None otherwise.
+
+        The block size is the declared ``structure`` (``'RxC'``, set by the sparsifier) when there is one; a mask whose
+        ``structure`` is declared as anything else has no blocks; without a declaration (masks attached by older code)
+        the block sizes of :data:`timm_dst._sparse_linear.BLOCK_CANDIDATES` are looked for in the mask itself.
+        """
+        cache = self._mask_cache(mask)
+        if max_density <= 0 or mask.dim() != 2 or cache['n_active'] > max_density * mask.numel():
+            return None
+        if 'blocks' not in cache:  # per mask version
+            cache['blocks'] = None
+            declared = getattr(self, 'structure', _UNDECLARED)
+            if declared is _UNDECLARED:
+                found = find_block_size(mask)
+            else:
+                size = _block_size(declared)
+                found = find_block_size(mask, (size,)) if size is not None else None
+            if found is not None:
+                cache['blocks'] = block_structure(found[1], found[0], tuple(mask.shape))
+        return cache['blocks']
+
     def remove(self, module: nn.Module) -> None:
         if isinstance(module.__dict__.get('forward'), SparseLinearForward):
             del module.forward
@@ -237,6 +271,17 @@ class DSTMask(prune.BasePruningMethod):
             handle.remove()
         self._handles = []
         super().remove(module)
+
+
+_UNDECLARED = object()
+
+
+def _block_size(structure: object) -> tuple[int, int] | None:
+    """``(R, C)`` of a block structure spec ``'RxC'``; None for any other spec (or None)."""
+    if not isinstance(structure, str) or 'x' not in structure:
+        return None
+    r, _, c = structure.partition('x')
+    return (int(r), int(c)) if r.isdigit() and c.isdigit() else None
 
 
 def _sync_copies(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
