@@ -12,7 +12,13 @@ import torch.nn.functional as F
 from conftest import TINY_MODELS, make_tiny
 
 import timm_dst
-from timm_dst._sparse_linear import BlockStructure, SparseLinearForward, csr_matmul
+from timm_dst._sparse_linear import (
+    BLOCK_ROW_GEMM_MIN_ROWS,
+    BlockStructure,
+    SparseLinearForward,
+    block_matmul,
+    csr_matmul,
+)
 from timm_dst.compression import CompressedLinear, detect_structure, format_report
 from timm_dst.reparam import DSTMask
 
@@ -198,6 +204,20 @@ def test_csr_matmul_equals_dense(rows: int):
     torch.testing.assert_close(csr_matmul(x, csr), x @ w.t())
 
 
+@pytest.mark.parametrize('rows', [3, BLOCK_ROW_GEMM_MIN_ROWS + 5])
+@pytest.mark.parametrize('transpose', [False, True])
+def test_block_matmul_equals_dense(rows: int, transpose: bool):
+    g = torch.Generator().manual_seed(0)
+    mask = _mask((48, 80), '8x16', 0.3, g)
+    mask[8:16] = False  # a block row without blocks
+    w = torch.randn(48, 80, generator=g) * mask
+    row, col = mask[::8, ::16].nonzero(as_tuple=True)
+    s = BlockStructure(block=(8, 16), shape=(48, 80), row=row, col=col)
+    x = torch.randn(rows, 48 if transpose else 80, generator=g)
+    torch.testing.assert_close(block_matmul(x, s.values(w), s, transpose=transpose), x @ (w if transpose else w.t()))
+    torch.testing.assert_close(s.scatter(s.values(w)), w)
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason='2:4 semi-structured kernels need CUDA')
 def test_semi_structured_on_cuda():
     torch.manual_seed(0)
@@ -250,7 +270,7 @@ def _kernel_kinds(model: nn.Module, x: torch.Tensor) -> list[str]:
 
 @pytest.mark.parametrize('declare', [True, False])
 @pytest.mark.parametrize('bias', [True, False])
-@pytest.mark.parametrize('shape', [(5, 64), (2, 3, 64)])
+@pytest.mark.parametrize('shape', [(5, 64), (2, 3, 64), (4, 10, 64)])  # 40 rows: the block-row GEMMs
 def test_block_kernels_give_the_dense_outputs_and_gradients(bias: bool, shape: tuple[int, ...], declare: bool):
     model, _, _ = _block_sparse_mlp(bias, declare=declare)
     x = torch.randn(*shape, requires_grad=True)

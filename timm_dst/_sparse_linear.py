@@ -24,7 +24,7 @@ from __future__ import annotations
 import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
@@ -84,6 +84,7 @@ class BlockStructure:
     shape: tuple[int, int]   # (out_features, in_features)
     row: torch.Tensor        # block row of each active block (int64)
     col: torch.Tensor        # block column of each active block (int64)
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # cached, see row_buckets()
 
     @property
     def grid(self) -> tuple[int, int]:
@@ -100,6 +101,25 @@ class BlockStructure:
         out = blocks.new_zeros(self.shape)
         out.view(nbr, r, nbc, c)[self.row, :, self.col, :] = blocks
         return out
+
+    def row_buckets(self, transpose: bool = False) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """Block rows (of ``W``, or of ``W^T`` with ``transpose``) grouped by their number of active blocks ``k``:
+        ``(rows, blocks, cols, k)`` per group, ``blocks`` / ``cols`` listing each row's ``k`` blocks in turn
+        (indices into this structure's block list, and their block columns). Cached."""
+        plan = self._plans.get(transpose)
+        if plan is None:
+            row, col = (self.col, self.row) if transpose else (self.row, self.col)
+            n_rows, n_cols = self.grid[::-1] if transpose else self.grid
+            order = torch.argsort(row * n_cols + col)
+            counts = torch.bincount(row, minlength=n_rows)
+            plan = []
+            for k in counts.unique().tolist():
+                if k:
+                    rows_k = (counts == k).nonzero().squeeze(1)
+                    sel = order[torch.isin(row[order], rows_k)]
+                    plan.append((rows_k, sel, col[sel], int(k)))
+            self._plans[transpose] = plan
+        return plan
 
 
 def block_structure(active_blocks: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> BlockStructure:
@@ -130,18 +150,36 @@ def find_block_size(active: torch.Tensor, candidates: tuple[tuple[int, int], ...
     return None
 
 
+BLOCK_ROW_GEMM_MIN_ROWS = 16  # from this many input rows: one GEMM per group of block rows (block_matmul)
+
+
 def block_matmul(x: torch.Tensor, blocks: torch.Tensor, s: BlockStructure, transpose: bool = False) -> torch.Tensor:
     """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the 2-D ``x`` and the block-sparse ``W`` whose active blocks
-    are ``blocks`` (``(n_blocks, R, C)``, in the order of ``s``): one ``bmm`` over the active blocks."""
+    are ``blocks`` (``(n_blocks, R, C)``, in the order of ``s``).
+
+    Below :data:`BLOCK_ROW_GEMM_MIN_ROWS` rows of ``x``: one ``bmm`` with a product per active block, summed into
+    the output blocks by ``index_add_``. From there on, larger products: the block rows of ``W`` that have the same
+    number ``k`` of active blocks form one ``bmm`` of ``(rows, n, k*C) @ (rows, k*C, R)``
+    (:meth:`BlockStructure.row_buckets`); measured 1.3-1.5x faster than the per-block product at 197 rows.
+    """
     (nbr, nbc), (r, c) = s.grid, s.block
     if transpose:  # W^T: blocks (C x R) from block row `col` to block column `row`
         nbr, nbc, r, c, row, col, blocks = nbc, nbr, c, r, s.col, s.row, blocks.transpose(1, 2)
     else:
         row, col = s.row, s.col
     n = x.shape[0]
-    xb = x.reshape(n, nbc, c).index_select(1, col).transpose(0, 1)    # (n_blocks, n, C)
-    part = torch.bmm(xb, blocks.transpose(1, 2))                       # (n_blocks, n, R)
-    y = x.new_zeros(nbr, n, r).index_add_(0, row, part)
+    xv = x.reshape(n, nbc, c)
+    if n < BLOCK_ROW_GEMM_MIN_ROWS:
+        xb = xv.index_select(1, col).transpose(0, 1)                     # (n_blocks, n, C)
+        part = torch.bmm(xb, blocks.transpose(1, 2))                     # (n_blocks, n, R)
+        y = x.new_zeros(nbr, n, r).index_add_(0, row, part)
+    else:
+        y = x.new_zeros(nbr, n, r)
+        for rows_k, sel, cols_k, k in s.row_buckets(transpose):
+            m = rows_k.numel()
+            xk = xv.index_select(1, cols_k).view(n, m, k * c).transpose(0, 1)                      # (m, n, k*C)
+            wk = blocks.index_select(0, sel).view(m, k, r, c).transpose(2, 3).reshape(m, k * c, r)  # (m, k*C, R)
+            y.index_copy_(0, rows_k, torch.bmm(xk, wk))
     return y.transpose(0, 1).reshape(n, nbr * r)
 
 
