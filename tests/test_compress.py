@@ -111,6 +111,25 @@ def test_representation_follows_the_structure_found_in_the_zeros(structure: str 
         assert comp.get_submodule(names[0]).block == (16, 16)
 
 
+def test_blocks_of_a_plain_model_may_hold_zeros():
+    model, x, _ = make_tiny('vit')
+    model.eval()
+    names = _zero_linears(model, '16x16')
+    layer = model.get_submodule(names[0])
+    with torch.no_grad():
+        r, c = layer.weight.nonzero()[0].tolist()
+        layer.weight[r, c] = 0.0  # a trained weight that is exactly zero inside an active block
+    comp = timm_dst.compress(model)
+    assert comp.compression_report[[r.name for r in comp.compression_report].index(names[0])].kind == 'bsr'
+    with torch.no_grad():
+        torch.testing.assert_close(comp(x), model(x), rtol=1e-4, atol=1e-5)
+    # with a mask, the mask is exact: a block mask with a hole is not a block mask
+    hole = torch.ones(32, 32, dtype=torch.bool)
+    hole[0, 0] = False
+    assert detect_structure(torch.block_diag(hole, torch.zeros(32, 32, dtype=torch.bool))) is None
+    assert detect_structure(torch.block_diag(hole, torch.zeros(32, 32, dtype=torch.bool)), from_values=True) == '32x32'
+
+
 def test_declared_structure_is_used_and_checked():
     g = torch.Generator().manual_seed(0)
     blocks = _mask((64, 64), '8x8', 0.2, g)

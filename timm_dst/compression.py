@@ -55,6 +55,7 @@ FORMAT_VERSION = 1
 KINDS = ('bsr', 'csr', 'semi-structured')
 # a layer is compressed only at or below this density for its representation (docs/structured.md, "Kernels")
 MAX_DENSITY: dict[str, float] = {'bsr': 0.3, 'csr': 0.2, 'semi-structured': 0.5}
+BLOCK_ZERO_TOLERANCE = 0.01  # zeros inside the active blocks of a plain model's weights: at most this fraction
 _FIELDS = {'bsr': ('crow_indices', 'col_indices', 'values'), 'csr': ('crow_indices', 'col_indices', 'values'),
            'semi-structured': ('weight',)}
 
@@ -86,12 +87,18 @@ def _n_m(structure: str | None) -> tuple[int, int] | None:
     return (int(n), int(m)) if n.isdigit() and m.isdigit() and 0 < int(n) < int(m) else None
 
 
-def _is_blocked(active: torch.Tensor, r: int, c: int) -> bool:
+def _is_blocked(active: torch.Tensor, r: int, c: int, tolerance: float = 0.0) -> bool:
+    """Whether every ``r x c`` block is all inactive or all active; with ``tolerance``, blocks with an active
+    position may together hold up to that fraction of inactive ones (zeros of trained weights)."""
     rows, cols = active.shape
     if rows % r or cols % c:
         return False
     counts = active.reshape(rows // r, r, cols // c, c).sum((1, 3), dtype=torch.int32)
-    return bool(((counts == 0) | (counts == r * c)).all())
+    used = counts > 0
+    if tolerance <= 0:
+        return bool(((counts == 0) | (counts == r * c)).all())
+    n_used = int(used.sum())
+    return n_used < used.numel() and int(counts.sum()) >= (1.0 - tolerance) * n_used * r * c
 
 
 def _is_n_m(active: torch.Tensor, n: int, m: int) -> bool:
@@ -99,12 +106,15 @@ def _is_n_m(active: torch.Tensor, n: int, m: int) -> bool:
     return cols % m == 0 and int(active.reshape(rows, cols // m, m).sum(-1, dtype=torch.int32).max()) <= n
 
 
-def detect_structure(active: torch.Tensor, declared: str | None = None) -> str | None:
+def detect_structure(active: torch.Tensor, declared: str | None = None, from_values: bool = False) -> str | None:
     """The structure of a 2-D bool mask of active weights: ``'RxC'`` blocks, ``'N:M'``, ``'fan-in'`` or None.
 
     ``declared`` (the sparsifier's ``structure`` spec of the layer) is checked first and returned when the mask obeys
     it; otherwise blocks of :data:`~timm_dst._sparse_linear.BLOCK_CANDIDATES`, then ``'2:4'``, then a constant number
     of active inputs per output (``'fan-in'``) are looked for. All-active and all-inactive masks have no structure.
+    ``from_values``: ``active`` is ``weight != 0`` of a plain model, where a trained weight may be exactly zero inside
+    an active block: blocks are then found when their zeros are at most :data:`BLOCK_ZERO_TOLERANCE` of them (the
+    zeros are stored in the blocks; outputs are unchanged).
     """
     if active.dim() != 2:
         return None
@@ -112,7 +122,8 @@ def detect_structure(active: torch.Tensor, declared: str | None = None) -> str |
     if n_active in (0, active.numel()):
         return None
     size, nm = _block_size(declared), _n_m(declared)
-    if size is not None and _is_blocked(active, *size):
+    tol = BLOCK_ZERO_TOLERANCE if from_values else 0.0
+    if size is not None and _is_blocked(active, *size, tol):
         return f'{size[0]}x{size[1]}'
     if nm is not None and _is_n_m(active, *nm):
         return f'{nm[0]}:{nm[1]}'
@@ -120,7 +131,7 @@ def detect_structure(active: torch.Tensor, declared: str | None = None) -> str |
     if declared == 'fan-in' and bool((counts == counts[0]).all()):
         return 'fan-in'
     for r, c in BLOCK_CANDIDATES:
-        if _is_blocked(active, r, c):
+        if _is_blocked(active, r, c, tol):
             return f'{r}x{c}'
     if _is_n_m(active, 2, 4):
         return '2:4'
@@ -312,12 +323,13 @@ def compress(model: nn.Module, max_density: float | Mapping[str, float] | None =
         if not isinstance(weight, torch.Tensor) or weight.dim() < 2:
             continue
         active = masks.get(name)
-        active = weight != 0 if active is None else active
+        from_values = active is None
+        active = weight != 0 if from_values else active
         n_active = int(active.sum())
         if n_active == active.numel():
             continue  # dense: nothing to compress
         density = n_active / active.numel()
-        structure = detect_structure(active, declared.get(name)) if active.dim() == 2 else None
+        structure = detect_structure(active, declared.get(name), from_values) if active.dim() == 2 else None
         row = LayerReport(name=name, module=type(module).__name__, shape=tuple(weight.shape), density=density,
                           structure=structure, kind=None)
         report.append(row)
