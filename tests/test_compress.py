@@ -287,11 +287,13 @@ def _kernel_kinds(model: nn.Module, x: torch.Tensor) -> list[str]:
     return out
 
 
+@pytest.mark.parametrize('block', [16, 32])  # 32x32: the weight gradient at the active blocks; 16x16: dense + hook
 @pytest.mark.parametrize('declare', [True, False])
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('shape', [(5, 64), (2, 3, 64), (4, 10, 64)])  # 40 rows: the block-row GEMMs
-def test_block_kernels_give_the_dense_outputs_and_gradients(bias: bool, shape: tuple[int, ...], declare: bool):
-    model, _, _ = _block_sparse_mlp(bias, declare=declare)
+def test_block_kernels_give_the_dense_outputs_and_gradients(bias: bool, shape: tuple[int, ...], declare: bool,
+                                                            block: int):
+    model, _, _ = _block_sparse_mlp(bias, block=block, declare=declare)
     x = torch.randn(*shape, requires_grad=True)
     assert _kernel_kinds(model, x) == ['block', 'block']
     ref = copy.deepcopy(model)

@@ -9,10 +9,10 @@ weights are several times faster below about 5% density (``benchmarks/step_overh
 - weight gradient at the active positions only (``torch.sparse.sampled_addmm``), written into a zero tensor.
 
 Block-sparse layers (whole ``R x C`` blocks active or inactive, ``R * C >= 64``) run block kernels up to a higher
-density (:data:`DEFAULT_BLOCK_MAX_DENSITY`), under the same rules: the active blocks are a ``(n_blocks, R, C)``
-tensor, and forward, input gradient and weight gradient are each one batched GEMM over them (``torch.bmm``) between an
-``index_select`` of the input blocks and an ``index_add_`` into the output blocks (:func:`block_matmul`). On this
-project's CPU that is 2-3x faster than ``torch.sparse`` BSR products at 197 rows and 2x at one row (docs/structured.md).
+density (:data:`DEFAULT_BLOCK_MAX_DENSITY`), under the same rules. The active blocks are a ``(n_blocks, R, C)``
+tensor; forward and input gradient are batched GEMMs (``torch.bmm``) over them (:func:`block_matmul`); the weight
+gradient is one ``bmm`` at the active blocks from :data:`BLOCK_WGRAD_MIN_AREA` elements per block, and the dense GEMM
+(masked by the gradient hook) below that, where it is faster. Measured in docs/structured.md ("Kernels").
 
 The values are gathered from ``weight_orig`` on every call, so they follow the optimizer; the CSR / block structure
 is cached per mask version and rebuilt after a topology update. The dense path (``F.linear``) is taken whenever the
@@ -43,6 +43,7 @@ warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta'
 DEFAULT_MAX_DENSITY = 0.05  # CSR kernels below this layer density (CPU, float32); measured break-even is near 0.1
 DEFAULT_BLOCK_MAX_DENSITY = 0.25  # block kernels below this layer density (training; docs/structured.md)
 BLOCK_MIN_AREA = 64  # smaller blocks make batched GEMMs too small to beat CSR: they count as unstructured
+BLOCK_WGRAD_MIN_AREA = 1024  # weight gradient at the active blocks only from 32x32 blocks (16x16: 3x slower than dense)
 BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8))  # block sizes looked for in masks that declare no structure
 
 
@@ -228,10 +229,13 @@ class _BlockLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             (nbr, nbc), (r, c) = s.grid, s.block
             n = x.shape[0]
-            gyb = grad_y.reshape(n, nbr, r).index_select(1, s.row).permute(1, 2, 0)   # (n_blocks, R, n)
-            xb = x.reshape(n, nbc, c).index_select(1, s.col).transpose(0, 1)          # (n_blocks, n, C)
-            grad_w = s.scatter(torch.bmm(gyb, xb))
-            ctx.method.note_masked_grad(grad_w)
+            if r * c >= BLOCK_WGRAD_MIN_AREA:
+                gyb = grad_y.reshape(n, nbr, r).index_select(1, s.row).permute(1, 2, 0)   # (n_blocks, R, n)
+                xb = x.reshape(n, nbc, c).index_select(1, s.col).transpose(0, 1)          # (n_blocks, n, C)
+                grad_w = s.scatter(torch.bmm(gyb, xb))
+                ctx.method.note_masked_grad(grad_w)
+            else:  # small blocks: the dense GEMM is faster; the gradient hook masks its result
+                grad_w = grad_y.t().mm(x)
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
         return grad_x, grad_w, grad_b, None, None
