@@ -257,7 +257,7 @@ def test_semi_structured_on_cuda():
 # --- block kernels in training ----------------------------------------------------------------------------------
 
 
-def _block_sparse_mlp(bias: bool = True, block: int = 16, declare: bool = False):
+def _block_sparse_mlp(bias: bool = True, block: int = 32, declare: bool = False):
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(64, 128, bias=bias), nn.ReLU(), nn.Linear(128, 64, bias=bias), nn.ReLU(),
                           nn.Linear(64, 10, bias=bias))
@@ -287,13 +287,11 @@ def _kernel_kinds(model: nn.Module, x: torch.Tensor) -> list[str]:
     return out
 
 
-@pytest.mark.parametrize('block', [16, 32])  # 32x32: the weight gradient at the active blocks; 16x16: dense + hook
 @pytest.mark.parametrize('declare', [True, False])
 @pytest.mark.parametrize('bias', [True, False])
 @pytest.mark.parametrize('shape', [(5, 64), (2, 3, 64), (4, 10, 64)])  # 40 rows: the block-row GEMMs
-def test_block_kernels_give_the_dense_outputs_and_gradients(bias: bool, shape: tuple[int, ...], declare: bool,
-                                                            block: int):
-    model, _, _ = _block_sparse_mlp(bias, block=block, declare=declare)
+def test_block_kernels_give_the_dense_outputs_and_gradients(bias: bool, shape: tuple[int, ...], declare: bool):
+    model, _, _ = _block_sparse_mlp(bias, declare=declare)
     x = torch.randn(*shape, requires_grad=True)
     assert _kernel_kinds(model, x) == ['block', 'block']
     ref = copy.deepcopy(model)
@@ -334,6 +332,12 @@ def test_block_kernels_follow_the_rules_of_the_csr_kernels():
     with torch.no_grad():
         model[2].weight_mask.add_(False)  # same mask, new version: the declaration is read again
     assert _kernel_kinds(model, x) == ['dense', 'dense']
+
+
+@pytest.mark.parametrize('declare', [True, False])
+def test_small_blocks_keep_the_dense_kernels_in_training(declare: bool):
+    model, _, _ = _block_sparse_mlp(block=16, declare=declare)  # 16x16: measured no faster than dense
+    assert _kernel_kinds(model, torch.randn(4, 64)) in ([], ['dense', 'dense'])
 
 
 def test_block_kernels_train_like_the_dense_kernels():

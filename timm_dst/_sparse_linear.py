@@ -8,11 +8,12 @@ weights are several times faster below about 5% density (``benchmarks/step_overh
 - input gradient ``dL/dx = dL/dy W`` as ``(W^T_csr dL/dy^T)^T``;
 - weight gradient at the active positions only (``torch.sparse.sampled_addmm``), written into a zero tensor.
 
-Block-sparse layers (whole ``R x C`` blocks active or inactive, ``R * C >= 64``) run block kernels up to a higher
-density (:data:`DEFAULT_BLOCK_MAX_DENSITY`), under the same rules. The active blocks are a ``(n_blocks, R, C)``
-tensor; forward and input gradient are batched GEMMs (``torch.bmm``) over them (:func:`block_matmul`); the weight
-gradient is one ``bmm`` at the active blocks from :data:`BLOCK_WGRAD_MIN_AREA` elements per block, and the dense GEMM
-(masked by the gradient hook) below that, where it is faster. Measured in docs/structured.md ("Kernels").
+Block-sparse layers (whole ``R x C`` blocks active or inactive, ``R * C >= 1024``, :data:`BLOCK_TRAIN_MIN_AREA`) run
+block kernels up to a higher density (:data:`DEFAULT_BLOCK_MAX_DENSITY`), under the same rules. The active blocks are
+a ``(n_blocks, R, C)`` tensor; forward and input gradient are batched GEMMs (``torch.bmm``) over them
+(:func:`block_matmul`), and the weight gradient is one ``bmm`` at the active blocks, scattered into a zero tensor.
+With 16x16 blocks the weight-gradient ``bmm`` alone is 3x slower than the dense GEMM and the step is no faster than
+dense (docs/structured.md), hence the minimum block area.
 
 The values are gathered from ``weight_orig`` on every call, so they follow the optimizer; the CSR / block structure
 is cached per mask version and rebuilt after a topology update. The dense path (``F.linear``) is taken whenever the
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 __all__ = [
     'CsrStructure', 'csr_structure', 'BlockStructure', 'block_structure', 'find_block_size', 'block_matmul',
     'csr_matmul', 'SparseLinearForward', 'DEFAULT_MAX_DENSITY', 'DEFAULT_BLOCK_MAX_DENSITY', 'BLOCK_MIN_AREA',
+    'BLOCK_TRAIN_MIN_AREA',
     'dense_kernels',
 ]
 
@@ -43,7 +45,7 @@ warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta'
 DEFAULT_MAX_DENSITY = 0.05  # CSR kernels below this layer density (CPU, float32); measured break-even is near 0.1
 DEFAULT_BLOCK_MAX_DENSITY = 0.25  # block kernels below this layer density (training; docs/structured.md)
 BLOCK_MIN_AREA = 64  # smaller blocks make batched GEMMs too small to beat CSR: they count as unstructured
-BLOCK_WGRAD_MIN_AREA = 1024  # weight gradient at the active blocks only from 32x32 blocks (16x16: 3x slower than dense)
+BLOCK_TRAIN_MIN_AREA = 1024  # block kernels in training from 32x32 blocks (16x16: no faster than dense, measured)
 BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8))  # block sizes looked for in masks that declare no structure
 
 
@@ -130,18 +132,18 @@ def block_structure(active_blocks: torch.Tensor, block: tuple[int, int], shape: 
     return BlockStructure(block=(int(block[0]), int(block[1])), shape=(int(shape[0]), int(shape[1])), row=row, col=col)
 
 
-def find_block_size(active: torch.Tensor, candidates: tuple[tuple[int, int], ...] = BLOCK_CANDIDATES
-                    ) -> tuple[tuple[int, int], torch.Tensor] | None:
+def find_block_size(active: torch.Tensor, candidates: tuple[tuple[int, int], ...] = BLOCK_CANDIDATES,
+                    min_area: int = BLOCK_MIN_AREA) -> tuple[tuple[int, int], torch.Tensor] | None:
     """The first block size of ``candidates`` in which the 2-D bool tensor ``active`` is made of whole blocks (every
     block all True or all False), and the block grid; None when none fits (or ``active`` is all True / all False).
 
-    Blocks of fewer than :data:`BLOCK_MIN_AREA` elements are skipped: their batched products do not pay.
+    Blocks of fewer than ``min_area`` elements are skipped: their batched products do not pay.
     """
     if active.dim() != 2:
         return None
     rows, cols = active.shape
     for r, c in candidates:
-        if r * c < BLOCK_MIN_AREA or rows % r or cols % c:
+        if r * c < min_area or rows % r or cols % c:
             continue
         counts = active.reshape(rows // r, r, cols // c, c).sum((1, 3), dtype=torch.int32)
         full = counts == r * c
@@ -229,13 +231,10 @@ class _BlockLinearFn(torch.autograd.Function):
         if ctx.needs_input_grad[1]:
             (nbr, nbc), (r, c) = s.grid, s.block
             n = x.shape[0]
-            if r * c >= BLOCK_WGRAD_MIN_AREA:
-                gyb = grad_y.reshape(n, nbr, r).index_select(1, s.row).permute(1, 2, 0)   # (n_blocks, R, n)
-                xb = x.reshape(n, nbc, c).index_select(1, s.col).transpose(0, 1)          # (n_blocks, n, C)
-                grad_w = s.scatter(torch.bmm(gyb, xb))
-                ctx.method.note_masked_grad(grad_w)
-            else:  # small blocks: the dense GEMM is faster; the gradient hook masks its result
-                grad_w = grad_y.t().mm(x)
+            gyb = grad_y.reshape(n, nbr, r).index_select(1, s.row).permute(1, 2, 0)   # (n_blocks, R, n)
+            xb = x.reshape(n, nbc, c).index_select(1, s.col).transpose(0, 1)          # (n_blocks, n, C)
+            grad_w = s.scatter(torch.bmm(gyb, xb))
+            ctx.method.note_masked_grad(grad_w)
         if ctx.needs_input_grad[2]:
             grad_b = grad_y.sum(0)
         return grad_x, grad_w, grad_b, None, None

@@ -17,6 +17,7 @@ import torch.nn as nn
 from torch.nn.utils import prune
 
 from ._sparse_linear import (
+    BLOCK_TRAIN_MIN_AREA,
     DEFAULT_BLOCK_MAX_DENSITY,
     BlockStructure,
     CsrStructure,
@@ -239,8 +240,8 @@ class DSTMask(prune.BasePruningMethod):
         return cache['csr']
 
     def blocks(self, mask: torch.Tensor, max_density: float) -> BlockStructure | None:
-        """The cached active blocks of ``mask`` when it is made of whole blocks (``R x C`` with ``R * C >= 64``) and at
-        most ``max_density`` dense; None otherwise.
+        """The cached active blocks of ``mask`` when it is made of whole blocks (``R x C`` with ``R * C >= 1024``,
+        :data:`~timm_dst._sparse_linear.BLOCK_TRAIN_MIN_AREA`) and at most ``max_density`` dense; None otherwise.
 
         The block size is the declared ``structure`` (``'RxC'``, set by the sparsifier) when there is one; a mask whose
         ``structure`` is declared as anything else has no blocks; without a declaration (masks attached by older code)
@@ -253,10 +254,10 @@ class DSTMask(prune.BasePruningMethod):
             cache['blocks'] = None
             declared = getattr(self, 'structure', _UNDECLARED)
             if declared is _UNDECLARED:
-                found = find_block_size(mask)
+                found = find_block_size(mask, min_area=BLOCK_TRAIN_MIN_AREA)
             else:
                 size = _block_size(declared)
-                found = find_block_size(mask, (size,)) if size is not None else None
+                found = find_block_size(mask, (size,), BLOCK_TRAIN_MIN_AREA) if size is not None else None
             if found is not None:
                 cache['blocks'] = block_structure(found[1], found[0], tuple(mask.shape))
         return cache['blocks']
