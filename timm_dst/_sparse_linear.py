@@ -186,8 +186,8 @@ def block_matmul(x: torch.Tensor, blocks: torch.Tensor, s: BlockStructure, trans
     return y.transpose(0, 1).reshape(n, nbr * r)
 
 
-CSR_MV_MAX_ROWS = 3  # up to this many input rows: one sparse matrix-vector product per row (MKL SpMV)
-CSR_BAG_MIN_ROWS = 64  # from this many input rows: embedding_bag over the rows of x^T (measured faster than CSR mm)
+CSR_MV_MAX_ROWS = 2  # up to this many input rows: one sparse matrix-vector product per row (MKL SpMV)
+CSR_BAG_MIN_ROWS = 32  # from this many input rows: embedding_bag over the rows of x^T (measured faster than CSR mm)
 
 
 def csr_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:

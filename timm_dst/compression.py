@@ -12,8 +12,8 @@ structure           representation and kernel
                     (:func:`timm_dst._sparse_linear.block_matmul`)
 ``'2:4'``           on CUDA: ``torch.sparse.to_sparse_semi_structured`` (sparse tensor cores); on CPU as unstructured
 ``'fan-in'``        CSR (constant row length), the same kernels as unstructured: measured fastest of the candidates
-unstructured        CSR: ``torch.mv`` per row for up to 3 rows, ``torch.sparse.mm`` below 64 rows, ``F.embedding_bag``
-                    from 64 rows (:func:`timm_dst._sparse_linear.csr_matmul`)
+unstructured        CSR: ``torch.mv`` per row for up to 2 rows, ``torch.sparse.mm`` below 32 rows, ``F.embedding_bag``
+                    from 32 rows (:func:`timm_dst._sparse_linear.csr_matmul`)
 ==================  ==================================================================================================
 
 Layers denser than the representation's limit (:data:`MAX_DENSITY`, from the measurements in docs/structured.md),
