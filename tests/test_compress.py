@@ -355,3 +355,16 @@ def test_block_kernels_train_like_the_dense_kernels():
             opt.step()
     for pa, pb in zip(a.parameters(), b.parameters()):
         torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize('name', ['test_convnext', 'test_maxvit', 'test_mambaout', 'test_vit_relpos', 'test_nfnet'])
+def test_compress_any_timm_model(name: str):
+    torch.manual_seed(0)
+    model = timm.create_model(name, num_classes=10).eval()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.9, total_steps=10)
+    x = torch.randn(2, *model.pretrained_cfg['input_size'])
+    comp = timm_dst.compress(model)
+    assert _compressed(comp)
+    with torch.no_grad():
+        torch.testing.assert_close(comp(x), model(x), rtol=1e-4, atol=1e-5)
