@@ -3,6 +3,7 @@ every update, on an MLP, a timm ViT and a timm CNN; budgets in whole units; chec
 from __future__ import annotations
 
 import math
+import os
 import warnings
 
 import pytest
@@ -355,3 +356,26 @@ def test_cli_structure(tmp_path, capsys):
                 _check_structure(structure, mask)
         if structure == '2:4':
             assert results['density'] == pytest.approx(0.5, abs=1e-3)
+
+
+def test_cli_flag_in_shared_group():
+    """--structure is in the DST flag group shared by timm-dst-train and the launcher for timm's train.py."""
+    from timm_dst.plugin import dst_option_strings
+    assert dst_option_strings()['--structure'] == 1
+
+
+def test_launcher_structure(tmp_path):
+    """timm's own train.py through the launcher keeps fan-in on every conv of resnet10t and records it."""
+    from test_timm_run import TRAIN_PY, train, write_fmnist_folder
+    if not os.path.isfile(TRAIN_PY) or not os.path.isdir('/usr/share/datasets/fashion-mnist'):
+        pytest.skip('../shared/clients/timm/train.py or Fashion-MNIST absent')
+    data = write_fmnist_folder(str(tmp_path / 'data'), 64, 32)
+    out = str(tmp_path / 'out')
+    os.makedirs(out)
+    train(data, out, 'fanin', '--epochs', '1', '--structure', 'fan-in')
+    ckpt = timm_dst.plugin.read_checkpoint(os.path.join(out, 'fanin', 'last.pth.tar'))
+    state = ckpt[timm_dst.plugin.DST_KEY]['sparsifier']
+    assert state['config']['structure'] == 'fan-in'
+    assert len(state['masks']) > 5
+    for mask in state['masks'].values():
+        _check_structure('fan-in', mask)
