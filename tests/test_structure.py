@@ -379,3 +379,21 @@ def test_launcher_structure(tmp_path):
     assert len(state['masks']) > 5
     for mask in state['masks'].values():
         _check_structure('fan-in', mask)
+
+
+@pytest.mark.parametrize('structure', ['16x16', 'fan-in'])
+def test_set_plus_grows_unexplored_units_first(structure: str):
+    model, opt, sp, x, y = _make('mlp', 'set', structure, grow_unexplored_first=True, prune_rate=0.3,
+                                 prune_rate_schedule='constant', update_interval=1)
+    explored = [e.clone() for e in sp.explored]
+    _train(model, opt, x, y, 1)
+    n_grown = 0
+    for t, e, row in zip(sp.targets, explored, sp.summary()):
+        if row['structure'] is None or row['density'] > 0.5:  # (a dense-ish tensor has no never-explored room)
+            continue
+        grown = t.mask & ~e
+        n_grown += int(grown.sum())
+        regrown = t.mask & e & (t.param.detach() == 0)  # an explored position active again at zero: regrown
+        assert not regrown.any(), t.name  # plenty of never-explored room: none was regrown
+    assert n_grown > 0
+    _check_all(sp, structure)
