@@ -356,6 +356,19 @@ def test_cli_structure(tmp_path, capsys):
                 _check_structure(structure, mask)
         if structure == '2:4':
             assert results['density'] == pytest.approx(0.5, abs=1e-3)
+    # a resume continues with the same structure and refuses another one (one line, exit 2)
+    out = tmp_path / '8x8'
+    run_cli(TINY + ['--dst', 'rigl-itop', '--structure', '8x8', '--sparsity', '0.8', '--epochs', '3',
+                    '--resume', str(out)], tmp_path / 'resumed')
+    state = timm_dst.plugin.read_checkpoint(str(tmp_path / 'resumed' / 'last.pth.tar'))[timm_dst.plugin.DST_KEY]
+    assert state['sparsifier']['config']['structure'] == '8x8' and state['step'] == 9  # 3 epochs of 3 steps
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as e:
+        main(TINY + ['--dst', 'rigl-itop', '--structure', 'fan-in', '--sparsity', '0.8', '--epochs', '3',
+                     '--resume', str(out), '--output', str(tmp_path / 'other')])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert "trained with structure='8x8'" in err and 'Traceback' not in err
 
 
 def test_cli_flag_in_shared_group():
