@@ -10,15 +10,15 @@ the real ΔT. Machines are noisy: read ratios, not absolute times.
     python benchmarks/step_overhead.py --model itop_mlp --model-kwargs in_chans=1 img_size=28 -b 128
     python benchmarks/step_overhead.py --model resnet50 --img-size 128 -b 32 --measure-every 5 --blocks 4
 
-``--structures`` measures one sparse model per structure against the same dense model (``none`` = unstructured).
-The structure goes to ``create_sparsifier(structure=...)`` when the library takes it; otherwise the masks of the
-linear layers are replaced by random masks of that structure at the same density, and only ``--method static``
-keeps them (the other methods' updates are unstructured there).
+``--structures`` measures one sparse model per structure (``create_sparsifier(structure=...)``; ``none`` =
+unstructured) against the same dense model, in one process:
+
+    python benchmarks/step_overhead.py --model vit_small_patch16_224 --model-kwargs img_size=64 -b 32 \
+        --structures none 32x32 16x16 fan-in --threads 1 --measure-every 5 --blocks 3
 """
 from __future__ import annotations
 
 import argparse
-import inspect
 import statistics
 import time
 
@@ -47,44 +47,6 @@ def _kernel_kwargs(args) -> dict:
     return {} if args.sparse_kernel_density is None else {'sparse_kernel_density': args.sparse_kernel_density}
 
 
-def _takes_structure() -> bool:
-    return 'structure' in inspect.signature(timm_dst.Sparsifier.__init__).parameters
-
-
-def _structured_mask(shape: tuple[int, int], n_active: int, structure: str, g: torch.Generator) -> torch.Tensor | None:
-    """A random mask of ``shape`` with about ``n_active`` active positions in ``structure`` (None: does not fit)."""
-    rows, cols = shape
-    if structure == 'fan-in':
-        k = max(1, round(n_active / rows))
-        idx = torch.rand(rows, cols, generator=g).argsort(1)[:, :k]
-        return torch.zeros(rows, cols, dtype=torch.bool).scatter_(1, idx, True)
-    if ':' in structure:
-        n, m = (int(v) for v in structure.split(':'))
-        if cols % m:
-            return None
-        idx = torch.rand(rows, cols // m, m, generator=g).argsort(2)[..., :n]
-        return torch.zeros(rows, cols // m, m, dtype=torch.bool).scatter_(2, idx, True).view(rows, cols)
-    r, c = (int(v) for v in structure.split('x'))
-    if rows % r or cols % c:
-        return None
-    grid = torch.zeros((rows // r) * (cols // c), dtype=torch.bool)
-    grid[torch.randperm(grid.numel(), generator=g)[:max(1, round(n_active / (r * c)))]] = True
-    return grid.view(rows // r, cols // c).repeat_interleave(r, 0).repeat_interleave(c, 1)
-
-
-def _set_structure_by_hand(sp, structure: str) -> None:
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for t, count in zip(sp.targets, sp.counts):
-            if not isinstance(t.module, torch.nn.Linear) or t.mask.dim() != 2 or t.mask.all():
-                continue
-            mask = _structured_mask(tuple(t.mask.shape), count, structure, g)
-            if mask is not None:
-                t.mask.copy_(mask)
-                t.param.mul_(mask)
-    sp._refresh_counts()  # recount, and place the sparse kernels for the new masks
-
-
 def _setup(args, sparse: bool, structure: str | None = None):
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
@@ -93,13 +55,11 @@ def _setup(args, sparse: bool, structure: str | None = None):
     sp = None
     if sparse:
         kw = _kernel_kwargs(args)
-        if structure is not None and _takes_structure():
+        if structure is not None:
             kw['structure'] = structure
         sp = timm_dst.create_sparsifier(model, opt, method=args.method, sparsity=args.sparsity,
                                         update_interval=args.measure_every or args.update_interval,
                                         total_steps=10 ** 6, update_end=None, **kw)
-        if structure is not None and not _takes_structure():
-            _set_structure_by_hand(sp, structure)
     return model, opt, sp
 
 
@@ -144,9 +104,6 @@ def main() -> None:
                         "'fan-in', 'N:M'")
     args = p.parse_args()
     structures = [None if s == 'none' else s for s in args.structures]
-    if any(s is not None for s in structures) and not _takes_structure() and args.method != 'static':
-        p.error('--structures: before structured DST is in the library, masks are set by hand and only '
-                '--method static keeps them')
     torch.set_num_threads(args.threads)
     steps = args.block_steps or args.measure_every or args.update_interval
     dense = _setup(args, sparse=False)

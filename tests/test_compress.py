@@ -368,3 +368,34 @@ def test_compress_any_timm_model(name: str):
     assert _compressed(comp)
     with torch.no_grad():
         torch.testing.assert_close(comp(x), model(x), rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize('method', ['set-itop', 'rigl-itop'])
+def test_structured_training_with_block_kernels_matches_the_dense_kernels(method: str):
+    runs = []
+    for density in (None, 0.0):  # library default (block kernels on) / all sparse kernels off
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(64, 128), nn.ReLU(), nn.Linear(128, 64), nn.ReLU(), nn.Linear(64, 10))
+        opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+        kw = {} if density is None else {'sparse_kernel_density': density}
+        with pytest.warns(UserWarning, match='unstructured'):  # the 10-class layer does not fit 32x32
+            sp = timm_dst.create_sparsifier(model, opt, method=method, sparsity=0.8, distribution='uniform',
+                                            structure='32x32', update_interval=2, total_steps=20, seed=0, **kw)
+        kinds = []
+        g = torch.Generator().manual_seed(1)
+        for _ in range(6):
+            x, y = torch.randn(8, 64, generator=g), torch.randint(0, 10, (8,), generator=g)
+            kinds.append(_kernel_kinds(model, x))
+            opt.zero_grad()
+            F.cross_entropy(model(x), y).backward()
+            opt.step()
+        assert len(sp.history) >= 2
+        runs.append((model, kinds))
+    (a, kinds_a), (b, kinds_b) = runs
+    assert not any(kinds_b)
+    assert all(k[:2] in (['block', 'block'], ['dense', 'dense']) for k in kinds_a)
+    assert ['block', 'block'] in [k[:2] for k in kinds_a]
+    assert (['dense', 'dense'] in [k[:2] for k in kinds_a]) == (method == 'rigl-itop')  # RigL's capture steps
+    for (na, pa), (nb, pb) in zip(a.state_dict().items(), b.state_dict().items()):
+        assert na == nb
+        torch.testing.assert_close(pa, pb, rtol=1e-5, atol=1e-6)

@@ -145,6 +145,9 @@ def find_block_size(active: torch.Tensor, candidates: tuple[tuple[int, int], ...
     for r, c in candidates:
         if r * c < min_area or rows % r or cols % c:
             continue
+        head = active[:r].reshape(r, cols // c, c).sum((0, 2), dtype=torch.int32)  # the first block row, cheaply
+        if not bool(((head == 0) | (head == r * c)).all()):
+            continue
         counts = active.reshape(rows // r, r, cols // c, c).sum((1, 3), dtype=torch.int32)
         full = counts == r * c
         n_full = int(full.sum())

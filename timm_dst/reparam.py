@@ -246,17 +246,18 @@ class DSTMask(prune.BasePruningMethod):
         """The cached active blocks of ``mask`` when it is made of whole blocks (``R x C`` with ``R * C >= 1024``,
         :data:`~timm_dst._sparse_linear.BLOCK_TRAIN_MIN_AREA`) and at most ``max_density`` dense; None otherwise.
 
-        The block size is the declared ``structure`` (``'RxC'``, set by the sparsifier) when there is one; a mask whose
-        ``structure`` is declared as anything else has no blocks; without a declaration (masks attached by older code)
-        the block sizes of :data:`timm_dst._sparse_linear.BLOCK_CANDIDATES` are looked for in the mask itself.
+        The block size is the declared :attr:`structure` when it is ``'RxC'``; a mask declared ``'N:M'`` or
+        ``'fan-in'`` has no blocks; an unstructured one (None: masks set by hand, by ``set_masks``, or by a method of
+        its own) is looked at for the block sizes of :data:`timm_dst._sparse_linear.BLOCK_CANDIDATES`, once per mask
+        version (the first block row is checked first, so an unstructured mask costs little).
         """
         cache = self._mask_cache(mask)
         if max_density <= 0 or mask.dim() != 2 or cache['n_active'] > max_density * mask.numel():
             return None
         if 'blocks' not in cache:  # per mask version
             cache['blocks'] = None
-            declared = getattr(self, 'structure', _UNDECLARED)
-            if declared is _UNDECLARED:
+            declared = getattr(self, 'structure', None)
+            if declared is None:
                 found = find_block_size(mask, min_area=BLOCK_TRAIN_MIN_AREA)
             else:
                 size = _block_size(declared)
@@ -275,9 +276,6 @@ class DSTMask(prune.BasePruningMethod):
             handle.remove()
         self._handles = []
         super().remove(module)
-
-
-_UNDECLARED = object()
 
 
 def _block_size(structure: object) -> tuple[int, int] | None:
