@@ -193,12 +193,13 @@ def main() -> None:
     p.add_argument('--structures', nargs='+', default=list(STRUCTURES), choices=STRUCTURES)
     p.add_argument('--sparsities', nargs='+', type=float, default=[0.8, 0.9, 0.95])
     p.add_argument('--threads', nargs='+', type=int, default=[1, torch.get_num_threads()])
+    p.add_argument('--batches', nargs='+', type=int, default=[1, 32], help='batch sizes of the whole models')
     p.add_argument('--reps', type=int, default=9, help='timed rounds at batch 1 (a third of them at larger batches)')
     p.add_argument('--quick', action='store_true',
                    help='a few minutes: 90%% only, MLP stack and ViT-B at batch 1, ResNet-50 left out')
     args = p.parse_args()
     args.threads = sorted(set(args.threads))
-    big_batches = [1, 32]
+    big_batches = args.batches
     if args.quick:
         args.sparsities, args.reps, big_batches = [0.9], 5, [1]
         args.parts = [q for q in args.parts if q != 'resnet']
