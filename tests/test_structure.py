@@ -429,3 +429,9 @@ def test_initial_topologies_and_gmp_variants(variant: str, structure: str):
             assert row['structure'] is None or c == t.numel // 2
     elif method == 'gmp':
         assert sp.density == pytest.approx(0.1, abs=0.01)
+
+
+def test_sweep_grid_keeps_nm_text():
+    from timm_dst.sweep import parse_grid
+    assert parse_grid(['structure=none,2:4,fan-in,16x16'])['structure'] == ['none', '2:4', 'fan-in', '16x16']
+    assert parse_grid(['epochs=2,8'])['epochs'] == [2, 8]
