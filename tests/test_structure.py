@@ -410,3 +410,28 @@ def test_set_plus_grows_unexplored_units_first(structure: str):
         assert not regrown.any(), t.name  # plenty of never-explored room: none was regrown
     assert n_grown > 0
     _check_all(sp, structure)
+
+
+@pytest.mark.parametrize('structure', STRUCTURES)
+@pytest.mark.parametrize('variant', ['magnitude', 'global-magnitude', 'gmp-global', 'gmp-initial'])
+def test_initial_topologies_and_gmp_variants(variant: str, structure: str):
+    method, kw = {'magnitude': ('set', dict(mask_init='magnitude')),
+                  'global-magnitude': ('set', dict(mask_init='global-magnitude')),
+                  'gmp-global': ('gmp', dict(gmp_global=True)),
+                  'gmp-initial': ('gmp', dict(gmp_initial_sparsity=0.25 if ':' in structure else 0.5))}[variant]
+    model, opt, sp, x, y = _make('vit', method, structure, **kw)
+    _check_all(sp, structure, at_target=method != 'gmp')
+    for _ in range(12):
+        _train(model, opt, x, y, 1)
+        _check_all(sp, structure, at_target=method != 'gmp' or sp.step >= 10)
+    if method == 'gmp' and ':' in structure:  # every fitting tensor ends at exactly N per group
+        for t, c, row in zip(sp.targets, sp.counts, sp.summary()):
+            assert row['structure'] is None or c == t.numel // 2
+    elif method == 'gmp':
+        assert sp.density == pytest.approx(0.1, abs=0.01)
+
+
+def test_sweep_grid_keeps_nm_text():
+    from timm_dst.sweep import parse_grid
+    assert parse_grid(['structure=none,2:4,fan-in,16x16'])['structure'] == ['none', '2:4', 'fan-in', '16x16']
+    assert parse_grid(['epochs=2,8'])['epochs'] == [2, 8]

@@ -752,8 +752,9 @@ class Sparsifier:
             layout = self._layouts[i]
             quanta.append(q)
             grows = keeps_total or n_grow[i] > 0  # nothing regrows where a pruning method grows nothing
-            if layout is not None and layout.kind == 'n:m' and keeps_total:
-                low.append(self.counts[i])  # N:M fixes the density: no budget moves in or out
+            if layout is not None and layout.kind == 'n:m':
+                # N:M fixes the density: no budget moves in or out, and pruning (GMP) never goes below N per group
+                low.append(self.counts[i] if keeps_total else min(cap, self.counts[i]))
                 high.append(self.counts[i])
             elif layout is not None and layout.grouped:  # groups may shrink below what they kept
                 low.append(0)
@@ -762,7 +763,11 @@ class Sparsifier:
                 room = cap - (dropped[i] if layout is None and self.method.grow_excludes_dropped else 0)
                 low.append(n_kept[i])
                 high.append(max(room, n_kept[i]) if grows else n_kept[i])
-        new, _ = quantize_counts(desired, quanta, low, high, self._budget_total if keeps_total else None)
+        # pruning rounds each tensor on its own, except that N:M tensors above N per group share the pruning (a
+        # global ranking may want some of them below N, others above)
+        nm = any(lay is not None and lay.kind == 'n:m' for lay in self._layouts)
+        total = self._budget_total if keeps_total else (sum(desired) if nm else None)
+        new, _ = quantize_counts(desired, quanta, low, high, total)
         grows = []
         for i in range(n):
             layout = self._layouts[i]

@@ -307,6 +307,9 @@ def quantize_counts(desired: Sequence[float], quanta: Sequence[int], low: Sequen
                 best, best_gap = i, gap
         if best is None:
             break
-        counts[best] += sign * quanta[best]
+        q = quanta[best]
+        room = (high[best] - counts[best]) if sign > 0 else (counts[best] - low[best])
+        steps = max(1, min(abs(residual) // q, room // q, math.ceil(best_gap / q) if best_gap > 0 else 1))
+        counts[best] += sign * steps * q  # as many quanta at once as fit the gap, the room and the tensor's want
         residual = total - sum(counts)
     return counts, residual == 0
