@@ -17,15 +17,16 @@ from timm_dst.sweep import aggregate, collect
 METHODS = ('set-itop', 'rigl-itop')
 
 
-def point(folder: str, seeds: tuple[int, ...] = (0, 1), **kv: Any) -> dict[str, Any] | None:
-    rows = collect(folder, [dict(kv)], seeds)
+def point(folder: str | list[str], seeds: tuple[int, ...] = (0, 1), **kv: Any) -> dict[str, Any] | None:
+    """Mean / std over the finished seeds of one grid point, looked up in one sweep folder or several."""
+    rows = [r for f in ([folder] if isinstance(folder, str) else folder) for r in collect(f, [dict(kv)], seeds)]
     return aggregate(rows, list(kv))[0] if rows else None
 
 
 def cell(r: dict[str, Any] | None, base: dict[str, Any] | None, n_expected: int = 2) -> str:
     if r is None or 'test_top1_mean' not in r:
         return 'not run'
-    s = f'{r["test_top1_mean"]:.2f} ± {r["test_top1_std"]:.2f}'
+    s = f'{r["test_top1_mean"]:.2f}' + (f' ± {r["test_top1_std"]:.2f}' if r['n_seeds'] > 1 else '')
     if r['n_seeds'] != n_expected:
         s += f' (n={r["n_seeds"]})'
     if base is not None and 'test_top1_mean' in base:
@@ -35,7 +36,8 @@ def cell(r: dict[str, Any] | None, base: dict[str, Any] | None, n_expected: int 
 
 def main() -> None:
     root = sys.argv[1] if len(sys.argv) > 1 else os.path.join('runs', 'structured')
-    mlp, nm, cnn = (os.path.join(root, d) for d in ('mlp', 'mlp_nm', 'resnet10t'))
+    nm, cnn = (os.path.join(root, d) for d in ('mlp_nm', 'resnet10t'))
+    mlp = [os.path.join(root, d) for d in ('mlp', 'mlp32')]  # mlp32: the 32x32 points run as a sweep of their own
     cols = [(m, s) for s in (0.9, 0.98) for m in METHODS]
     print('MLP 784-1024-512-10, Fashion-MNIST, 10 epochs: test top-1 (difference from unstructured)\n')
     print('| structure | ' + ' | '.join(f'{m} {s}' for m, s in cols) + ' |')
