@@ -11,11 +11,13 @@ import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
+from ._fsdp import flat_fill_sharded_, full, is_dtensor
 from ._sparse_linear import CsrStructure, SparseLinearForward, csr_structure
 
 __all__ = [
@@ -48,6 +50,7 @@ class DSTMask(prune.BasePruningMethod):
         self._index_cache: tuple | None = None
         self._masked_grad: tuple[int, int] | None = None  # (data_ptr, version) of a gradient produced masked
         self.dense_grad_wanted = False  # set by the sparsifier on steps whose method reads the dense gradient
+        self.capture: Any = None  # sharded (FSDP2) tensors: the dense-gradient capture, run around the masking
         self.controller: weakref.ref | None = None  # the Sparsifier controlling the owner (fold_masks detaches it)
         # copies only: the module the copy was taken from, and whether the copy follows its live mask (see sync_copy)
         self._source: weakref.ref | None = None
@@ -113,7 +116,8 @@ class DSTMask(prune.BasePruningMethod):
         self._follow = False
         self._seen = (weakref.ref(mask), mask._version) if mask is not None else None
 
-    _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', '_handles')
+    _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', '_handles',
+                   'capture')
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
@@ -145,7 +149,12 @@ class DSTMask(prune.BasePruningMethod):
             # means a different tensor or a bumped version, and then the sum is masked here
             if produced is not None and produced == (grad.data_ptr(), grad._version):
                 return
+            capture = self.capture
+            if capture is not None:  # FSDP2: the reduce-scattered shard, before it is masked
+                capture.before(param)
             self.mask_grad_(grad, getattr(module, name + '_mask'))
+            if capture is not None:
+                capture.after(param)
 
         self._grad_hook = getattr(module, name + '_orig').register_post_accumulate_grad_hook(_mask_grad)
         self._owner = weakref.ref(module)
@@ -169,6 +178,10 @@ class DSTMask(prune.BasePruningMethod):
 
         On accelerators, and for layouts other than contiguous, a multiply by the bool mask.
         """
+        if is_dtensor(grad):  # an FSDP2 gradient shard and the mask shard of the same rows
+            with torch.no_grad():
+                grad.to_local().mul_(mask.to_local())
+            return grad
         if grad.device.type != 'cpu' or not grad.is_contiguous() or grad.shape != mask.shape:
             return grad.mul_(mask)
         cache = self._mask_cache(mask)
@@ -261,8 +274,11 @@ def has_mask(module: nn.Module, name: str) -> bool:
 def flat_fill_(tensor: torch.Tensor, index: torch.Tensor, value: float | bool) -> torch.Tensor:
     """``tensor.view(-1)[index] = value`` for any memory layout (``channels_last`` included), in place, O(k).
 
-    Flat indices are in the logical (row-major) order of ``tensor.shape``.
+    Flat indices are in the logical (row-major) order of ``tensor.shape``; for an FSDP2 shard (a ``DTensor``) the
+    positions this rank holds are written.
     """
+    if is_dtensor(tensor):
+        return flat_fill_sharded_(tensor, index, value)
     if tensor.is_contiguous():
         tensor.view(-1).index_fill_(0, index, value)
     elif index.numel():
@@ -421,10 +437,14 @@ def export_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) ->
     Args:
         model_or_state: A (possibly wrapped) model, or a state_dict taken from one.
 
+    On a model sharded with FSDP2 (``fully_shard``), every sharded entry is gathered: a collective, call it on every
+    rank; each rank gets the whole plain state dict.
+
     Returns:
         A state_dict with the keys of the unpruned model, loadable strictly into ``timm.create_model(name)``.
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    state = {key: full(value) if is_dtensor(value) else value for key, value in state.items()}
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state.items():
         if key.endswith('_mask') and key[:-5] + '_orig' in state:

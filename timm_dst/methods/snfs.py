@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._fsdp import full
 from .._registry import register_method
 from .._validate import check_float
 from ..distributions import round_exact
@@ -56,8 +57,8 @@ class SNFS(SparseMethod):
         return self.momentum[i]
 
     def grow_counts(self, sp: Sparsifier, dropped: list[int], kept: list[torch.Tensor]) -> list[int]:
-        means = torch.stack([
-            (self._momentum(sp, i).abs() * k).sum() / k.sum().clamp_min(1) for i, k in enumerate(kept)]).tolist()
+        means = full(torch.stack([  # full: FSDP2 shards give partial sums, summed over the ranks here
+            (self._momentum(sp, i).abs() * k).sum() / k.sum().clamp_min(1) for i, k in enumerate(kept)])).tolist()
         kept_counts = [c - d for c, d in zip(sp.counts, dropped)]
         room = [t.numel - k for t, k in zip(sp.targets, kept_counts)]
         return round_exact(means, sum(dropped), room)
