@@ -826,8 +826,15 @@ class Sparsifier:
 
     # ------------------------------------------------------------------------------------------------------------
     # state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: step, masks, explored masks, generator states, method state."""
+    def state_dict(self, dcp: bool | None = None) -> dict[str, Any]:
+        """Everything needed to continue exactly: step, masks, explored masks, generator states, method state.
+
+        Args:
+            dcp: One structure at every step, as ``torch.distributed.checkpoint`` needs (it loads into the structure it
+                is given): the captured dense gradients are tensors (zeros where none is held; ``dense_grads_held``
+                says which are real). None: only on a model sharded with FSDP2 (whose masks are ``DTensor`` shards);
+                pass True for the template of an unsharded process loading such a checkpoint.
+        """
         return {
             'version': _STATE_VERSION,
             'config': dict(self.config),
@@ -837,17 +844,15 @@ class Sparsifier:
             'explored': {t.name: e.cpu().clone() for t, e in zip(self.targets, self.explored)},
             'history': [dict(h) for h in self.history],
             'generators': {k: g.get_state() for k, g in self._generators.items()},
-            'dense_grads': self._dense_grads_state(),
+            'dense_grads': self._dense_grads_state(self._sharded if dcp is None else dcp),
             'update_pending': self._update_pending,
             'dense_grads_held': [g is not None for g in self._dense_grads],
             'method': self.method.state_dict(),
         }
 
-    def _dense_grads_state(self) -> list[torch.Tensor | None]:
-        if not self._sharded:
+    def _dense_grads_state(self, fixed: bool) -> list[torch.Tensor | None]:
+        if not fixed:
             return [g.cpu() if g is not None else None for g in self._dense_grads]
-        # sharded: one structure whatever was captured (torch.distributed.checkpoint loads into the structure it is
-        # given); 'dense_grads_held' says which are real
         return [g.cpu() if g is not None else torch.zeros_like(t.param, dtype=torch.float32).cpu()
                 for g, t in zip(self._dense_grads, self.targets)]
 

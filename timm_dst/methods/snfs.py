@@ -41,6 +41,12 @@ class SNFS(SparseMethod):
         end = sp.schedule.end
         return end is None or step <= end
 
+    def prepare(self, sp: Sparsifier) -> None:
+        # zeros from the start (the first step gives m = g exactly): a checkpoint has the same structure at every
+        # step, which torch.distributed.checkpoint needs (it loads into the structure it is given); under FSDP2 the
+        # momentum is sharded like the weights
+        self.momentum = [torch.zeros_like(t.param, dtype=torch.float32) for t in sp.targets]
+
     def on_step(self, sp: Sparsifier) -> None:
         if not sp.has_dense_grads:
             return
