@@ -346,7 +346,7 @@ def test_summary_rows(tiny_kind: str):
     rows = sp.summary()
     assert [r['name'] for r in rows] == [t.name for t in sp.targets]
     assert sum(r['density'] * r['numel'] for r in rows) == pytest.approx(sum(sp.counts))
-    assert all(set(r) == {'name', 'shape', 'numel', 'density', 'explored'} for r in rows)
+    assert all(set(r) == {'name', 'shape', 'numel', 'density', 'explored', 'structure'} for r in rows)
     names = {n for n, _ in model.named_parameters()}
     assert not any(('pos_embed' in r['name'] or 'cls_token' in r['name'] or 'norm' in r['name']) for r in rows)
     assert all(r['name'] + '_orig' in names for r in rows)

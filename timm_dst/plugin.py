@@ -55,7 +55,7 @@ _FLAG_TO_KWARG = {
     'update_milestones': 'update_milestones', 'grow_unexplored_first': 'grow_unexplored_first',
     'include': 'include', 'exclude': 'exclude', 'dense_first_layer': 'dense_first_layer',
     'dense_classifier': 'dense_classifier', 'remask_every_step': 'remask_every_step',
-    'sparse_kernel_density': 'sparse_kernel_density',
+    'sparse_kernel_density': 'sparse_kernel_density', 'structure': 'structure',
 }
 
 
@@ -116,7 +116,12 @@ def add_dst_args(
     methods = '; '.join(f'{n}: {get_method_info(n).description}' for n in list_methods())
     g.add_argument('--dst', type=str, default=default_method or DEFAULT_METHOD, metavar='METHOD',
                    help=f'sparse training method, one of: {methods}'.replace('%', '%%'))
-    g.add_argument('--sparsity', type=float, default=None, help='global sparsity in [0, 1) (default 0.9)')
+    g.add_argument('--sparsity', type=float, default=None,
+                   help='global sparsity in [0, 1) (default 0.9; with --structure N:M: 1 - N/M, the only value taken)')
+    g.add_argument('--structure', type=str, default=None, metavar='SPEC',
+                   help="structured sparsity kept by every method (docs/structured.md): 'N:M' (at most N active in "
+                        "every M consecutive inputs, e.g. 2:4; quote it in YAML), 'fan-in' (the same number of active "
+                        "inputs per output neuron), 'RxC' blocks (e.g. 16x16) or 'none' (default: unstructured)")
     g.add_argument('--distribution', '--sparse-init', type=str.lower, default=None, choices=DISTRIBUTIONS,
                    help='per-tensor density distribution (--sparse-init is the ITOP code\'s name; default erk)')
     g.add_argument('--mask-init', type=str, default=None, choices=MASK_INITS,
@@ -184,6 +189,19 @@ def validate_dst_args(args: argparse.Namespace, error: Callable[[str], Any]) -> 
         return error(f'--dst {args.dst!r} is not a known method; accepted: {", ".join(list_methods())}')
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         return error(f'--sparsity {args.sparsity!r} is out of range: give a float in [0, 1)')
+    if getattr(args, 'structure', None) is not None:
+        from .structure import STRUCTURE_FORMS, parse_structure
+        try:
+            structure = parse_structure(args.structure)
+        except ValueError:
+            hint = (" (YAML reads an unquoted N:M such as 2:4 as a base-60 number: quote it, structure: '2:4')"
+                    if str(args.structure).strip().isdigit() else '')
+            return error(f'--structure {args.structure!r} is not accepted{hint}; accepted: {STRUCTURE_FORMS}')
+        nm = structure.density if structure is not None else None
+        if nm is not None and args.sparsity is not None and abs(args.sparsity - (1 - nm)) > 1e-9:
+            return error(f'--structure {structure.spec} fixes the sparsity at {1 - nm:g} (at most {structure.n} of '
+                         f'every {structure.m} weights active): give --sparsity {1 - nm:g} or leave --sparsity out '
+                         f'(got {args.sparsity:g})')
     if args.prune_rate is not None and not 0.0 <= args.prune_rate <= 1.0:
         return error(f'--prune-rate {args.prune_rate!r} must lie in [0, 1]')
     for flag in ('update_start', 'update_end'):

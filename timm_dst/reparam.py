@@ -42,6 +42,9 @@ class DSTMask(prune.BasePruningMethod):
     """
 
     PRUNING_TYPE = 'unstructured'
+    #: The structure this tensor's mask keeps (set by the sparsifier): a canonical spec (``'2:4'``, ``'fan-in'``,
+    #: ``'32x32'``) or None (unstructured, by choice or because the tensor's shape does not fit).
+    structure: str | None = None
 
     def __init__(self, mask: torch.Tensor):
         self.mask = mask

@@ -20,6 +20,7 @@ from .distributions import DISTRIBUTIONS, layer_counts
 from .methods._base import SparseMethod
 from .reparam import DSTMask, attach_masks, effective_weight, flat_fill_, has_mask, refresh_weight, unwrap_model
 from .schedules import PRUNE_RATE_SCHEDULES, UpdateSchedule, prune_rate_at, resolve_step
+from .structure import Layout, Structure, check_mask, parse_structure, per_group_topk, quantize_counts, topk_mask
 from .targets import SparseTarget, find_targets
 
 __all__ = ['Sparsifier', 'MASK_INITS', 'unwrap_optimizer']
@@ -132,7 +133,8 @@ class Sparsifier:
         model: Model to sparsify (DDP / compile wrappers are unwrapped). Attach before ``accelerator.prepare``.
         optimizer: Its optimizer (a torch optimizer or a wrapper such as Accelerate's).
         method: The method object (scores and budgets).
-        sparsity: Global fraction of zeros over the sparse tensors, in [0, 1).
+        sparsity: Global fraction of zeros over the sparse tensors, in [0, 1). None = 0.9, or 1 - N/M with an N:M
+            ``structure`` (which admits no other value).
         distribution: Per-tensor density rule: ``'erk'``, ``'er'`` or ``'uniform'``.
         update_interval: ΔT, optimizer steps between topology updates.
         total_steps: Optimizer steps of the whole run (needed by fractional ``update_end`` and decaying schedules).
@@ -159,6 +161,10 @@ class Sparsifier:
         sparse_kernel_density: Plain ``nn.Linear`` layers at or below this density run CSR kernels on CPU in float32
             (forward, input and weight gradients; see :mod:`timm_dst._sparse_linear`); 0 keeps every layer on the
             dense kernels.
+        structure: Structured sparsity kept by every update (docs/structured.md): None (unstructured), ``'N:M'``
+            (at most N active in every M consecutive inputs; fixes the sparsity at 1 - N/M), ``'fan-in'`` (every
+            output neuron has the same number of active inputs) or ``'RxC'`` (whole R x C blocks). Tensors whose
+            shape does not fit stay unstructured, with one warning; :meth:`summary` reports each tensor's.
     """
 
     def __init__(
@@ -168,7 +174,7 @@ class Sparsifier:
             method: SparseMethod,
             *,
             method_name: str | None = None,
-            sparsity: float = 0.9,
+            sparsity: float | None = None,
             distribution: str = 'erk',
             update_interval: int = 100,
             total_steps: int | None = None,
@@ -188,8 +194,19 @@ class Sparsifier:
             seed: int = 0,
             sparse_kernel_density: float = DEFAULT_MAX_DENSITY,
             defer_total_steps: bool = False,
+            structure: str | Structure | None = None,
     ):
+        structure = parse_structure(structure)
+        if not getattr(method, 'attaches', True):
+            structure = None  # nothing is masked: no structure to keep
+        if sparsity is None:
+            sparsity = 1.0 - structure.density if structure is not None and structure.density is not None else 0.9
         sparsity = check_float('sparsity', sparsity, 0.0, 1.0, high_open=True)
+        if structure is not None and structure.density is not None and abs(sparsity - (1 - structure.density)) > 1e-9:
+            raise ValueError(
+                f'structure={structure.spec!r} fixes sparsity at {1 - structure.density:g} (at most {structure.n} of '
+                f'every {structure.m} weights active): give sparsity={1 - structure.density:g} or leave sparsity out '
+                f'(got sparsity={sparsity:g})')
         check_choice('distribution', distribution, DISTRIBUTIONS)
         check_choice('mask_init', mask_init, MASK_INITS)
         check_choice('prune_rate_schedule', prune_rate_schedule, PRUNE_RATE_SCHEDULES)
@@ -253,11 +270,19 @@ class Sparsifier:
         self._sharded = _fsdp.check_sharded_targets(self.targets)
         if self._sharded:
             self._check_sharded_method()
+            if structure is not None:
+                raise ValueError(f'structure={structure.spec!r}: structured sparsity is not supported on a model '
+                                 'sharded with fully_shard (FSDP2) yet; leave structure unset (unstructured masks)')
             sparse_kernel_density = 0.0  # the CSR kernels do not take DTensor shards: the dense kernels run
+        self.structure = structure
+        self._layouts: list[Layout | None] = [
+            structure.layout(t.shape) if structure is not None else None for t in self.targets]
         self.config = {
             'method': self.method_name, 'sparsity': self.sparsity, 'distribution': distribution,
             'targets': [(t.name, list(t.shape)) for t in self.targets],
+            'structure': structure.spec if structure is not None else None,
         }
+        self._warn_misfits()
         self.step = 0
         self.history: list[dict[str, float]] = []
         self._generators: dict[str, torch.Generator] = {}
@@ -280,7 +305,8 @@ class Sparsifier:
             self.explored: list[torch.Tensor] = []
             return
 
-        self.counts = layer_counts([t.shape for t in self.targets], self.sparsity, distribution)
+        self.counts = self.layer_budgets(self.sparsity)
+        self._budget_total = sum(self.counts)  # set again from the initial masks below
         empty = [t.name for t, c in zip(self.targets, self.counts) if c == 0]
         if empty:
             warnings.warn(f'timm_dst: {len(empty)} sparse tensor(s) get no active weight at sparsity={self.sparsity} '
@@ -295,14 +321,16 @@ class Sparsifier:
         method.prepare(self)
         # every check is done: attach all masks or none
         self._dst_masks = attach_masks([(t.module, t.param_name, m) for t, m in zip(self.targets, masks)])
-        for m in self._dst_masks:
+        for m, layout in zip(self._dst_masks, self._layouts):
             m.controller = weakref.ref(self)
+            m.structure = layout.spec if layout is not None else None
         if self._sharded:
             _fsdp.adopt_renamed_params(self.model, self.targets)
             self.generator(self._device())  # in the state from the start: a DCP load fills the state it is given
         self._zero_optimizer_state([t.mask for t in self.targets])
         self.explored = [t.mask.detach().clone() for t in self.targets]
         self._refresh_counts()
+        self._budget_total = sum(self.counts)  # the total a structured budget-moving method keeps (in whole units)
         if remask_every_step is None:
             remask_every_step = type(self.optimizer) not in _ZERO_PRESERVING
         self.remask_every_step = bool(remask_every_step)
@@ -339,11 +367,12 @@ class Sparsifier:
                              self.prune_rate_schedule, self.prune_rate_min)
 
     def summary(self) -> list[dict[str, Any]]:
-        """One row per sparse tensor: name, shape, numel, density, explored (per-tensor R_s)."""
+        """One row per sparse tensor: name, shape, numel, density, explored (per-tensor R_s) and structure (the
+        effective structure's spec, None where the tensor is unstructured, by choice or because it does not fit)."""
         return [
             {'name': t.name, 'shape': list(t.shape), 'numel': t.numel, 'density': c / t.numel,
-             'explored': e / t.numel}
-            for t, c, e in zip(self.targets, self.counts, self.explored_counts)
+             'explored': e / t.numel, 'structure': layout.spec if layout is not None else None}
+            for t, c, e, layout in zip(self.targets, self.counts, self.explored_counts, self._layouts)
         ]
 
     def generator(self, device: torch.device | str) -> torch.Generator:
@@ -357,9 +386,84 @@ class Sparsifier:
         return self._generators[key]
 
     def __repr__(self) -> str:
+        structure = ''
+        if self.structure is not None:
+            misfits = self._misfit_names()
+            structure = f', structure={self.structure.spec!r}'
+            if misfits:
+                structure += (f' (unstructured: {", ".join(misfits[:3])}{" ..." if len(misfits) > 3 else ""}; '
+                              f'{len(self.targets) - len(misfits)} of {len(self.targets)} structured)')
         return (f'Sparsifier(method={self.method_name!r}, sparsity={self.sparsity}, '
-                f'distribution={self.distribution!r}, tensors={len(self.targets)}, density={self.density:.4f}, '
-                f'itop_rate={self.itop_rate:.4f}, step={self.step})')
+                f'distribution={self.distribution!r}{structure}, tensors={len(self.targets)}, '
+                f'density={self.density:.4f}, itop_rate={self.itop_rate:.4f}, step={self.step})')
+
+    # ------------------------------------------------------------------------------------------------------------
+    # structure (docs/structured.md): budgets and masks in whole units of each tensor's layout
+    def _misfit_names(self) -> list[str]:
+        return [t.name for t, layout in zip(self.targets, self._layouts) if layout is None]
+
+    def _warn_misfits(self) -> None:
+        if self.structure is None:
+            return
+        misfits = [(t.name, self.structure.misfit(t.shape)) for t, lay in zip(self.targets, self._layouts)
+                   if lay is None]
+        if misfits:
+            listed = '; '.join(f'{n} ({why})' for n, why in misfits[:5]) + (' ...' if len(misfits) > 5 else '')
+            warnings.warn(f'timm_dst: structure={self.structure.spec!r} does not fit {len(misfits)} of '
+                          f'{len(self.targets)} sparse tensor(s): {listed}; they stay unstructured at their budget '
+                          '(summary() shows each tensor\'s structure; exclude= keeps them dense)', stacklevel=4)
+
+    def _bounds(self, i: int) -> tuple[int, int]:
+        """(quantum, cap) of tensor ``i``: the step of its active count and the most it may hold."""
+        layout = self._layouts[i]
+        if layout is None:
+            return 1, self.targets[i].numel
+        return layout.quantum, layout.cap
+
+    def layer_budgets(self, sparsity: float) -> list[int]:
+        """Active count of each sparse tensor at ``sparsity`` under this sparsifier's distribution and structure.
+
+        Unstructured, these are :func:`~timm_dst.distributions.layer_counts` (exact total). With a structure, each
+        tensor's count is rounded to whole units of its layout (blocks, or one weight per group), at least one unit
+        where the distribution gives any, with the total as close to ``(1 - sparsity) * N`` as the units allow; an N:M
+        structure gives every tensor the same density (the distribution does not apply) and its fitting tensors
+        exactly N per group at ``sparsity = 1 - N/M``.
+        """
+        shapes = [t.shape for t in self.targets]
+        if self.structure is None:
+            return layer_counts(shapes, sparsity, self.distribution)
+        nm = self.structure.kind == 'n:m'
+        desired = layer_counts(shapes, sparsity, 'uniform' if nm else self.distribution)
+        quanta = [self._bounds(i)[0] for i in range(len(shapes))]
+        low = [q if d > 0 else 0 for q, d in zip(quanta, desired)]
+        high = [t.numel for t in self.targets]
+        if nm and abs(sparsity - (1 - self.structure.density)) < 1e-9:  # fitting tensors: exactly N per group
+            for i, layout in enumerate(self._layouts):
+                if layout is not None:
+                    desired[i] = low[i] = high[i] = layout.cap
+        counts, _ = quantize_counts(desired, quanta, low, high, sum(desired))
+        return counts
+
+    def topk_masks(self, scores: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]:
+        """Per tensor, a mask of ``counts[i]`` active weights at the highest ``scores[i]``, in whole units of the
+        structure (blocks by summed score, grouped structures the same number in every group)."""
+        masks = []
+        for t, layout, score, count in zip(self.targets, self._layouts, scores, counts):
+            if layout is not None:
+                masks.append(topk_mask(layout, score, count))
+                continue
+            mask = torch.zeros(t.numel, dtype=torch.bool, device=score.device)
+            mask[torch.topk(score.detach().flatten(), count, sorted=False).indices] = True
+            masks.append(mask.view(t.shape))
+        return masks
+
+    def check_structure(self, masks: list[torch.Tensor] | None = None) -> None:
+        """Raise ValueError when a mask (default: the attached ones) breaks its tensor's structure."""
+        masks = masks if masks is not None else [t.mask for t in self.targets]
+        for t, layout, mask in zip(self.targets, self._layouts, masks):
+            why = check_mask(layout, mask) if layout is not None else None
+            if why is not None:
+                raise ValueError(f'masks: {t.name} breaks structure={layout.spec!r}: {why}')
 
     # ------------------------------------------------------------------------------------------------------------
     # initial topology
@@ -369,12 +473,15 @@ class Sparsifier:
             scores = [_fsdp.full(t.param.detach()).abs() for t in self.targets]
             return self.global_topk_masks(scores, sum(self.counts))
         masks = []
-        for t, count in zip(self.targets, self.counts):
+        for t, count, layout in zip(self.targets, self.counts, self._layouts):
             p = t.param
             if self.mask_init == 'magnitude':
                 score = _fsdp.full(p.detach()).abs().flatten()
             else:
                 score = torch.rand(p.numel(), generator=cpu_gen).to(p.device)
+            if layout is not None:  # whole units: blocks by summed score, the same count in every group
+                masks.append(topk_mask(layout, score.view(t.shape), count))
+                continue
             mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
             mask[topk_indices(score, count)] = True
             masks.append(mask.view(t.shape))
@@ -393,7 +500,18 @@ class Sparsifier:
         for s in scores:
             out.append(keep[offset:offset + s.numel()].view(s.shape))
             offset += s.numel()
-        return out
+        if self.structure is None:
+            return out
+        # structured: the global ranking sets each tensor's count (rounded to whole units), the units are then
+        # chosen inside each tensor by their pooled score
+        desired = [int(c) for c in torch.stack([torch.count_nonzero(m) for m in out]).tolist()]
+        bounds = [self._bounds(i) for i in range(len(out))]
+        quanta = [q for q, _ in bounds]
+        total_cap = sum(cap for _, cap in bounds)
+        high = [cap if k <= total_cap else t.numel for (_, cap), t in zip(bounds, self.targets)]
+        low = [min(q, h) if d > 0 else 0 for q, d, h in zip(quanta, desired, high)]
+        counts, _ = quantize_counts(desired, quanta, low, high, k)
+        return self.topk_masks([s.detach().float() for s in scores], counts)
 
     # ------------------------------------------------------------------------------------------------------------
     # hooks
@@ -569,9 +687,13 @@ class Sparsifier:
         rate = self.prune_rate
         self.method.before_update(self)
         n_drop = self.method.drop_counts(self, rate)
-        drops, kept = zip(*[self._drop_lowest(i, k) for i, k in enumerate(n_drop)]) if n_drop else ((), ())
-        n_grow = self.method.grow_counts(self, list(n_drop), list(kept))
-        grows = [self._grow_highest(i, k, kept[i], self.counts[i] - d) for i, (k, d) in enumerate(zip(n_grow, n_drop))]
+        if self.structure is not None:
+            drops, grows = self._structured_topology(n_drop)
+        else:
+            drops, kept = zip(*[self._drop_lowest(i, k) for i, k in enumerate(n_drop)]) if n_drop else ((), ())
+            n_grow = self.method.grow_counts(self, list(n_drop), list(kept))
+            grows = [self._grow_highest(i, k, kept[i], self.counts[i] - d)
+                     for i, (k, d) in enumerate(zip(n_grow, n_drop))]
         n = len(self.targets)
         both = self._broadcast_indices(list(drops) + grows)
         self._apply_update(both[:n], both[n:])
@@ -622,6 +744,142 @@ class Sparsifier:
             score = torch.where(_fsdp.full(self.explored[i]), score, score + offset)
         score = score.masked_fill(blocked, -math.inf)
         return topk_indices(score.reshape(-1), k)
+
+    def _structured_topology(self, n_drop: list[int]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """Drop and grow index sets of one update that keep every tensor's structure (docs/structured.md).
+
+        The method's element counts are taken in whole units: blocks drop the ``round(k / (R C))`` active blocks of
+        lowest summed drop score; grouped structures (N:M, fan-in) drop the ``k`` lowest-scoring active weights of
+        the tensor. The method's grow counts (given the element counts actually dropped) set each tensor's new
+        count, rounded to whole units with the total kept where the units allow (else every tensor keeps its count).
+        Blocks then grow the inactive blocks of highest summed grow score; each group grows back to the tensor's new
+        per-group count at its highest-scoring inactive weights (uniformly at random where the method's grow score
+        is None); a group above that count (a pruning method, or budget moved away) keeps its highest-scoring
+        active weights instead and grows nothing.
+        """
+        n = len(self.targets)
+        drops, kept = [], []
+        for i, k in enumerate(n_drop):
+            layout = self._layouts[i]
+            if layout is not None and layout.kind == 'block':
+                d, kp = self._drop_lowest_blocks(i, int(math.floor(k / layout.unit_size + 0.5)))
+            else:
+                d, kp = self._drop_lowest(i, min(int(k), self.counts[i]))
+            drops.append(d)
+            kept.append(kp)
+        dropped = [int(d.numel()) for d in drops]
+        n_grow = [int(g) for g in self.method.grow_counts(self, dropped, kept)]
+        n_kept = [c - d for c, d in zip(self.counts, dropped)]
+        desired = [kp + g for kp, g in zip(n_kept, n_grow)]
+        # a method that keeps the total (all but pruning ones) may have its moves rounded across tensors, aiming at
+        # the run's budget so that rounding never drifts; a pruning update rounds each tensor on its own
+        keeps_total = sum(desired) == sum(self.counts)
+        quanta, low, high = [], [], []
+        for i in range(n):
+            q, cap = self._bounds(i)
+            layout = self._layouts[i]
+            quanta.append(q)
+            grows = keeps_total or n_grow[i] > 0  # nothing regrows where a pruning method grows nothing
+            if layout is not None and layout.kind == 'n:m':
+                # N:M fixes the density: no budget moves in or out, and pruning (GMP) never goes below N per group
+                low.append(self.counts[i] if keeps_total else min(cap, self.counts[i]))
+                high.append(self.counts[i])
+            elif layout is not None and layout.grouped:  # groups may shrink below what they kept
+                low.append(0)
+                high.append(max(cap, self.counts[i]) if grows else self.counts[i])
+            else:
+                room = cap - (dropped[i] if layout is None and self.method.grow_excludes_dropped else 0)
+                low.append(n_kept[i])
+                high.append(max(room, n_kept[i]) if grows else n_kept[i])
+        # pruning rounds each tensor on its own, except that N:M tensors above N per group share the pruning (a
+        # global ranking may want some of them below N, others above)
+        nm = any(lay is not None and lay.kind == 'n:m' for lay in self._layouts)
+        total = self._budget_total if keeps_total else (sum(desired) if nm else None)
+        new, _ = quantize_counts(desired, quanta, low, high, total)
+        grows = []
+        for i in range(n):
+            layout = self._layouts[i]
+            if layout is None:
+                grows.append(self._grow_highest(i, new[i] - n_kept[i], kept[i], n_kept[i]))
+            elif layout.kind == 'block':
+                grows.append(self._grow_blocks(i, (new[i] - n_kept[i]) // layout.unit_size, kept[i]))
+            else:
+                drops[i], grow = self._fill_groups(i, new[i] // layout.n_groups, kept[i], drops[i], n_grow[i] > 0)
+                grows.append(grow)
+        return drops, grows
+
+    def _tiered(self, score: torch.Tensor, blocked: torch.Tensor, avoid: torch.Tensor | None,
+                explored: torch.Tensor | None) -> torch.Tensor:
+        """Grow scores with ``-inf`` where ``blocked``; never-explored positions first (SET+, ``explored`` given),
+        positions in ``avoid`` (just dropped, for methods that bar them) last."""
+        score = score.float()
+        if avoid is not None or explored is not None:
+            finite = score.masked_fill(blocked, 0.0)
+            span = finite.max() - finite.min() + 1.0
+            if explored is not None:
+                score = torch.where(explored, score, score + span)
+            if avoid is not None:
+                score = torch.where(avoid, score - 2.0 * span, score)
+        return score.masked_fill(blocked, -math.inf)
+
+    def _drop_lowest_blocks(self, i: int, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The ``k`` active blocks of tensor ``i`` with the lowest summed drop score, as flat element indices, and the
+        mask left after dropping them."""
+        t, layout = self.targets[i], self._layouts[i]
+        kept = t.mask.clone()
+        active = layout.pool_any(t.mask).reshape(-1).nonzero().squeeze(1)
+        k = min(k, active.numel())
+        if k <= 0:
+            return torch.empty(0, dtype=torch.long, device=kept.device), kept
+        score = layout.pool(self.method.drop_score(self, i).float()).reshape(-1)[active]
+        units = torch.zeros(layout.pool_any(t.mask).numel(), dtype=torch.bool, device=kept.device)
+        units[active[topk_indices(score.neg_(), k)]] = True
+        drop = layout.expand(units.view(layout.out // layout.structure.rows, -1)).reshape(-1).nonzero().squeeze(1)
+        flat_fill_(kept, drop, False)
+        return drop, kept
+
+    def _grow_blocks(self, i: int, k: int, kept: torch.Tensor) -> torch.Tensor:
+        """Flat element indices of the ``k`` inactive blocks of tensor ``i`` to grow: highest summed grow score, or
+        uniformly at random when the method's grow score is None."""
+        t, layout = self.targets[i], self._layouts[i]
+        if k <= 0:
+            return torch.empty(0, dtype=torch.long, device=kept.device)
+        kept_u = layout.pool_any(kept).reshape(-1)
+        score = self.method.grow_score(self, i)
+        if score is None:
+            score_u = torch.rand(kept_u.numel(), generator=self.generator(kept.device), device=kept.device)
+        else:
+            score_u = layout.pool(score.float()).reshape(-1)
+        avoid = (layout.pool_any(t.mask).reshape(-1) & ~kept_u) if self.method.grow_excludes_dropped else None
+        explored = layout.pool_any(self.explored[i]).reshape(-1) if self.grow_unexplored_first else None
+        score_u = self._tiered(score_u, kept_u, avoid, explored)
+        units = torch.zeros_like(kept_u)
+        units[topk_indices(score_u, k)] = True
+        return layout.expand(units.view(layout.out // layout.structure.rows, -1)).reshape(-1).nonzero().squeeze(1)
+
+    def _fill_groups(self, i: int, per_group: int, kept: torch.Tensor, drop: torch.Tensor,
+                     grows: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """Bring every group of tensor ``i`` to ``per_group`` active weights: grow the highest-scoring inactive ones
+        where a group is below (``grows``: the method grows here), else keep each group's highest-scoring active
+        weights of the old mask. Returns the drop and grow index sets."""
+        t, layout = self.targets[i], self._layouts[i]
+        device = kept.device
+        kept_g = layout.to_groups(kept).sum(dim=1)
+        empty = torch.empty(0, dtype=torch.long, device=device)
+        if grows and per_group >= int(kept_g.max()):
+            score = self.method.grow_score(self, i)
+            if score is None:
+                score = torch.rand(t.shape, generator=self.generator(device), device=device)
+            avoid = (t.mask & ~kept) if self.method.grow_excludes_dropped else None
+            explored = self.explored[i] if self.grow_unexplored_first else None
+            score = self._tiered(score, kept, avoid, explored)
+            picked = per_group_topk(layout.to_groups(score), per_group - kept_g)
+            return drop, layout.from_groups(picked).reshape(-1).nonzero().squeeze(1)
+        if per_group >= int(layout.to_groups(t.mask).sum(dim=1).max()):
+            return empty, empty  # nothing to prune to, nothing to grow: the update leaves this tensor as it was
+        score = self.method.drop_score(self, i).float().masked_fill(~t.mask, -math.inf)
+        keep = per_group_topk(layout.to_groups(score), torch.full_like(kept_g, per_group))
+        return (t.mask & ~layout.from_groups(keep)).reshape(-1).nonzero().squeeze(1), empty
 
     def _sample_free(self, blocked: torch.Tensor, k: int, n_free: int) -> torch.Tensor:
         """``k`` distinct flat positions drawn uniformly at random where ``blocked`` is False (exact, seeded)."""
@@ -759,7 +1017,9 @@ class Sparsifier:
     def set_masks(self, masks: list[torch.Tensor], record: bool = True) -> None:
         """Replace the topology (exact masks given), with the same weight / state surgery as an update."""
         self._check_live()
-        self._apply_masks(self._broadcast_masks([m.to(torch.bool) for m in masks]))
+        masks = [m.to(torch.bool) for m in masks]
+        self.check_structure(masks)
+        self._apply_masks(self._broadcast_masks(masks))
         if record:
             self._record(prune_rate=0.0)
 
@@ -848,6 +1108,7 @@ class Sparsifier:
             'update_pending': self._update_pending,
             'dense_grads_held': [g is not None for g in self._dense_grads],
             'method': self.method.state_dict(),
+            'budget_total': getattr(self, '_budget_total', sum(self.counts)),
         }
 
     def _dense_grads_state(self, fixed: bool) -> list[torch.Tensor | None]:
@@ -871,6 +1132,10 @@ class Sparsifier:
         if missing:
             raise ValueError(f'state: a timm_dst Sparsifier state_dict lacks {", ".join(missing)} (damaged or edited)')
         cfg = state['config']
+        theirs = cfg.get('structure')
+        if theirs != self.config['structure']:
+            raise ValueError(f'state: the checkpoint was trained with structure={theirs!r}, this sparsifier keeps '
+                             f'structure={self.config["structure"]!r}: give structure={theirs!r} to continue it')
         for key in ('method', 'sparsity', 'distribution', 'targets'):
             mine, theirs = self.config[key], cfg.get(key)
             if key == 'targets':
@@ -895,6 +1160,7 @@ class Sparsifier:
                 _fsdp.copy_into_(self.explored[i], state['explored'][t.name])
             self._zero_optimizer_state([t.mask for t in self.targets])
             self._refresh_counts()
+        self._budget_total = int(state.get('budget_total', sum(self.counts)))
         grads = state.get('dense_grads') or [None] * len(self.targets)
         held = state.get('dense_grads_held') or [g is not None for g in grads]
         self._dense_grads = [self._like_param(g, t) if g is not None and h else None

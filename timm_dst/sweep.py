@@ -47,8 +47,12 @@ STAT_FIELDS = ('val_top1', 'test_top1', 'test_top1_last', 'itop_rate')
 
 
 def _value(text: str) -> Any:
-    """A grid value as YAML reads it (``50`` -> int, ``0.9`` -> float, ``true`` -> bool, ``[1, 2]`` -> list)."""
-    return yaml.safe_load(text) if text.strip() else ''
+    """A grid value as YAML reads it (``50`` -> int, ``0.9`` -> float, ``true`` -> bool, ``[1, 2]`` -> list), except
+    that ``2:4`` stays text (YAML 1.1 would read it as the base-60 number 124)."""
+    if not text.strip():
+        return ''
+    value = yaml.safe_load(text)
+    return text.strip() if isinstance(value, int) and ':' in text else value
 
 
 def parse_grid(specs: Sequence[str]) -> dict[str, list[Any]]:

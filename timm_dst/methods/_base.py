@@ -2,7 +2,8 @@
 
 The contract between a method and the controller (:class:`~timm_dst.sparsifier.Sparsifier`) is closed: a method reads
 and calls only the controller's public surface (``targets``, ``counts``, ``step``, ``schedule``, ``sparsity``,
-``distribution``, ``model``, ``optimizer``, ``generator()``, ``global_topk_masks()``, ``has_dense_grads``,
+``distribution``, ``structure``, ``model``, ``optimizer``, ``generator()``, ``global_topk_masks()``,
+``layer_budgets()``, ``topk_masks()``, ``has_dense_grads``,
 ``dense_grads()``, ``clear_dense_grads()``) and is called only through the hooks below, in this order:
 
 * once, when the controller is built: :meth:`SparseMethod.init_masks` (the dense weights are still plain parameters),

@@ -28,7 +28,6 @@ import torch
 
 from .._registry import register_method
 from .._validate import check_bool, check_float
-from ..distributions import layer_counts
 from ._base import SparseMethod
 
 if TYPE_CHECKING:
@@ -98,14 +97,9 @@ class GMP(SparseMethod):
             masks = sp.global_topk_masks([t.param.detach().abs() for t in sp.targets], total)
             self.initial_counts = [int(torch.count_nonzero(m)) for m in masks]
             return masks
-        counts = layer_counts([t.shape for t in sp.targets], self.initial_sparsity, sp.distribution)
+        counts = sp.layer_budgets(self.initial_sparsity)  # in whole units of the structure, if any
         self.initial_counts = [max(c, f) for c, f in zip(counts, self.final_counts)]  # never below the end point
-        masks = []
-        for t, c in zip(sp.targets, self.initial_counts):
-            mask = torch.zeros(t.numel, dtype=torch.bool, device=t.param.device)
-            mask[torch.topk(t.param.detach().abs().flatten(), c, sorted=False).indices] = True
-            masks.append(mask.view(t.shape))
-        return masks
+        return sp.topk_masks([t.param.detach().abs() for t in sp.targets], self.initial_counts)
 
     def drop_counts(self, sp: Sparsifier, rate: float) -> list[int]:
         if not self.global_:
