@@ -259,3 +259,65 @@ def test_fsdp_dcp_resume_exact_on_two_ranks_and_on_one(method, tmp_path):
     one = torch.load(tmp_path / 'one.pt')
     assert _equal(ref['at_save'], one['restored']), f'{method}: the checkpoint does not load exactly on one process'
     assert one['changed'] and one['step'] == 6 and sum(one['counts']) == sum(ref['at_save']['counts'])
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# what is refused, and how
+def _refusals_worker(rank: int, world: int, tmp: str) -> None:
+    _init(rank, world, tmp)
+    import timm_dst
+    from timm_dst._sparse_linear import SparseLinearForward
+    out = {}
+
+    def error(fn) -> str:
+        try:
+            fn()
+        except (ValueError, RuntimeError) as e:
+            return str(e)
+        return ''
+
+    # attaching before sharding: the first forward names the order to use
+    model = _tiny_vit()
+    timm_dst.create_sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), method='set', **KW)
+    _shard(model)
+    out['late_shard'] = error(lambda: model(_batch(0, rank)[0]))
+    # the optimizer of the unsharded parameters
+    model = _tiny_vit()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    _shard(model)
+    out['old_optimizer'] = error(lambda: timm_dst.create_sparsifier(model, opt, method='set', **KW))
+    # methods choosing their own initial topology, and structure=
+    model = _shard(_tiny_vit())
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    out['gmp'] = error(lambda: timm_dst.create_sparsifier(model, opt, method='gmp', sparsity=0.8, total_steps=40))
+    out['structure'] = error(lambda: timm_dst.create_sparsifier(model, opt, method='set', structure='2:4',
+                                                                **{**KW, 'sparsity': 0.5}))
+    # HSDP: a 2-D mesh
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    mesh = init_device_mesh('cpu', (1, world), mesh_dim_names=('replicate', 'shard'))
+    hsdp = _tiny_vit()
+    fully_shard(hsdp, mesh=mesh)
+    out['hsdp'] = error(lambda: timm_dst.create_sparsifier(
+        hsdp, torch.optim.SGD(hsdp.parameters(), lr=0.1), method='set', **KW))
+    # the CSR kernels step aside: a very sparse sharded model runs the dense kernels
+    model = _shard(_tiny_vit())
+    sp = timm_dst.create_sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), method='set',
+                                    **{**KW, 'sparsity': 0.99})
+    out['kernels'] = any(isinstance(m.__dict__.get('forward'), SparseLinearForward) for m in model.modules())
+    _train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), 0, rank)
+    out['kernels_density'] = sp.density
+    if rank == 0:
+        torch.save(out, os.path.join(tmp, 'refusals.pt'))
+    _finish()
+
+
+def test_fsdp_refusals_name_what_is_wrong(tmp_path):
+    mp.spawn(_refusals_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    out = torch.load(tmp_path / 'refusals.pt')
+    assert 'fully_shard (FSDP2) was applied after create_sparsifier' in out['late_shard']
+    assert 'build the optimizer after fully_shard' in out['old_optimizer']
+    assert "'gmp' chooses its initial topology itself" in out['gmp']
+    assert "structure='2:4'" in out['structure'] and 'fully_shard' in out['structure']
+    assert 'not HSDP or tensor parallel' in out['hsdp'] and 'Replicate' in out['hsdp']
+    assert out['kernels'] is False and out['kernels_density'] < 0.02

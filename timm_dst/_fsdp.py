@@ -134,6 +134,8 @@ def check_sharded_targets(targets: list[SparseTarget]) -> bool:
 
 def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     """The modules of ``model`` that ``fully_shard`` was applied to."""
+    if not dist.is_available():
+        return []
     from torch.distributed.fsdp import FSDPModule
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 

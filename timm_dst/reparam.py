@@ -18,6 +18,7 @@ import torch.nn as nn
 from torch.nn.utils import prune
 
 from ._fsdp import flat_fill_sharded_, full, is_dtensor
+from ._fsdp import fsdp_modules as _fsdp_modules
 from ._sparse_linear import CsrStructure, SparseLinearForward, csr_structure
 
 __all__ = [
@@ -54,6 +55,9 @@ class DSTMask(prune.BasePruningMethod):
         self._masked_grad: tuple[int, int] | None = None  # (data_ptr, version) of a gradient produced masked
         self.dense_grad_wanted = False  # set by the sparsifier on steps whose method reads the dense gradient
         self.capture: Any = None  # sharded (FSDP2) tensors: the dense-gradient capture, run around the masking
+        self.sharded = False  # attached to an FSDP2 shard (set by the sparsifier)
+        self._hooked: weakref.ref | None = None  # the parameter the gradient hook sits on
+        self._replaced_ok = False  # that parameter was replaced, not by fully_shard: checked once
         self.controller: weakref.ref | None = None  # the Sparsifier controlling the owner (fold_masks detaches it)
         # copies only: the module the copy was taken from, and whether the copy follows its live mask (see sync_copy)
         self._source: weakref.ref | None = None
@@ -70,9 +74,25 @@ class DSTMask(prune.BasePruningMethod):
         """Forward pre-hook: on the controlled module, check that ``module.<name>`` still is ``<name>_orig`` (a
         conversion that replaced the parameter object would have left a stale alias); on copies, ``orig * mask``."""
         if self.owns(module):
+            if not self.sharded:
+                self._check_not_sharded_later(module)
             _alias_orig(module, self._tensor_name)
         else:
             setattr(module, self._tensor_name, self.apply_mask(module))
+
+    def _check_not_sharded_later(self, module: nn.Module) -> None:
+        """Refuse a model that ``fully_shard`` sharded after the masks were attached: FSDP2 replaced the parameter the
+        gradient hook sits on, so masked weights would train (one identity check per forward)."""
+        hooked = self._hooked() if self._hooked is not None else None
+        if hooked is None or self._replaced_ok or module._parameters.get(self._tensor_name + '_orig') is hooked:
+            return
+        controller = self.controller() if self.controller is not None else None
+        if controller is not None and _fsdp_modules(controller.model):
+            raise RuntimeError(
+                'model: fully_shard (FSDP2) was applied after create_sparsifier, which is not supported (the masks '
+                'stay whole and their gradient hooks stay on the replaced parameters): fully_shard the blocks and the '
+                'model first, then build the optimizer, then call create_sparsifier (docs/distributed.md)')
+        self._replaced_ok = True
 
     def owns(self, module: nn.Module) -> bool:
         """Whether ``module`` is the one the sparsifier controls (not a ``deepcopy`` of it, such as timm's EMA)."""
@@ -120,7 +140,7 @@ class DSTMask(prune.BasePruningMethod):
         self._seen = (weakref.ref(mask), mask._version) if mask is not None else None
 
     _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', '_handles',
-                   'capture')
+                   'capture', '_hooked')
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
@@ -160,6 +180,7 @@ class DSTMask(prune.BasePruningMethod):
                 capture.after(param)
 
         self._grad_hook = getattr(module, name + '_orig').register_post_accumulate_grad_hook(_mask_grad)
+        self._hooked = weakref.ref(getattr(module, name + '_orig'))
         self._owner = weakref.ref(module)
         self._handles = [module.register_state_dict_post_hook(_sync_copies),
                          module.register_load_state_dict_post_hook(_note_loaded)]

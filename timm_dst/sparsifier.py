@@ -325,6 +325,8 @@ class Sparsifier:
             m.controller = weakref.ref(self)
             m.structure = layout.spec if layout is not None else None
         if self._sharded:
+            for m in self._dst_masks:
+                m.sharded = True
             _fsdp.adopt_renamed_params(self.model, self.targets)
             self.generator(self._device())  # in the state from the start: a DCP load fills the state it is given
         self._zero_optimizer_state([t.mask for t in self.targets])
