@@ -321,3 +321,44 @@ def test_fsdp_refusals_name_what_is_wrong(tmp_path):
     assert "structure='2:4'" in out['structure'] and 'fully_shard' in out['structure']
     assert 'not HSDP or tensor parallel' in out['hsdp'] and 'Replicate' in out['hsdp']
     assert out['kernels'] is False and out['kernels_density'] < 0.02
+
+
+def test_cli_refuses_accelerate_fsdp_in_one_line():
+    """timm-dst-train under ``accelerate launch --use_fsdp`` (GPU only: Accelerate 1.15 ignores FSDP on CPU) exits
+    with one line naming the supported path; every other launch goes on."""
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from timm_dst._train_build import fsdp_refusal
+    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP,
+                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
+    message = fsdp_refusal(fsdp)
+    assert '--use_fsdp (FSDP2) is not supported by timm-dst-train' in message and 'examples/fsdp_train.py' in message
+    assert '\n' not in message
+    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
+        assert fsdp_refusal(SimpleNamespace(distributed_type=kind, state=SimpleNamespace())) is None
+
+
+@pytest.mark.slow
+def test_fsdp_example_trains_saves_and_resumes(tmp_path):
+    """examples/fsdp_train.py under torchrun: 2 ranks train and checkpoint, a second launch resumes and exports."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', '--master_port', '29517',
+           os.path.join(root, 'examples', 'fsdp_train.py'), '--img-size', '32', '--batch-size', '2',
+           '--output', str(tmp_path)]
+    first = subprocess.run(cmd + ['--steps', '10'], capture_output=True, text=True, timeout=600)
+    assert first.returncode == 0, first.stderr[-2000:]
+    second = subprocess.run(cmd + ['--steps', '20', '--resume'], capture_output=True, text=True, timeout=600)
+    assert second.returncode == 0, second.stderr[-2000:]
+    assert 'step 15:' in second.stdout and 'step 5:' not in second.stdout
+    weights = torch.load(tmp_path / 'model_plain.pth')
+    fresh = _tiny_vit_like_example()
+    fresh.load_state_dict(weights, strict=True)
+
+
+def _tiny_vit_like_example():
+    import timm
+    return timm.create_model('vit_tiny_patch16_224', img_size=32, num_classes=10)
