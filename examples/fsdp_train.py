@@ -29,7 +29,7 @@ import timm_dst
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
     parser.add_argument('--model', default='vit_tiny_patch16_224')
-    parser.add_argument('--img-size', type=int, default=64)
+    parser.add_argument('--img-size', type=int, default=None, help="input size (default: the model's own)")
     parser.add_argument('--method', default='rigl')
     parser.add_argument('--sparsity', type=float, default=0.9)
     parser.add_argument('--steps', type=int, default=20)
@@ -47,9 +47,12 @@ def main() -> None:
     rank = dist.get_rank()
 
     torch.manual_seed(0)  # the same initial weights on every rank
-    model = timm.create_model(args.model, img_size=args.img_size, num_classes=10).to(device)
-    for block in model.blocks:  # 1. shard: the blocks, then the model
-        fully_shard(block)
+    kwargs = {'img_size': args.img_size} if args.img_size else {}
+    model = timm.create_model(args.model, num_classes=10, **kwargs).to(device)
+    size = args.img_size or timm.data.resolve_data_config({}, model=model)['input_size'][-1]
+    units = next((getattr(model, n) for n in ('blocks', 'stages', 'layers') if hasattr(model, n)), [])
+    for unit in units:  # 1. shard: the blocks (ViT / EVA) or stages (RegNet, DaViT, Swin), then the model
+        fully_shard(unit)
     fully_shard(model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=0.05)  # 2. optimizer of the shards
     sp = timm_dst.create_sparsifier(model, optimizer, method=args.method, sparsity=args.sparsity,  # 3. DST
@@ -69,7 +72,7 @@ def main() -> None:
 
     g = torch.Generator().manual_seed(1000 + rank)  # a different batch on every rank
     while sp.step < args.steps:
-        x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, generator=g).to(device)
+        x = torch.randn(args.batch_size, 3, size, size, generator=g).to(device)
         y = torch.randint(0, 10, (args.batch_size,), generator=g).to(device)
         loss = F.cross_entropy(model(x), y)
         optimizer.zero_grad()

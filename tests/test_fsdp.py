@@ -362,3 +362,44 @@ def test_fsdp_example_trains_saves_and_resumes(tmp_path):
 def _tiny_vit_like_example():
     import timm
     return timm.create_model('vit_tiny_patch16_224', img_size=32, num_classes=10)
+
+
+def _capture_worker(rank: int, world: int, tmp: str) -> None:
+    _init(rank, world, tmp)
+    import timm_dst
+    from timm_dst._fsdp import full
+    torch.manual_seed(0)
+    model = _tiny_vit()
+    plain = copy.deepcopy(model)
+    kw = {**KW, 'update_interval': 1000}
+    ref_sp = timm_dst.create_sparsifier(plain, torch.optim.SGD(plain.parameters(), lr=0.1), method='rigl', **kw)
+    _shard(model)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = timm_dst.create_sparsifier(model, opt, method='rigl', **kw)
+    assert all(torch.equal(full(t.mask), r.mask) for t, r in zip(sp.targets, ref_sp.targets))
+    ok = []
+    for window in range(2):  # two capture windows, each of two micro-batches with a reduce-scatter each
+        sp._set_capture(True)
+        ref_sp._set_capture(True)
+        opt.zero_grad()
+        for p in plain.parameters():
+            p.grad = None
+        for micro in range(2):
+            x, y = _batch(10 * window + micro, rank)
+            F.cross_entropy(model(x), y).backward()
+            F.cross_entropy(plain(x), y).backward()
+        # the sharded capture (reduce-scattered shards, summed) equals the unsharded one (summed, then averaged)
+        # (up to the order of float additions: reduce-scatter per micro-batch vs all-reduce of the sums)
+        diffs = [float((full(g) - r).abs().max()) for g, r in zip(sp.dense_grads(), ref_sp.dense_grads())]
+        ok.append(max(diffs) < 1e-6)
+        ok.append(all(bool(full(t.param.grad)[~full(t.mask)].eq(0).all()) for t in sp.targets))  # .grad masked
+    if rank == 0:
+        torch.save(ok, os.path.join(tmp, 'capture.pt'))
+    _finish()
+
+
+def test_fsdp_dense_gradient_capture_with_accumulation(tmp_path):
+    """RigL's dense gradient under FSDP2 (the reduce-scattered shard before masking, summed over micro-batches) equals
+    the unsharded capture averaged over the ranks, window after window, while .grad itself stays masked."""
+    mp.spawn(_capture_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
+    assert torch.load(tmp_path / 'capture.pt') == [True] * 4

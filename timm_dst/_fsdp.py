@@ -169,15 +169,18 @@ class ShardedCapture:
     """The dense-gradient capture of one sharded tensor: called by its :class:`~timm_dst.reparam.DSTMask` around the
     masking of the reduce-scattered gradient shard (already averaged over the ranks).
 
-    The capture window is the lifetime of ``.grad`` as in the unsharded case: when FSDP2 added this backward's shard
-    to a ``.grad`` the capture saw last (gradient accumulation with a reduce-scatter per micro-step), the capture adds
-    it too: at inactive positions the masked ``.grad`` held zero, so its value is the new contribution; at active
-    ones ``.grad`` holds the same sum as the capture.
+    The capture window is the lifetime of the ``.grad`` object: when FSDP2 added this backward's shard to the
+    ``.grad`` the capture saw last (gradient accumulation with a reduce-scatter per micro-step: FSDP2 adds in place
+    into the existing gradient), the capture adds it too: at inactive positions the masked ``.grad`` held zero, so its
+    value is the new contribution; at active ones ``.grad`` holds the same sum as the capture. ``zero_grad()`` (set to
+    None, torch's default) starts a new window. Unlike the unsharded capture, gradients zeroed in place
+    (``set_to_none=False``) are not told apart from an accumulation: FSDP2's gradient shards are views of one buffer
+    per group whose version counter every parameter of the group bumps.
     """
 
     def __init__(self, sp: Sparsifier, i: int):
         self.sp, self.i = weakref.ref(sp), i
-        self.mark: tuple[weakref.ref, int] | None = None
+        self.mark: weakref.ref | None = None
 
     @torch.no_grad()
     def before(self, param: torch.Tensor) -> None:
@@ -187,7 +190,7 @@ class ShardedCapture:
         from torch.distributed.tensor import DTensor
         grad = param.grad.to_local()
         held, mark = sp._dense_grads[self.i], self.mark
-        if held is not None and mark is not None and mark[0]() is grad and grad._version == mark[1] + 1:
+        if held is not None and mark is not None and mark() is grad:
             local = held.to_local()
             mask = sp.targets[self.i].mask.to_local()
             local.copy_(torch.where(mask, grad.float(), local + grad.float()))
@@ -196,9 +199,9 @@ class ShardedCapture:
             sp._dense_grads[self.i] = DTensor.from_local(grad.detach().float().clone(), g.device_mesh, g.placements,
                                                          run_check=False, shape=g.shape, stride=g.stride())
 
+    @torch.no_grad()  # to_local() with grad mode on returns a new view each call; without, the local tensor itself
     def after(self, param: torch.Tensor) -> None:
-        grad = param.grad.to_local() if param.grad is not None else None
-        self.mark = (weakref.ref(grad), grad._version) if grad is not None else None
+        self.mark = weakref.ref(param.grad.to_local()) if param.grad is not None else None
 
 
 class CaptureHandle:
