@@ -5,7 +5,8 @@ Each (model, wrapping) pair runs in fresh processes under ``torch.distributed.ru
 ``create_sparsifier`` then ``DistributedDataParallel``; FSDP2: ``fully_shard`` the blocks and the model, then the
 optimizer, then ``create_sparsifier``), then train a few steps with a topology update at every step. Per rank it
 reports the DST state it holds (masks and explored masks, bytes), the peak resident memory of the training steps
-(Linux ``VmHWM``, reset after building, so the unsharded construction is not counted), and the median time of
+(Linux ``VmHWM``, reset after building, so the unsharded construction is not counted; glibc's mmap threshold is fixed
+at 64 KiB so that freed tensors leave the resident set), and the median time of
 ``Sparsifier.update`` (under DDP: the unsharded update on full tensors; under FSDP2: per tensor, gather, the same
 computation, write the local rows).
 
@@ -86,8 +87,11 @@ def _run(cfg: dict, nproc: int) -> list[dict]:
         with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f:
             f.write(_CHILD)
         try:
+            # a fixed mmap threshold: glibc returns every large freed block to the system at once, so the resident
+            # peak follows the live tensors (with its default dynamic threshold, freed blocks stay in the heap)
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16))
             subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), f.name,
-                            json.dumps(cfg)], check=True, capture_output=True, text=True)
+                            json.dumps(cfg)], check=True, capture_output=True, text=True, env=env)
         except subprocess.CalledProcessError as e:
             sys.exit(f'fsdp_memory.py: {cfg["model"]} / {cfg["wrap"]} failed:\n{e.stderr[-3000:]}')
         finally:

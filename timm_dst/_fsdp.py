@@ -20,6 +20,7 @@ parallel placements are refused by :func:`check_sharded_targets`.
 """
 from __future__ import annotations
 
+import functools
 import math
 import weakref
 from typing import TYPE_CHECKING, Any
@@ -36,6 +37,7 @@ __all__ = ['is_dtensor', 'full', 'shard_like', 'check_sharded_targets', 'adopt_r
            'local_values_at', 'copy_into_', 'ShardedCapture', 'fsdp_modules']
 
 
+@functools.cache
 def _dtensor_cls() -> type | None:
     if not dist.is_available():
         return None

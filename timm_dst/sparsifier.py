@@ -1057,12 +1057,13 @@ class Sparsifier:
 
     def _check_sharded_method(self) -> None:
         """Refuse, on an FSDP2-sharded model, what is not supported there (before anything is touched)."""
-        from .methods._base import SparseMethod as _Base
-        if type(self.method).init_masks is not _Base.init_masks:
+        from ._registry import get_method_info, list_methods
+        if type(self.method).init_masks is not SparseMethod.init_masks:
+            supported = [n for n in list_methods() if get_method_info(n).cls.init_masks is SparseMethod.init_masks]
             raise ValueError(
-                f'method: {self.method_name!r} chooses its initial topology itself (init_masks: SNIP, LTH, GMP), '
-                'which is not supported on a model sharded with fully_shard (FSDP2); the methods starting from '
-                "mask_init ('random' / 'magnitude' / 'global-magnitude': set, rigl, snfs, dsr, ...) are")
+                f'method: {self.method_name!r} chooses its initial topology itself (init_masks), which is not '
+                'supported on a model sharded with fully_shard (FSDP2); the methods starting from mask_init are: '
+                f'{", ".join(supported)}')
 
     def _check_targets(self) -> None:
         """Refuse, before anything is touched, targets that already carry a mask and (for methods that attach
