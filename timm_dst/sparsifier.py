@@ -315,9 +315,10 @@ class Sparsifier:
         masks = method.init_masks(self)
         if masks is None:
             masks = self._initial_masks()
-        masks = self._broadcast_masks(masks)
-        if self._sharded:  # each rank keeps its rows
-            masks = [_fsdp.shard_like(m, t.param) for m, t in zip(masks, self.targets)]
+        if self._sharded:  # each rank keeps its rows; every rank drew the same masks (same generator, gathered weights)
+            masks = [m if _fsdp.is_dtensor(m) else _fsdp.shard_like(m, t.param) for m, t in zip(masks, self.targets)]
+        else:
+            masks = self._broadcast_masks(masks)
         method.prepare(self)
         # every check is done: attach all masks or none
         self._dst_masks = attach_masks([(t.module, t.param_name, m) for t, m in zip(self.targets, masks)])
@@ -486,7 +487,8 @@ class Sparsifier:
                 continue
             mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
             mask[topk_indices(score, count)] = True
-            masks.append(mask.view(t.shape))
+            # sharded: each rank keeps its rows at once (one tensor's whole mask at a time)
+            masks.append(_fsdp.shard_like(mask, p) if self._sharded else mask.view(t.shape))
         return masks
 
     def global_topk_masks(self, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
