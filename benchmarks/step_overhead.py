@@ -9,6 +9,12 @@ the real ΔT. Machines are noisy: read ratios, not absolute times.
 
     python benchmarks/step_overhead.py --model itop_mlp --model-kwargs in_chans=1 img_size=28 -b 128
     python benchmarks/step_overhead.py --model resnet50 --img-size 128 -b 32 --measure-every 5 --blocks 4
+
+``--structures`` measures one sparse model per structure (``create_sparsifier(structure=...)``; ``none`` =
+unstructured) against the same dense model, in one process:
+
+    python benchmarks/step_overhead.py --model vit_small_patch16_224 --model-kwargs img_size=64 -b 32 \
+        --structures none 32x32 16x16 fan-in --threads 1 --measure-every 5 --blocks 3
 """
 from __future__ import annotations
 
@@ -41,16 +47,19 @@ def _kernel_kwargs(args) -> dict:
     return {} if args.sparse_kernel_density is None else {'sparse_kernel_density': args.sparse_kernel_density}
 
 
-def _setup(args, sparse: bool):
+def _setup(args, sparse: bool, structure: str | None = None):
     torch.manual_seed(0)
     model = timm.create_model(args.model, num_classes=args.num_classes, **_parse_kwargs(args.model_kwargs))
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     sp = None
     if sparse:
+        kw = _kernel_kwargs(args)
+        if structure is not None:
+            kw['structure'] = structure
         sp = timm_dst.create_sparsifier(model, opt, method=args.method, sparsity=args.sparsity,
                                         update_interval=args.measure_every or args.update_interval,
-                                        total_steps=10 ** 6, update_end=None, **_kernel_kwargs(args))
+                                        total_steps=10 ** 6, update_end=None, **kw)
     return model, opt, sp
 
 
@@ -90,11 +99,14 @@ def main() -> None:
     p.add_argument('--threads', type=int, default=2)
     p.add_argument('--sparse-kernel-density', type=float, default=None,
                    help="CSR kernels for nn.Linear layers at or below this density (default: the library's; 0 = off)")
+    p.add_argument('--structures', nargs='+', default=['none'],
+                   help="one sparse model per structure, each against the dense one: none (unstructured), 'RxC', "
+                        "'fan-in', 'N:M'")
     args = p.parse_args()
+    structures = [None if s == 'none' else s for s in args.structures]
     torch.set_num_threads(args.threads)
     steps = args.block_steps or args.measure_every or args.update_interval
     dense = _setup(args, sparse=False)
-    sparse = _setup(args, sparse=True)
     c, h, w = timm.data.resolve_data_config({}, model=dense[0])['input_size']
     kw = _parse_kwargs(args.model_kwargs)
     c = args.in_chans or kw.get('in_chans', c)
@@ -102,24 +114,43 @@ def main() -> None:
     x = torch.randn(args.batch_size, c, h, w)
     y = torch.randint(0, args.num_classes, (args.batch_size,))
     _block(*dense, x, y, 2)  # warm-up
-    _block(*sparse, x, y, 2)
-    d_times, s_plain, s_update, s_after = [], [], [], []
-    for _ in range(args.blocks):
-        d_times += _block(*dense, x, y, steps)[0]
-        plain, upd, after = _block(*sparse, x, y, steps)
-        s_plain += plain
-        s_update += upd
-        s_after += after
-    d, s = statistics.median(d_times), statistics.median(s_plain)
-    u = statistics.median(s_update) - s if s_update else 0.0
-    u += statistics.median(s_after) - s if s_after else 0.0  # cache rebuilds: paid once per update
-    amortised = s + u / args.update_interval
     print(f'model={args.model} method={args.method} sparsity={args.sparsity} batch={args.batch_size} '
-          f'input={c}x{h}x{w} threads={args.threads} blocks={args.blocks}x{steps} steps, {len(s_update)} updates')
-    print(f'dense step {d * 1e3:.2f} ms | sparse ordinary step {s * 1e3:.2f} ms | update extra {u * 1e3:.1f} ms '
-          '(update step and the step after it)')
-    print(f'ordinary-step ratio {s / d:.3f}; update extra / dense step {u / d:.3f}')
-    print(f'step overhead ratio at ΔT={args.update_interval} (sparse / dense, updates amortised): {amortised / d:.3f}')
+          f'input={c}x{h}x{w} threads={args.threads} blocks={args.blocks}x{steps} steps')
+    for structure in structures:
+        sparse = _setup(args, sparse=True, structure=structure)
+        _block(*sparse, x, y, 2)
+        d_times, s_plain, s_update, s_after = [], [], [], []
+        for _ in range(args.blocks):
+            d_times += _block(*dense, x, y, steps)[0]
+            plain, upd, after = _block(*sparse, x, y, steps)
+            s_plain += plain
+            s_update += upd
+            s_after += after
+        d, s = statistics.median(d_times), statistics.median(s_plain)
+        u = statistics.median(s_update) - s if s_update else 0.0
+        u += statistics.median(s_after) - s if s_after else 0.0  # cache rebuilds: paid once per update
+        amortised = s + u / args.update_interval
+        kernels = _kernel_summary(sparse[0])
+        print(f'structure={structure or "unstructured"}: {len(s_update)} updates; sparse-kernel layers: {kernels}')
+        print(f'dense step {d * 1e3:.2f} ms | sparse ordinary step {s * 1e3:.2f} ms | update extra {u * 1e3:.1f} ms '
+              '(update step and the step after it)')
+        print(f'ordinary-step ratio {s / d:.3f}; update extra / dense step {u / d:.3f}')
+        print(f'step overhead ratio at ΔT={args.update_interval} (sparse / dense, updates amortised): '
+              f'{amortised / d:.3f}')
+        del sparse
+
+
+def _kernel_summary(model) -> str:
+    """How many linear layers run block / CSR kernels now (float32 CPU inputs)."""
+    from timm_dst._sparse_linear import BlockStructure, SparseLinearForward
+    kinds = {'block': 0, 'csr': 0}
+    for m in model.modules():
+        fwd = m.__dict__.get('forward')
+        if isinstance(fwd, SparseLinearForward):
+            s = fwd._structure(torch.zeros(1, m.in_features))
+            if s is not None:
+                kinds['block' if isinstance(s, BlockStructure) else 'csr'] += 1
+    return f'{kinds["block"]} block, {kinds["csr"]} CSR'
 
 
 if __name__ == '__main__':

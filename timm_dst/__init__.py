@@ -11,6 +11,7 @@ from ._registry import (
     method_arguments,
     register_method,
 )
+from .compression import compress, load_compressed, save_compressed
 from .distributions import layer_counts
 from .methods import SparseMethod
 from .reparam import export_state_dict, fold_masks
@@ -23,4 +24,5 @@ __all__ = [
     'create_sparsifier', 'list_methods', 'register_method', 'get_method_info', 'method_arguments', 'MethodInfo',
     'MethodArgument', 'ENTRY_POINT_GROUP',
     'Sparsifier', 'SparseMethod', 'export_state_dict', 'fold_masks', 'find_targets', 'layer_counts', '__version__',
+    'compress', 'save_compressed', 'load_compressed',
 ]

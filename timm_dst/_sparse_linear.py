@@ -8,29 +8,45 @@ weights are several times faster below about 5% density (``benchmarks/step_overh
 - input gradient ``dL/dx = dL/dy W`` as ``(W^T_csr dL/dy^T)^T``;
 - weight gradient at the active positions only (``torch.sparse.sampled_addmm``), written into a zero tensor.
 
-The values are gathered from ``weight_orig`` on every call, so they follow the optimizer; the CSR structure is cached
-per mask version and rebuilt after a topology update. The dense path (``F.linear``) is taken whenever the sparse one
-would not give the same result: autocast, dtypes other than float32, accelerators, ``torch.compile`` tracing, copies of
-the model (EMA), and steps where a method needs the dense gradient (RigL, SNFS).
+Block-sparse layers (whole ``R x C`` blocks active or inactive, ``R * C >= 1024``, :data:`BLOCK_TRAIN_MIN_AREA`) run
+block kernels up to a higher density (:data:`DEFAULT_BLOCK_MAX_DENSITY`), under the same rules. The active blocks are
+a ``(n_blocks, R, C)`` tensor; forward and input gradient are batched GEMMs (``torch.bmm``) over them
+(:func:`block_matmul`), and the weight gradient is one ``bmm`` at the active blocks, scattered into a zero tensor.
+With 16x16 blocks the weight-gradient ``bmm`` alone is 3x slower than the dense GEMM and the step is no faster than
+dense (docs/structured.md), hence the minimum block area.
+
+The values are gathered from ``weight_orig`` on every call, so they follow the optimizer; the CSR / block structure
+is cached per mask version and rebuilt after a topology update. The dense path (``F.linear``) is taken whenever the
+sparse one would not give the same result: autocast, dtypes other than float32, accelerators, ``torch.compile``
+tracing, copies of the model (EMA), and steps where a method needs the dense gradient (RigL, SNFS).
 """
 from __future__ import annotations
 
 import contextlib
 import warnings
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ['CsrStructure', 'csr_structure', 'SparseLinearForward', 'DEFAULT_MAX_DENSITY', 'dense_kernels']
+__all__ = [
+    'CsrStructure', 'csr_structure', 'BlockStructure', 'block_structure', 'find_block_size', 'block_matmul',
+    'csr_matmul', 'SparseLinearForward', 'DEFAULT_MAX_DENSITY', 'DEFAULT_BLOCK_MAX_DENSITY', 'BLOCK_MIN_AREA',
+    'BLOCK_TRAIN_MIN_AREA',
+    'dense_kernels',
+]
 
 # torch warns once per process that CSR support is in beta; these kernels (csr @ dense, sampled_addmm) are tested here
 warnings.filterwarnings('ignore', message='Sparse CSR tensor support is in beta', category=UserWarning)
 
 DEFAULT_MAX_DENSITY = 0.05  # CSR kernels below this layer density (CPU, float32); measured break-even is near 0.1
+DEFAULT_BLOCK_MAX_DENSITY = 0.25  # block kernels below this layer density (training; docs/structured.md)
+BLOCK_MIN_AREA = 64  # smaller blocks make batched GEMMs too small to beat CSR: they count as unstructured
+BLOCK_TRAIN_MIN_AREA = 1024  # block kernels in training from 32x32 blocks (16x16: no faster than dense, measured)
+BLOCK_CANDIDATES = ((32, 32), (16, 16), (8, 8))  # block sizes looked for in masks that declare no structure
 
 
 @dataclass
@@ -61,6 +77,170 @@ def csr_structure(index: torch.Tensor, shape: tuple[int, int]) -> CsrStructure:
     crow_t[1:] = torch.bincount(cols, minlength=cols_n).cumsum(0)
     return CsrStructure(index=index, crow=crow, col=cols.to(itype), perm_t=perm_t, crow_t=crow_t,
                         col_t=rows[perm_t].to(itype), shape=(rows_n, cols_n))
+
+
+@dataclass
+class BlockStructure:
+    """The active blocks of a 2-D mask made of whole ``R x C`` blocks, in row-major block order (= BSR order)."""
+
+    block: tuple[int, int]   # (R, C)
+    shape: tuple[int, int]   # (out_features, in_features)
+    row: torch.Tensor        # block row of each active block (int64)
+    col: torch.Tensor        # block column of each active block (int64)
+    _plans: dict = field(default_factory=dict, repr=False, compare=False)  # cached, see row_buckets()
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        return self.shape[0] // self.block[0], self.shape[1] // self.block[1]
+
+    def values(self, weight: torch.Tensor) -> torch.Tensor:
+        """The active blocks of ``weight`` as a ``(n_blocks, R, C)`` tensor (a copy)."""
+        (nbr, nbc), (r, c) = self.grid, self.block
+        return weight.reshape(nbr, r, nbc, c)[self.row, :, self.col, :]
+
+    def scatter(self, blocks: torch.Tensor) -> torch.Tensor:
+        """The dense ``shape`` tensor that is ``blocks`` at the active blocks and zero elsewhere."""
+        (nbr, nbc), (r, c) = self.grid, self.block
+        out = blocks.new_zeros(self.shape)
+        out.view(nbr, r, nbc, c)[self.row, :, self.col, :] = blocks
+        return out
+
+    def row_buckets(self, transpose: bool = False) -> list[tuple[torch.Tensor, torch.Tensor, torch.Tensor, int]]:
+        """Block rows (of ``W``, or of ``W^T`` with ``transpose``) grouped by their number of active blocks ``k``:
+        ``(rows, blocks, cols, k)`` per group, ``blocks`` / ``cols`` listing each row's ``k`` blocks in turn
+        (indices into this structure's block list, and their block columns). Cached."""
+        plan = self._plans.get(transpose)
+        if plan is None:
+            row, col = (self.col, self.row) if transpose else (self.row, self.col)
+            n_rows, n_cols = self.grid[::-1] if transpose else self.grid
+            order = torch.argsort(row * n_cols + col)
+            counts = torch.bincount(row, minlength=n_rows)
+            plan = []
+            for k in counts.unique().tolist():
+                if k:
+                    rows_k = (counts == k).nonzero().squeeze(1)
+                    sel = order[torch.isin(row[order], rows_k)]
+                    plan.append((rows_k, sel, col[sel], int(k)))
+            self._plans[transpose] = plan
+        return plan
+
+
+def block_structure(active_blocks: torch.Tensor, block: tuple[int, int], shape: tuple[int, int]) -> BlockStructure:
+    """The :class:`BlockStructure` whose active blocks are the True entries of the ``(rows / R, cols / C)`` grid
+    ``active_blocks``."""
+    row, col = active_blocks.nonzero(as_tuple=True)
+    return BlockStructure(block=(int(block[0]), int(block[1])), shape=(int(shape[0]), int(shape[1])), row=row, col=col)
+
+
+def find_block_size(active: torch.Tensor, candidates: tuple[tuple[int, int], ...] = BLOCK_CANDIDATES,
+                    min_area: int = BLOCK_MIN_AREA) -> tuple[tuple[int, int], torch.Tensor] | None:
+    """The first block size of ``candidates`` in which the 2-D bool tensor ``active`` is made of whole blocks (every
+    block all True or all False), and the block grid; None when none fits (or ``active`` is all True / all False).
+
+    Blocks of fewer than ``min_area`` elements are skipped: their batched products do not pay.
+    """
+    if active.dim() != 2:
+        return None
+    rows, cols = active.shape
+    for r, c in candidates:
+        if r * c < min_area or rows % r or cols % c:
+            continue
+        head = active[:r].reshape(r, cols // c, c).sum((0, 2), dtype=torch.int32)  # the first block row, cheaply
+        if not bool(((head == 0) | (head == r * c)).all()):
+            continue
+        counts = active.reshape(rows // r, r, cols // c, c).sum((1, 3), dtype=torch.int32)
+        full = counts == r * c
+        n_full = int(full.sum())
+        if 0 < n_full < full.numel() and n_full * r * c == int(counts.sum()):
+            return (r, c), full
+    return None
+
+
+BLOCK_ROW_GEMM_MIN_ROWS = 16  # from this many input rows: one GEMM per group of block rows (block_matmul)
+
+
+def block_matmul(x: torch.Tensor, blocks: torch.Tensor, s: BlockStructure, transpose: bool = False) -> torch.Tensor:
+    """``x @ W^T`` (or ``x @ W`` with ``transpose``) for the 2-D ``x`` and the block-sparse ``W`` whose active blocks
+    are ``blocks`` (``(n_blocks, R, C)``, in the order of ``s``).
+
+    Below :data:`BLOCK_ROW_GEMM_MIN_ROWS` rows of ``x``: one ``bmm`` with a product per active block, summed into
+    the output blocks by ``index_add_``. From there on, larger products: the block rows of ``W`` that have the same
+    number ``k`` of active blocks form one ``bmm`` of ``(rows, n, k*C) @ (rows, k*C, R)``
+    (:meth:`BlockStructure.row_buckets`); measured 1.3-1.5x faster than the per-block product at 197 rows.
+    """
+    (nbr, nbc), (r, c) = s.grid, s.block
+    if transpose:  # W^T: blocks (C x R) from block row `col` to block column `row`
+        nbr, nbc, r, c, row, col, blocks = nbc, nbr, c, r, s.col, s.row, blocks.transpose(1, 2)
+    else:
+        row, col = s.row, s.col
+    n = x.shape[0]
+    xv = x.reshape(n, nbc, c)
+    if n < BLOCK_ROW_GEMM_MIN_ROWS:
+        xb = xv.index_select(1, col).transpose(0, 1)                     # (n_blocks, n, C)
+        part = torch.bmm(xb, blocks.transpose(1, 2))                     # (n_blocks, n, R)
+        y = x.new_zeros(nbr, n, r).index_add_(0, row, part)
+    else:
+        y = x.new_zeros(nbr, n, r)
+        for rows_k, sel, cols_k, k in s.row_buckets(transpose):
+            m = rows_k.numel()
+            xk = xv.index_select(1, cols_k).view(n, m, k * c).transpose(0, 1)                      # (m, n, k*C)
+            wk = blocks.index_select(0, sel).view(m, k, r, c).transpose(2, 3).reshape(m, k * c, r)  # (m, k*C, R)
+            y.index_copy_(0, rows_k, torch.bmm(xk, wk))
+    return y.transpose(0, 1).reshape(n, nbr * r)
+
+
+CSR_MV_MAX_ROWS = 2  # up to this many input rows: one sparse matrix-vector product per row (MKL SpMV)
+CSR_BAG_MIN_ROWS = 32  # from this many input rows: embedding_bag over the rows of x^T (measured faster than CSR mm)
+
+
+def csr_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """``x @ W^T`` for the 2-D ``x`` and the sparse CSR ``W``, by the product measured fastest for the number of rows
+    (docs/structured.md, "Kernels"): ``torch.mv`` per row for a few rows, ``torch.sparse.mm`` in between, and
+    ``F.embedding_bag`` (each output neuron a weighted bag of rows of ``x^T``) for many rows."""
+    n = x.shape[0]
+    if n <= CSR_MV_MAX_ROWS:
+        return torch.stack([torch.mv(w, row) for row in x]) if n != 1 else torch.mv(w, x[0]).unsqueeze(0)
+    if n < CSR_BAG_MIN_ROWS:
+        return torch.sparse.mm(w, x.t()).t()
+    crow = w.crow_indices()
+    return F.embedding_bag(w.col_indices(), x.t().contiguous(), crow[:-1], mode='sum',
+                           per_sample_weights=w.values()).t()
+
+
+class _BlockLinearFn(torch.autograd.Function):
+    """``F.linear(x, weight, bias)`` whose weight is zero outside the active blocks of ``s``."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, s: BlockStructure,
+                method: Any) -> torch.Tensor:
+        x_shape = x.shape
+        x = x.reshape(-1, x_shape[-1])
+        blocks = s.values(weight)
+        y = block_matmul(x, blocks, s)
+        if bias is not None:
+            y = y + bias
+        ctx.save_for_backward(x, blocks)
+        ctx.s, ctx.x_shape, ctx.method = s, x_shape, method
+        return y.view(*x_shape[:-1], s.shape[0]) if len(x_shape) != 2 else y
+
+    @staticmethod
+    def backward(ctx, grad_y: torch.Tensor):
+        x, blocks = ctx.saved_tensors
+        s: BlockStructure = ctx.s
+        grad_y = grad_y.reshape(-1, s.shape[0])
+        grad_x = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_x = block_matmul(grad_y, blocks, s, transpose=True).reshape(ctx.x_shape)
+        if ctx.needs_input_grad[1]:
+            (nbr, nbc), (r, c) = s.grid, s.block
+            n = x.shape[0]
+            gyb = grad_y.reshape(n, nbr, r).index_select(1, s.row).permute(1, 2, 0)   # (n_blocks, R, n)
+            xb = x.reshape(n, nbc, c).index_select(1, s.col).transpose(0, 1)          # (n_blocks, n, C)
+            grad_w = s.scatter(torch.bmm(gyb, xb))
+            ctx.method.note_masked_grad(grad_w)
+        if ctx.needs_input_grad[2]:
+            grad_b = grad_y.sum(0)
+        return grad_x, grad_w, grad_b, None, None
 
 
 class _SparseLinearFn(torch.autograd.Function):
@@ -131,7 +311,8 @@ def _autocast_on() -> bool:
 
 
 class SparseLinearForward:
-    """Instance ``forward`` of a masked ``nn.Linear``: CSR kernels when they apply, ``F.linear`` otherwise.
+    """Instance ``forward`` of a masked ``nn.Linear``: block kernels for block-sparse masks up to
+    :data:`DEFAULT_BLOCK_MAX_DENSITY`, CSR kernels up to ``max_density`` (CPU, float32), ``F.linear`` otherwise.
 
     Installed by :meth:`timm_dst.reparam.DSTMask.install_sparse_kernels`; ``method`` is that :class:`DSTMask`.
     """
@@ -141,7 +322,7 @@ class SparseLinearForward:
         self.method = method
         self.max_density = float(max_density)
 
-    def _structure(self, x: torch.Tensor) -> CsrStructure | None:
+    def _structure(self, x: torch.Tensor) -> CsrStructure | BlockStructure | None:
         if _dense_only or _compiling() or torch.jit.is_scripting():
             return None
         m, method = self.module, self.method
@@ -150,11 +331,18 @@ class SparseLinearForward:
         orig = getattr(m, method._tensor_name + '_orig')
         if x.device.type != 'cpu' or x.dtype != torch.float32 or orig.dtype != torch.float32 or _autocast_on():
             return None
-        return method.csr(getattr(m, method._tensor_name + '_mask'), self.max_density)
+        mask = getattr(m, method._tensor_name + '_mask')
+        blocks = method.blocks(mask, self.block_max_density)
+        return blocks if blocks is not None else method.csr(mask, self.max_density)
+
+    @property
+    def block_max_density(self) -> float:
+        return DEFAULT_BLOCK_MAX_DENSITY if self.max_density > 0 else 0.0
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         m = self.module
         s = self._structure(x)
         if s is None:
             return F.linear(x, m.weight, m.bias)
-        return _SparseLinearFn.apply(x, getattr(m, self.method._tensor_name + '_orig'), m.bias, s, self.method)
+        fn = _BlockLinearFn if isinstance(s, BlockStructure) else _SparseLinearFn
+        return fn.apply(x, getattr(m, self.method._tensor_name + '_orig'), m.bias, s, self.method)

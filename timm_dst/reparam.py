@@ -19,7 +19,16 @@ from torch.nn.utils import prune
 
 from ._fsdp import flat_fill_sharded_, full, is_dtensor
 from ._fsdp import fsdp_modules as _fsdp_modules
-from ._sparse_linear import CsrStructure, SparseLinearForward, csr_structure
+from ._sparse_linear import (
+    BLOCK_TRAIN_MIN_AREA,
+    DEFAULT_BLOCK_MAX_DENSITY,
+    BlockStructure,
+    CsrStructure,
+    SparseLinearForward,
+    block_structure,
+    csr_structure,
+    find_block_size,
+)
 
 __all__ = [
     'DSTMask', 'attach_mask', 'attach_masks', 'effective_weight', 'refresh_weight', 'fold_masks', 'export_state_dict',
@@ -231,9 +240,10 @@ class DSTMask(prune.BasePruningMethod):
         return self._index_cache
 
     def install_sparse_kernels(self, module: nn.Module, max_density: float, n_active: int) -> bool:
-        """Give a plain ``nn.Linear`` CSR kernels while at most ``max_density`` of it is active (see
-        :mod:`timm_dst._sparse_linear`); take them away above it, so denser layers pay nothing per call. Called again
-        whenever the layer's budget changes (DSR moves budgets between layers).
+        """Give a plain ``nn.Linear`` CSR kernels while at most ``max_density`` of it is active, or block kernels while
+        its mask is made of whole blocks at most ``DEFAULT_BLOCK_MAX_DENSITY`` dense (see
+        :mod:`timm_dst._sparse_linear`; both off when ``max_density`` is 0); take them away otherwise, so denser layers
+        pay nothing per call. Called again whenever the layer's budget changes (DSR moves budgets between layers).
 
         Args:
             module: The module this mask is attached to.
@@ -244,9 +254,11 @@ class DSTMask(prune.BasePruningMethod):
             Whether the kernels are installed (only on exact ``nn.Linear`` modules, masked on ``weight``).
         """
         installed = isinstance(module.__dict__.get('forward'), SparseLinearForward)
-        numel = getattr(module, self._tensor_name + '_mask').numel()
+        mask = getattr(module, self._tensor_name + '_mask')
+        numel = mask.numel()
         wanted = (type(module) is nn.Linear and self._tensor_name == 'weight' and max_density > 0
-                  and n_active <= max_density * numel)
+                  and (n_active <= max_density * numel
+                       or self.blocks(mask, DEFAULT_BLOCK_MAX_DENSITY) is not None))
         if wanted and not installed:
             module.forward = SparseLinearForward(module, self, max_density)
         elif installed and not wanted:
@@ -264,6 +276,30 @@ class DSTMask(prune.BasePruningMethod):
             cache['csr'] = csr_structure(cache['index'], tuple(mask.shape))
         return cache['csr']
 
+    def blocks(self, mask: torch.Tensor, max_density: float) -> BlockStructure | None:
+        """The cached active blocks of ``mask`` when it is made of whole blocks (``R x C`` with ``R * C >= 1024``,
+        :data:`~timm_dst._sparse_linear.BLOCK_TRAIN_MIN_AREA`) and at most ``max_density`` dense; None otherwise.
+
+        The block size is the declared :attr:`structure` when it is ``'RxC'``; a mask declared ``'N:M'`` or
+        ``'fan-in'`` has no blocks; an unstructured one (None: masks set by hand, by ``set_masks``, or by a method of
+        its own) is looked at for the block sizes of :data:`timm_dst._sparse_linear.BLOCK_CANDIDATES`, once per mask
+        version (the first block row is checked first, so an unstructured mask costs little).
+        """
+        cache = self._mask_cache(mask)
+        if max_density <= 0 or mask.dim() != 2 or cache['n_active'] > max_density * mask.numel():
+            return None
+        if 'blocks' not in cache:  # per mask version
+            cache['blocks'] = None
+            declared = getattr(self, 'structure', None)
+            if declared is None:
+                found = find_block_size(mask, min_area=BLOCK_TRAIN_MIN_AREA)
+            else:
+                size = _block_size(declared)
+                found = find_block_size(mask, (size,), BLOCK_TRAIN_MIN_AREA) if size is not None else None
+            if found is not None:
+                cache['blocks'] = block_structure(found[1], found[0], tuple(mask.shape))
+        return cache['blocks']
+
     def remove(self, module: nn.Module) -> None:
         if isinstance(module.__dict__.get('forward'), SparseLinearForward):
             del module.forward
@@ -274,6 +310,14 @@ class DSTMask(prune.BasePruningMethod):
             handle.remove()
         self._handles = []
         super().remove(module)
+
+
+def _block_size(structure: object) -> tuple[int, int] | None:
+    """``(R, C)`` of a block structure spec ``'RxC'``; None for any other spec (or None)."""
+    if not isinstance(structure, str) or 'x' not in structure:
+        return None
+    r, _, c = structure.partition('x')
+    return (int(r), int(c)) if r.isdigit() and c.isdigit() else None
 
 
 def _sync_copies(module: nn.Module, state_dict: dict, prefix: str, local_metadata: dict) -> None:
