@@ -309,6 +309,14 @@ def _refusals_worker(rank: int, world: int, tmp: str) -> None:
     _train_step(model, opt, 0, rank)
     out['kernels_density'] = sp.density
     out['remasked'] = all(not bool(t.param.to_local()[~t.mask.to_local()].any()) for t in sp.targets)
+    # fold_masks on a sharded model: a plain sharded model with zeros, which FSDP2 keeps training
+    sd_before = timm_dst.export_state_dict(model)
+    timm_dst.fold_masks(model)
+    sd_after = timm_dst.export_state_dict(model)
+    out['folded'] = (sd_before.keys() == sd_after.keys()
+                     and all(torch.equal(sd_before[k], sd_after[k]) for k in sd_after)
+                     and not any(k.endswith(('_orig', '_mask')) for k in model.state_dict()))
+    _train_step(model, torch.optim.SGD(model.parameters(), lr=0.1), 1, rank)
     if rank == 0:
         torch.save(out, os.path.join(tmp, 'refusals.pt'))
     _finish()
@@ -322,7 +330,7 @@ def test_fsdp_refusals_name_what_is_wrong(tmp_path):
     assert "'gmp' chooses its initial topology itself" in out['gmp']
     assert "structure='2:4'" in out['structure'] and 'fully_shard' in out['structure']
     assert 'not HSDP or tensor parallel' in out['hsdp'] and 'Replicate' in out['hsdp']
-    assert out['kernels'] is False and out['kernels_density'] < 0.02 and out['remasked']
+    assert out['kernels'] is False and out['kernels_density'] < 0.02 and out['remasked'] and out['folded']
 
 
 def test_cli_refuses_accelerate_fsdp_in_one_line():

@@ -33,7 +33,8 @@ if TYPE_CHECKING:
     from .sparsifier import Sparsifier
     from .targets import SparseTarget
 
-__all__ = ['is_dtensor', 'full', 'shard_like', 'check_sharded_targets', 'adopt_renamed_params', 'flat_fill_sharded_',
+__all__ = ['is_dtensor', 'full', 'shard_like', 'check_sharded_targets', 'adopt_renamed_params', 'rename_fsdp_params',
+           'flat_fill_sharded_',
            'local_values_at', 'copy_into_', 'ShardedCapture', 'fsdp_modules']
 
 
@@ -142,7 +143,7 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def adopt_renamed_params(model: nn.Module, targets: list[SparseTarget]) -> None:
+def adopt_renamed_params(model: nn.Module, targets: list[SparseTarget], check_only: bool = False) -> None:
     """Tell FSDP2 that each sparse parameter ``<name>`` now lives on its module as ``<name>_orig``.
 
     ``torch.nn.utils.prune`` renames the parameter; FSDP2 sets the unsharded parameter on the module by its name
@@ -150,21 +151,32 @@ def adopt_renamed_params(model: nn.Module, targets: list[SparseTarget]) -> None:
     to ``<name>_orig``. This edits FSDP2's per-parameter module record (``FSDPParam._module_info``, private API of
     torch's ``fully_shard``: checked, with a clear error if it is not there).
     """
+    rename_fsdp_params(model, [(t.module, t.param_name) for t in targets], suffix='_orig',
+                       names=[t.name for t in targets], check_only=check_only)
+
+
+def rename_fsdp_params(model: nn.Module, items: list[tuple[nn.Module, str]], suffix: str,
+                       names: list[str] | None = None, check_only: bool = False) -> None:
+    """Set FSDP2's name of each ``module.<name>`` parameter to ``<name><suffix>`` (see :func:`adopt_renamed_params`;
+    ``suffix=''`` after :func:`~timm_dst.fold_masks` gives the parameter its own name back)."""
     by_param = {}
     for module in fsdp_modules(model):
         group = module._get_fsdp_state()._fsdp_param_group
         for fsdp_param in (group.fsdp_params if group is not None else []):
             by_param[id(fsdp_param.sharded_param)] = fsdp_param
-    for t in targets:
-        fsdp_param = by_param.get(id(t.param))
+    for n, (module, name) in enumerate(items):
+        label = names[n] if names is not None else f'{type(module).__name__}.{name}'
+        param = module._parameters.get(name + '_orig', module._parameters.get(name))
+        fsdp_param = by_param.get(id(param))
         info = getattr(fsdp_param, '_module_info', None)
-        if info is None or info.module is not t.module or info.param_name not in (t.param_name, t.param_name + '_orig'):
-            raise ValueError(f'model: {t.name} is a DTensor but no fully_shard module of this model manages it '
+        if info is None or info.module is not module or info.param_name not in (name, name + '_orig'):
+            raise ValueError(f'model: {label} is a DTensor but no fully_shard module of this model manages it '
                              '(pass the model fully_shard was applied to, after sharding it)')
         if info.shared_modules:
-            raise ValueError(f'model: {t.name} is a weight tied to other modules; tied sparse weights are not '
+            raise ValueError(f'model: {label} is a weight tied to other modules; tied sparse weights are not '
                              'supported under FSDP2: exclude= it')
-        info.param_name = t.param_name + '_orig'
+        if not check_only:
+            info.param_name = name + suffix
 
 
 class ShardedCapture:

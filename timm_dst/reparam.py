@@ -19,6 +19,7 @@ from torch.nn.utils import prune
 
 from ._fsdp import flat_fill_sharded_, full, is_dtensor
 from ._fsdp import fsdp_modules as _fsdp_modules
+from ._fsdp import rename_fsdp_params as _fsdp_rename
 from ._sparse_linear import (
     BLOCK_TRAIN_MIN_AREA,
     DEFAULT_BLOCK_MAX_DENSITY,
@@ -481,10 +482,15 @@ def fold_masks(model: nn.Module) -> nn.Module:
                 controller = hook.controller() if hook.controller is not None else None
                 if controller is not None:
                     controller._detach_masks()
+    renamed = []
     for module in unwrap_model(model).modules():
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.PruningContainer | DSTMask):
+                if getattr(hook, 'sharded', False):
+                    renamed.append((module, hook._tensor_name))
                 prune.remove(module, hook._tensor_name)
+    if renamed:  # FSDP2 manages the parameter under its own name again
+        _fsdp_rename(unwrap_model(model), renamed, suffix='')
     return model
 
 
