@@ -408,6 +408,7 @@ def _capture_worker(rank: int, world: int, tmp: str) -> None:
     _finish()
 
 
+@pytest.mark.slow
 def test_fsdp_dense_gradient_capture_with_accumulation(tmp_path):
     """RigL's dense gradient under FSDP2 (the reduce-scattered shard before masking, summed over micro-batches) equals
     the unsharded capture averaged over the ranks, window after window, while .grad itself stays masked."""
