@@ -172,10 +172,15 @@ def test_max_density_policy():
     names = _zero_linears(model, '16x16', density=0.15)
     comp = timm_dst.compress(model, max_density=0.0)
     assert not _compressed(comp)
-    assert all('above the bsr limit 0' in r.reason for r in comp.compression_report if r.name in names)
+    assert all('above the bsr limit 0 for 16x16 blocks and the csr limit 0' in r.reason
+               for r in comp.compression_report if r.name in names)
     assert 'left as is' in format_report(comp.compression_report)
-    comp = timm_dst.compress(model, max_density={'bsr': 0.0})  # blocks stay dense, CSR is not tried instead
+    comp = timm_dst.compress(model, max_density={'bsr': 0.0})  # blocks above the BSR limit: CSR is tried next
+    assert {m.kind for m in _compressed(comp).values()} == {'csr'}
+    comp = timm_dst.compress(model, max_density={'bsr': 0.2, 'csr': 0.0})  # 16x16: half the BSR limit, 0.1
     assert not _compressed(comp)
+    comp = timm_dst.compress(model, max_density={'bsr': 0.4, 'csr': 0.0})
+    assert {m.kind for m in _compressed(comp).values()} == {'bsr'}
     with pytest.raises(ValueError, match="max_density: unknown representation"):
         timm_dst.compress(model, max_density={'blocks': 0.5})
     with pytest.raises(ValueError, match=r"max_density\['csr'\] = 2.0"):

@@ -55,6 +55,7 @@ FORMAT_VERSION = 1
 KINDS = ('bsr', 'csr', 'semi-structured')
 # a layer is compressed only at or below this density for its representation (docs/structured.md, "Kernels")
 MAX_DENSITY: dict[str, float] = {'bsr': 0.3, 'csr': 0.2, 'semi-structured': 0.5}
+BLOCK_FULL_AREA = 1024  # blocks smaller than 32x32 get half the bsr limit (16x16 at 20%: 0.5x dense at 197 rows)
 BLOCK_ZERO_TOLERANCE = 0.01  # zeros inside the active blocks of a plain model's weights: at most this fraction
 _FIELDS = {'bsr': ('crow_indices', 'col_indices', 'values'), 'csr': ('crow_indices', 'col_indices', 'values'),
            'semi-structured': ('weight',)}
@@ -253,20 +254,29 @@ def _plain_linear(module: nn.Module) -> bool:
 
 def _choose(structure: str | None, density: float, device: torch.device, limits: Mapping[str, float]
             ) -> tuple[str | None, tuple[int, int] | None, str]:
-    """Representation (or None), block size, and the reason when None."""
+    """Representation (or None), block size, and the reason when None.
+
+    Blocks try BSR first (at most ``limits['bsr']`` dense from 32x32 blocks, half that for smaller blocks), then CSR;
+    2:4 on CUDA tries semi-structured, then CSR; everything else CSR.
+    """
     block = _block_size(structure)
+    tried = []
     if block is not None and block[0] * block[1] >= BLOCK_MIN_AREA:
-        kind = 'bsr'
-    elif structure == '2:4' and device.type == 'cuda':
-        kind, block = 'semi-structured', None
-    else:
-        kind, block = 'csr', None
-    if density > limits[kind]:
-        why = f'density {density:.3f} above the {kind} limit {limits[kind]:g}'
-        if structure == '2:4' and device.type != 'cuda':
-            why += ' (2:4 semi-structured kernels need CUDA)'
-        return None, None, why
-    return kind, block, ''
+        limit = limits['bsr'] * (1.0 if block[0] * block[1] >= BLOCK_FULL_AREA else 0.5)
+        if density <= limit:
+            return 'bsr', block, ''
+        tried.append(f'bsr limit {limit:g} for {block[0]}x{block[1]} blocks')
+    if structure == '2:4' and device.type == 'cuda':
+        if density <= limits['semi-structured']:
+            return 'semi-structured', None, ''
+        tried.append(f'semi-structured limit {limits["semi-structured"]:g}')
+    if density <= limits['csr']:
+        return 'csr', None, ''
+    tried.append(f'csr limit {limits["csr"]:g}')
+    why = f'density {density:.3f} above the {" and the ".join(tried)}'
+    if structure == '2:4' and device.type != 'cuda':
+        why += ' (2:4 semi-structured kernels need CUDA)'
+    return None, None, why
 
 
 def _limits(max_density: float | Mapping[str, float] | None) -> dict[str, float]:
