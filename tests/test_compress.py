@@ -87,7 +87,7 @@ def test_compress_reproduces_a_trained_sparse_model(tiny_kind: str):
     assert all(isinstance(h, DSTMask) for m in model.modules() if hasattr(m, 'weight_mask')
                for h in m._forward_pre_hooks.values())
     assert not any(isinstance(m, CompressedLinear) for m in model.modules())
-    assert not comp.training and not any(p.requires_grad for p in comp.parameters())
+    assert not any(m.training for m in comp.modules()) and not any(p.requires_grad for p in comp.parameters())
 
 
 @pytest.mark.parametrize('structure,kind', [('16x16', 'bsr'), ('fan-in', 'csr'), (None, 'csr'), ('2:4', None)])
@@ -216,7 +216,7 @@ def test_save_load_round_trip(tmp_path, structure: str | None):
         timm_dst.load_compressed(name, tmp_path / 'missing.safetensors')
 
 
-@pytest.mark.parametrize('rows', [1, 2, 7, 70])
+@pytest.mark.parametrize('rows', [1, 2, 7, 70, 1100])
 def test_csr_matmul_equals_dense(rows: int):
     g = torch.Generator().manual_seed(0)
     w = torch.randn(40, 24, generator=g) * _mask((40, 24), None, 0.2, g)
@@ -226,6 +226,13 @@ def test_csr_matmul_equals_dense(rows: int):
                                   check_invariants=True)
     x = torch.randn(rows, 24, generator=g)
     torch.testing.assert_close(csr_matmul(x, csr), x @ w.t())
+    layer = nn.Linear(24, 40)
+    with torch.no_grad():
+        layer.weight.copy_(w)
+    comp = timm_dst.compress(layer)  # a bare linear layer is a model too; from 1024 rows it runs F.linear
+    assert isinstance(comp, CompressedLinear) and comp.kind == 'csr'
+    with torch.no_grad():
+        torch.testing.assert_close(comp(x), layer(x))
 
 
 @pytest.mark.parametrize('rows', [3, BLOCK_ROW_GEMM_MIN_ROWS + 5])

@@ -13,7 +13,8 @@ structure           representation and kernel
 ``'2:4'``           on CUDA: ``torch.sparse.to_sparse_semi_structured`` (sparse tensor cores); on CPU as unstructured
 ``'fan-in'``        CSR (constant row length), the same kernels as unstructured: measured fastest of the candidates
 unstructured        CSR: ``torch.mv`` per row for up to 2 rows, ``torch.sparse.mm`` below 32 rows, ``F.embedding_bag``
-                    from 32 rows (:func:`timm_dst._sparse_linear.csr_matmul`)
+                    from 32 rows (:func:`timm_dst._sparse_linear.csr_matmul`), ``F.linear`` on the rebuilt dense weight
+                    from 1024 rows
 ==================  ==================================================================================================
 
 Layers denser than the representation's limit (:data:`MAX_DENSITY`, from the measurements in docs/structured.md),
@@ -55,6 +56,7 @@ FORMAT_VERSION = 1
 KINDS = ('bsr', 'csr', 'semi-structured')
 # a layer is compressed only at or below this density for its representation (docs/structured.md, "Kernels")
 MAX_DENSITY: dict[str, float] = {'bsr': 0.3, 'csr': 0.2, 'semi-structured': 0.5}
+CSR_DENSE_MIN_ROWS = 1024  # from this many input rows a CSR layer rebuilds its dense weight per call (measured faster)
 BLOCK_FULL_AREA = 1024  # blocks smaller than 32x32 get half the bsr limit (16x16 at 20%: 0.5x dense at 197 rows)
 BLOCK_ZERO_TOLERANCE = 0.01  # zeros inside the active blocks of a plain model's weights: at most this fraction
 _FIELDS = {'bsr': ('crow_indices', 'col_indices', 'values'), 'csr': ('crow_indices', 'col_indices', 'values'),
@@ -221,6 +223,8 @@ class CompressedLinear(nn.Module):
             return F.linear(x, self.weight.to(x.dtype), self.bias.to(x.dtype) if self.bias is not None else None)
         shape = x.shape
         x = x.reshape(-1, self.in_features)
+        if self.kind == 'csr' and x.shape[0] >= CSR_DENSE_MIN_ROWS:  # many rows: the dense GEMM on the rebuilt weight
+            return F.linear(x, self.weight, self.bias).view(*shape[:-1], self.out_features)
         y = block_matmul(x, self.values, self._blocks()) if self.kind == 'bsr' else csr_matmul(x, self._csr())
         if self.bias is not None:
             y = y + self.bias
@@ -363,7 +367,11 @@ def compress(model: nn.Module, max_density: float | Mapping[str, float] | None =
             except RuntimeError as e:  # semi-structured: a shape or dtype its kernels do not take
                 row.reason = f'{kind} conversion failed: {e}'.splitlines()[0]
                 continue
-        _set_child(out, name, new)
+        new.train(False)
+        if name:
+            _set_child(out, name, new)
+        else:  # the model is the linear layer itself
+            out = new
         row.kind = kind
     out.compression_report = report
     _logger.info('timm_dst.compress: %s', format_report(report, summary_only=True))
