@@ -14,8 +14,8 @@ import torch.nn as nn
 
 from ._data import DataInfo
 
-__all__ = ['create_accelerator', 'model_kwargs', 'create_train_model', 'scale_lr', 'create_losses',
-           'pretrained_overlay', 'is_own_model']
+__all__ = ['create_accelerator', 'fsdp_refusal', 'fsdp_ignored', 'model_kwargs', 'create_train_model', 'scale_lr',
+           'create_losses', 'pretrained_overlay', 'is_own_model']
 
 _logger = logging.getLogger('timm_dst.train')
 
@@ -32,6 +32,34 @@ def create_accelerator(args: argparse.Namespace):
         dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not args.no_ddp_bb)],
         log_with='wandb' if args.log_wandb else None)
+
+
+def fsdp_refusal(accelerator: Any) -> str | None:
+    """Why this CLI cannot train under the launcher's FSDP set-up, or None when it is not FSDP.
+
+    ``timm-dst-train`` attaches the sparsifier before ``accelerator.prepare`` and saves whole checkpoints from the main
+    process; FSDP shards the model inside ``prepare``. DST under FSDP2 runs from the library (docs/distributed.md).
+    """
+    from accelerate.utils import DistributedType
+    if accelerator.distributed_type != DistributedType.FSDP:
+        return None
+    version = getattr(getattr(accelerator.state, 'fsdp_plugin', None), 'fsdp_version', 1)
+    return (f'accelerate launch --use_fsdp (FSDP{version}) is not supported by timm-dst-train: it builds the '
+            'sparsifier before accelerator.prepare shards the model and saves whole checkpoints from one process; '
+            'train FSDP2 models from the library (fully_shard, optimizer, create_sparsifier; examples/fsdp_train.py, '
+            'docs/distributed.md), or launch without --use_fsdp (DDP)')
+
+
+def fsdp_ignored(accelerator: Any) -> str | None:
+    """A warning when ``accelerate launch --use_fsdp`` asked for FSDP and Accelerate did not set it up (on CPU
+    processes Accelerate 1.15 wraps the model in DDP instead), else None."""
+    from accelerate.utils import DistributedType
+    if os.environ.get('ACCELERATE_USE_FSDP', 'false').lower() != 'true':
+        return None
+    if accelerator.distributed_type == DistributedType.FSDP:
+        return None
+    return (f'accelerate launch --use_fsdp: Accelerate did not set up FSDP for {accelerator.distributed_type.value} '
+            '(it does so on accelerator devices only); this run trains under DDP, each rank holding the whole model')
 
 
 def is_own_model(name: str) -> bool:

@@ -11,11 +11,15 @@ import copy
 import weakref
 from collections import OrderedDict
 from collections.abc import Mapping
+from typing import Any
 
 import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
+from ._fsdp import flat_fill_sharded_, full, is_dtensor
+from ._fsdp import fsdp_modules as _fsdp_modules
+from ._fsdp import rename_fsdp_params as _fsdp_rename
 from ._sparse_linear import (
     BLOCK_TRAIN_MIN_AREA,
     DEFAULT_BLOCK_MAX_DENSITY,
@@ -60,6 +64,10 @@ class DSTMask(prune.BasePruningMethod):
         self._index_cache: tuple | None = None
         self._masked_grad: tuple[int, int] | None = None  # (data_ptr, version) of a gradient produced masked
         self.dense_grad_wanted = False  # set by the sparsifier on steps whose method reads the dense gradient
+        self.capture: Any = None  # sharded (FSDP2) tensors: the dense-gradient capture, run around the masking
+        self.sharded = False  # attached to an FSDP2 shard (set by the sparsifier)
+        self._hooked: weakref.ref | None = None  # the parameter the gradient hook sits on
+        self._replaced_ok = False  # that parameter was replaced, not by fully_shard: checked once
         self.controller: weakref.ref | None = None  # the Sparsifier controlling the owner (fold_masks detaches it)
         # copies only: the module the copy was taken from, and whether the copy follows its live mask (see sync_copy)
         self._source: weakref.ref | None = None
@@ -76,9 +84,25 @@ class DSTMask(prune.BasePruningMethod):
         """Forward pre-hook: on the controlled module, check that ``module.<name>`` still is ``<name>_orig`` (a
         conversion that replaced the parameter object would have left a stale alias); on copies, ``orig * mask``."""
         if self.owns(module):
+            if not self.sharded:
+                self._check_not_sharded_later(module)
             _alias_orig(module, self._tensor_name)
         else:
             setattr(module, self._tensor_name, self.apply_mask(module))
+
+    def _check_not_sharded_later(self, module: nn.Module) -> None:
+        """Refuse a model that ``fully_shard`` sharded after the masks were attached: FSDP2 replaced the parameter the
+        gradient hook sits on, so masked weights would train (one identity check per forward)."""
+        hooked = self._hooked() if self._hooked is not None else None
+        if hooked is None or self._replaced_ok or module._parameters.get(self._tensor_name + '_orig') is hooked:
+            return
+        controller = self.controller() if self.controller is not None else None
+        if controller is not None and _fsdp_modules(controller.model):
+            raise RuntimeError(
+                'model: fully_shard (FSDP2) was applied after create_sparsifier, which is not supported (the masks '
+                'stay whole and their gradient hooks stay on the replaced parameters): fully_shard the blocks and the '
+                'model first, then build the optimizer, then call create_sparsifier (docs/distributed.md)')
+        self._replaced_ok = True
 
     def owns(self, module: nn.Module) -> bool:
         """Whether ``module`` is the one the sparsifier controls (not a ``deepcopy`` of it, such as timm's EMA)."""
@@ -125,7 +149,8 @@ class DSTMask(prune.BasePruningMethod):
         self._follow = False
         self._seen = (weakref.ref(mask), mask._version) if mask is not None else None
 
-    _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', '_handles')
+    _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', '_handles',
+                   'capture', '_hooked')
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
@@ -157,9 +182,15 @@ class DSTMask(prune.BasePruningMethod):
             # means a different tensor or a bumped version, and then the sum is masked here
             if produced is not None and produced == (grad.data_ptr(), grad._version):
                 return
+            capture = self.capture
+            if capture is not None:  # FSDP2: the reduce-scattered shard, before it is masked
+                capture.before(param)
             self.mask_grad_(grad, getattr(module, name + '_mask'))
+            if capture is not None:
+                capture.after(param)
 
         self._grad_hook = getattr(module, name + '_orig').register_post_accumulate_grad_hook(_mask_grad)
+        self._hooked = weakref.ref(getattr(module, name + '_orig'))
         self._owner = weakref.ref(module)
         self._handles = [module.register_state_dict_post_hook(_sync_copies),
                          module.register_load_state_dict_post_hook(_note_loaded)]
@@ -181,6 +212,10 @@ class DSTMask(prune.BasePruningMethod):
 
         On accelerators, and for layouts other than contiguous, a multiply by the bool mask.
         """
+        if is_dtensor(grad):  # an FSDP2 gradient shard and the mask shard of the same rows
+            with torch.no_grad():
+                grad.to_local().mul_(mask.to_local())
+            return grad
         if grad.device.type != 'cpu' or not grad.is_contiguous() or grad.shape != mask.shape:
             return grad.mul_(mask)
         cache = self._mask_cache(mask)
@@ -308,8 +343,11 @@ def has_mask(module: nn.Module, name: str) -> bool:
 def flat_fill_(tensor: torch.Tensor, index: torch.Tensor, value: float | bool) -> torch.Tensor:
     """``tensor.view(-1)[index] = value`` for any memory layout (``channels_last`` included), in place, O(k).
 
-    Flat indices are in the logical (row-major) order of ``tensor.shape``.
+    Flat indices are in the logical (row-major) order of ``tensor.shape``; for an FSDP2 shard (a ``DTensor``) the
+    positions this rank holds are written.
     """
+    if is_dtensor(tensor):
+        return flat_fill_sharded_(tensor, index, value)
     if tensor.is_contiguous():
         tensor.view(-1).index_fill_(0, index, value)
     elif index.numel():
@@ -444,10 +482,15 @@ def fold_masks(model: nn.Module) -> nn.Module:
                 controller = hook.controller() if hook.controller is not None else None
                 if controller is not None:
                     controller._detach_masks()
+    renamed = []
     for module in unwrap_model(model).modules():
         for hook in list(module._forward_pre_hooks.values()):
             if isinstance(hook, prune.PruningContainer | DSTMask):
+                if getattr(hook, 'sharded', False):
+                    renamed.append((module, hook._tensor_name))
                 prune.remove(module, hook._tensor_name)
+    if renamed:  # FSDP2 manages the parameter under its own name again
+        _fsdp_rename(unwrap_model(model), renamed, suffix='')
     return model
 
 
@@ -468,10 +511,14 @@ def export_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) ->
     Args:
         model_or_state: A (possibly wrapped) model, or a state_dict taken from one.
 
+    On a model sharded with FSDP2 (``fully_shard``), every sharded entry is gathered: a collective, call it on every
+    rank; each rank gets the whole plain state dict.
+
     Returns:
         A state_dict with the keys of the unpruned model, loadable strictly into ``timm.create_model(name)``.
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
+    state = {key: full(value) if is_dtensor(value) else value for key, value in state.items()}
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state.items():
         if key.endswith('_mask') and key[:-5] + '_orig' in state:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from . import _fsdp
 from ._sparse_linear import DEFAULT_MAX_DENSITY
 from ._validate import check_bool, check_choice, check_float, check_int, check_patterns
 from .distributions import DISTRIBUTIONS, layer_counts
@@ -110,6 +111,7 @@ def _all_finite(tensors: list[torch.Tensor], device: torch.device) -> bool:
     """Whether every entry of ``tensors`` is finite (one fused norm per tensor, one device sync). Under
     ``torch.distributed`` the answer is agreed by all ranks (a collective: call it on every rank), so that all ranks
     skip or run the same updates."""
+    tensors = [t.to_local() if _fsdp.is_dtensor(t) else t for t in tensors]  # FSDP2 shards: agreed below
     ok = torch.isfinite(torch.stack(torch._foreach_norm(tensors))).all() if tensors else None
     if _dist_world() > 1:
         flag = torch.ones(1, device=device) if ok is None else ok.to(device=device, dtype=torch.float32).reshape(1)
@@ -264,6 +266,14 @@ class Sparsifier:
                 'model: nothing to sparsify (no >= 2-D weight of a conv / linear module matched); '
                 f'include={include!r}, exclude={exclude!r}: name parameters with include= glob patterns')
         self._check_targets()
+        # FSDP2 (fully_shard): masks sharded like their weights, updates gathered one tensor at a time (_fsdp.py)
+        self._sharded = _fsdp.check_sharded_targets(self.targets)
+        if self._sharded:
+            self._check_sharded_method()
+            if structure is not None:
+                raise ValueError(f'structure={structure.spec!r}: structured sparsity is not supported on a model '
+                                 'sharded with fully_shard (FSDP2) yet; leave structure unset (unstructured masks)')
+            sparse_kernel_density = 0.0  # the CSR kernels do not take DTensor shards: the dense kernels run
         self.structure = structure
         self._layouts: list[Layout | None] = [
             structure.layout(t.shape) if structure is not None else None for t in self.targets]
@@ -305,13 +315,23 @@ class Sparsifier:
         masks = method.init_masks(self)
         if masks is None:
             masks = self._initial_masks()
-        masks = self._broadcast_masks(masks)
+        if self._sharded:  # each rank keeps its rows; every rank drew the same masks (same generator, gathered weights)
+            masks = [m if _fsdp.is_dtensor(m) else _fsdp.shard_like(m, t.param) for m, t in zip(masks, self.targets)]
+        else:
+            masks = self._broadcast_masks(masks)
+        if self._sharded:  # FSDP2 manages every sparse weight (checked before anything is attached)
+            _fsdp.adopt_renamed_params(self.model, self.targets, check_only=True)
         method.prepare(self)
         # every check is done: attach all masks or none
         self._dst_masks = attach_masks([(t.module, t.param_name, m) for t, m in zip(self.targets, masks)])
         for m, layout in zip(self._dst_masks, self._layouts):
             m.controller = weakref.ref(self)
             m.structure = layout.spec if layout is not None else None
+        if self._sharded:
+            for m in self._dst_masks:
+                m.sharded = True
+            _fsdp.adopt_renamed_params(self.model, self.targets)
+            self.generator(self._device())  # in the state from the start: a DCP load fills the state it is given
         self._zero_optimizer_state([t.mask for t in self.targets])
         self.explored = [t.mask.detach().clone() for t in self.targets]
         self._refresh_counts()
@@ -455,13 +475,13 @@ class Sparsifier:
     def _initial_masks(self) -> list[torch.Tensor]:
         cpu_gen = self.generator('cpu')
         if self.mask_init == 'global-magnitude':
-            scores = [t.param.detach().abs() for t in self.targets]
+            scores = [_fsdp.full(t.param.detach()).abs() for t in self.targets]
             return self.global_topk_masks(scores, sum(self.counts))
         masks = []
         for t, count, layout in zip(self.targets, self.counts, self._layouts):
             p = t.param
             if self.mask_init == 'magnitude':
-                score = p.detach().abs().flatten()
+                score = _fsdp.full(p.detach()).abs().flatten()
             else:
                 score = torch.rand(p.numel(), generator=cpu_gen).to(p.device)
             if layout is not None:  # whole units: blocks by summed score, the same count in every group
@@ -469,12 +489,13 @@ class Sparsifier:
                 continue
             mask = torch.zeros(p.numel(), dtype=torch.bool, device=p.device)
             mask[topk_indices(score, count)] = True
-            masks.append(mask.view_as(p))
+            # sharded: each rank keeps its rows at once (one tensor's whole mask at a time)
+            masks.append(_fsdp.shard_like(mask, p) if self._sharded else mask.view(t.shape))
         return masks
 
     def global_topk_masks(self, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]:
         """Masks keeping the global top-``k`` of per-tensor scores (used by global magnitude, SNIP and LTH)."""
-        flat = torch.cat([s.detach().flatten().float() for s in scores])
+        flat = torch.cat([_fsdp.full(s.detach()).flatten().float() for s in scores])
         if not bool(torch.isfinite(flat).all()):
             raise ValueError('scores of the initial mask are not finite (NaN / inf in the weights or in the gradients '
                              'of the scoring batches): check the weights given (lth_trained_state) or the batches '
@@ -564,6 +585,11 @@ class Sparsifier:
             dst_mask.dense_grad_wanted = on
         if not on:
             return
+        if self._sharded:  # FSDP2: the reduce-scattered shard, taken by the mask's gradient hook before masking
+            for i, dst_mask in enumerate(self._dst_masks):
+                dst_mask.capture = _fsdp.ShardedCapture(self, i)
+                self._capture_handles.append(_fsdp.CaptureHandle(dst_mask))
+            return
         # a hook on the parameter itself sees its whole gradient (every use in the graph, the child's forward or a
         # parent reading the child's weight) before it accumulates into .grad and is masked there; a post-accumulate
         # hook (after the masking one) notes which .grad the capture belongs to
@@ -604,12 +630,18 @@ class Sparsifier:
         """
         grads = [g if g is not None else torch.zeros_like(t.param, dtype=torch.float32)
                  for g, t in zip(self._dense_grads, self.targets)]
-        if _dist_world() > 1:
+        if _dist_world() > 1 and not self._sharded:  # FSDP2's reduce-scatter averaged the shards already
             flat = torch.cat([g.flatten() for g in grads])
             dist.all_reduce(flat)
             flat.div_(_dist_world())
             grads = [c.view(g.shape) for c, g in zip(torch.split(flat, [g.numel() for g in grads]), grads)]
         return grads
+
+    def _like_param(self, x: torch.Tensor, t: SparseTarget) -> torch.Tensor:
+        """``x`` (float32, shaped like ``t``'s weight) on its device, sharded like it when the weight is."""
+        if self._sharded:
+            return x.to(t.param.device) if _fsdp.is_dtensor(x) else _fsdp.shard_like(x.to(t.param.device), t.param)
+        return _fsdp.full(x).to(t.param.device)
 
     def clear_dense_grads(self) -> None:
         """Forget the captured dense gradients (a method that consumes them every step, like SNFS, calls this)."""
@@ -680,9 +712,10 @@ class Sparsifier:
         mask = self.targets[i].mask
         kept = mask.clone()
         if k <= 0:
-            return torch.empty(0, dtype=torch.long, device=mask.device), kept
-        active = mask.reshape(-1).nonzero().squeeze(1)  # drop candidates: active weights only
-        score = self.method.drop_score(self, i).reshape(-1)[active].float()
+            return torch.empty(0, dtype=torch.long, device=kept.device), kept
+        # sharded (FSDP2): this tensor's mask and scores are gathered, every rank computes the same drop
+        active = _fsdp.full(mask).reshape(-1).nonzero().squeeze(1)  # drop candidates: active weights only
+        score = _fsdp.full(self.method.drop_score(self, i)).reshape(-1)[active].float()
         drop = active[topk_indices(score.neg_(), k)]
         flat_fill_(kept, drop, False)
         return drop, kept
@@ -693,14 +726,15 @@ class Sparsifier:
         if k <= 0:
             return torch.empty(0, dtype=torch.long, device=kept.device)
         excl_dropped = self.method.grow_excludes_dropped
-        blocked = (kept | t.mask) if excl_dropped else kept
+        kept = _fsdp.full(kept)  # sharded (FSDP2): gathered for this tensor only, the same on every rank
+        blocked = (kept | _fsdp.full(t.mask)) if excl_dropped else kept
         n_blocked = self.counts[i] if excl_dropped else n_kept
         score = self.method.grow_score(self, i)
         if score is None:
             if not self.grow_unexplored_first:
                 return self._sample_free(blocked.reshape(-1), k, t.numel - n_blocked)
             # SET+: never-activated positions first, then the explored ones
-            fresh_blocked = (blocked | self.explored[i]).reshape(-1)
+            fresh_blocked = (blocked | _fsdp.full(self.explored[i])).reshape(-1)
             n_fresh = fresh_blocked.numel() - int(torch.count_nonzero(fresh_blocked))
             first = self._sample_free(fresh_blocked, min(k, n_fresh), n_fresh)
             if first.numel() == k:
@@ -709,11 +743,11 @@ class Sparsifier:
             rest_blocked[first] = True
             rest = self._sample_free(rest_blocked, k - first.numel(), t.numel - n_blocked - first.numel())
             return torch.cat([first, rest])
-        score = score.float()
+        score = _fsdp.full(score).float()
         if self.grow_unexplored_first:
             finite = score.masked_fill(blocked, 0.0)
             offset = finite.max() - finite.min() + 1.0
-            score = torch.where(self.explored[i], score, score + offset)
+            score = torch.where(_fsdp.full(self.explored[i]), score, score + offset)
         score = score.masked_fill(blocked, -math.inf)
         return topk_indices(score.reshape(-1), k)
 
@@ -884,12 +918,18 @@ class Sparsifier:
             flat_fill_(t.param.detach(), reset, 0.0)
             for value in self._state_tensors(t):
                 flat_fill_(value, reset, 0.0)
-            newly.append((~self.explored[i].reshape(-1)[grow]).sum())
+            if self._sharded:  # this rank's part; summed over the ranks below
+                newly.append((~_fsdp.local_values_at(self.explored[i], grow)).sum())
+            else:
+                newly.append((~self.explored[i].reshape(-1)[grow]).sum())
             flat_fill_(self.explored[i], grow, True)
             self.counts[i] += grow.numel() - drop.numel()
             refresh_weight(t.module, t.param_name)
         if newly:
-            for i, c in enumerate(torch.stack(newly).tolist()):
+            newly = torch.stack(newly)
+            if self._sharded and _dist_world() > 1:
+                dist.all_reduce(newly)
+            for i, c in enumerate(newly.tolist()):
                 self.explored_counts[i] += int(c)
         self._place_kernels()
 
@@ -909,6 +949,8 @@ class Sparsifier:
 
     def _apply_masks(self, new: list[torch.Tensor]) -> None:
         """Install whole new masks (initial topology, baselines): zero what changed and its optimizer state."""
+        if self._sharded:
+            new = [m if _fsdp.is_dtensor(m) else _fsdp.shard_like(m, t.mask) for m, t in zip(new, self.targets)]
         survivors = []
         for i, (t, m) in enumerate(zip(self.targets, new)):
             survivors.append(t.mask & m)
@@ -921,7 +963,8 @@ class Sparsifier:
 
     def _refresh_counts(self) -> None:
         """Recount active and explored positions (one device sync)."""
-        stats = torch.stack([torch.count_nonzero(x) for x in [t.mask for t in self.targets] + self.explored]).tolist()
+        stats = torch.stack([torch.count_nonzero(x) for x in [t.mask for t in self.targets] + self.explored])
+        stats = _fsdp.full(stats).tolist()  # sharded: partial counts, summed over the ranks here
         n = len(self.targets)
         self.counts = [int(c) for c in stats[:n]]
         self.explored_counts = [int(c) for c in stats[n:]]
@@ -1016,6 +1059,16 @@ class Sparsifier:
         self.remove()
         self._detached = True
 
+    def _check_sharded_method(self) -> None:
+        """Refuse, on an FSDP2-sharded model, what is not supported there (before anything is touched)."""
+        from ._registry import get_method_info, list_methods
+        if type(self.method).init_masks is not SparseMethod.init_masks:
+            supported = [n for n in list_methods() if get_method_info(n).cls.init_masks is SparseMethod.init_masks]
+            raise ValueError(
+                f'method: {self.method_name!r} chooses its initial topology itself (init_masks), which is not '
+                'supported on a model sharded with fully_shard (FSDP2); the methods starting from mask_init are: '
+                f'{", ".join(supported)}')
+
     def _check_targets(self) -> None:
         """Refuse, before anything is touched, targets that already carry a mask and (for methods that attach
         masks) sparse weights the optimizer does not train."""
@@ -1031,15 +1084,24 @@ class Sparsifier:
         held = {id(p) for group in self.optimizer.param_groups for p in group['params']}
         missing = [t.name for t in self.targets if id(t.param) not in held]
         if missing:
+            hint = (' (under FSDP2, build the optimizer after fully_shard: sharding replaces the parameters)'
+                    if _fsdp.is_dtensor(self.targets[0].param) else '')
             raise ValueError(
                 f'optimizer: does not hold the sparse weight(s) {", ".join(missing[:5])}'
                 f'{" ..." if len(missing) > 5 else ""} ({len(missing)} of {len(self.targets)}), so they would never '
-                'train: pass the optimizer of this model, or leave them out with exclude=')
+                f'train: pass the optimizer of this model, or leave them out with exclude={hint}')
 
     # ------------------------------------------------------------------------------------------------------------
     # state
-    def state_dict(self) -> dict[str, Any]:
-        """Everything needed to continue exactly: step, masks, explored masks, generator states, method state."""
+    def state_dict(self, dcp: bool | None = None) -> dict[str, Any]:
+        """Everything needed to continue exactly: step, masks, explored masks, generator states, method state.
+
+        Args:
+            dcp: One structure at every step, as ``torch.distributed.checkpoint`` needs (it loads into the structure it
+                is given): the captured dense gradients are tensors (zeros where none is held; ``dense_grads_held``
+                says which are real). None: only on a model sharded with FSDP2 (whose masks are ``DTensor`` shards);
+                pass True for the template of an unsharded process loading such a checkpoint.
+        """
         return {
             'version': _STATE_VERSION,
             'config': dict(self.config),
@@ -1049,11 +1111,18 @@ class Sparsifier:
             'explored': {t.name: e.cpu().clone() for t, e in zip(self.targets, self.explored)},
             'history': [dict(h) for h in self.history],
             'generators': {k: g.get_state() for k, g in self._generators.items()},
-            'dense_grads': [g.cpu() if g is not None else None for g in self._dense_grads],
+            'dense_grads': self._dense_grads_state(self._sharded if dcp is None else dcp),
             'update_pending': self._update_pending,
+            'dense_grads_held': [g is not None for g in self._dense_grads],
             'method': self.method.state_dict(),
             'budget_total': getattr(self, '_budget_total', sum(self.counts)),
         }
+
+    def _dense_grads_state(self, fixed: bool) -> list[torch.Tensor | None]:
+        if not fixed:
+            return [g.cpu() if g is not None else None for g in self._dense_grads]
+        return [g.cpu() if g is not None else torch.zeros_like(t.param, dtype=torch.float32).cpu()
+                for g, t in zip(self._dense_grads, self.targets)]
 
     @torch.no_grad()
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -1092,15 +1161,17 @@ class Sparsifier:
             self.generator(key).set_state(g_state)
         if self.method.attaches:
             for i, t in enumerate(self.targets):
-                t.mask.copy_(state['masks'][t.name].to(t.mask.device))
+                _fsdp.copy_into_(t.mask, state['masks'][t.name])  # a whole tensor or a shard, into either
                 t.param.mul_(t.mask)
                 refresh_weight(t.module, t.param_name)
-                self.explored[i].copy_(state['explored'][t.name].to(t.mask.device))
+                _fsdp.copy_into_(self.explored[i], state['explored'][t.name])
             self._zero_optimizer_state([t.mask for t in self.targets])
             self._refresh_counts()
         self._budget_total = int(state.get('budget_total', sum(self.counts)))
         grads = state.get('dense_grads') or [None] * len(self.targets)
-        self._dense_grads = [g.to(t.param.device) if g is not None else None for g, t in zip(grads, self.targets)]
+        held = state.get('dense_grads_held') or [g is not None for g in grads]
+        self._dense_grads = [self._like_param(g, t) if g is not None and h else None
+                             for g, h, t in zip(grads, held, self.targets)]
         self.method.load_state_dict(state.get('method', {}))
         if self.method.attaches:
             self._set_capture(self.method.needs_dense_grad(self, self.step + 1) or (

@@ -61,6 +61,8 @@ def _check_shared_storage(targets: list[SparseTarget]) -> None:
     seen: dict[tuple, str] = {}
     for t in targets:
         p = t.param
+        if hasattr(p, 'to_local'):  # an FSDP2 shard (DTensor): its storage is the local shard's
+            p = p.to_local()
         if p.device.type == 'meta' or p.numel() == 0:
             continue
         key = (p.device, p.data_ptr())

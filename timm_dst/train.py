@@ -27,7 +27,7 @@ from ._checkpoint import LAST, CheckpointError, save_safetensors_atomic
 from ._config import args_to_yaml, parse_args
 from ._data import create_loaders, create_mixup, data_config_args, describe_sizes, open_datasets
 from ._registry import get_method_info
-from ._train_build import create_accelerator, create_losses, create_train_model, scale_lr
+from ._train_build import create_accelerator, create_losses, create_train_model, fsdp_ignored, fsdp_refusal, scale_lr
 from ._train_eval import DST_SUMMARY, EXPORT_BEST, evaluate, finish_run
 from ._train_lth import train_two_phases as _train_two_phases
 from ._train_outputs import (
@@ -93,6 +93,9 @@ class _Run:
         if args.threads:
             torch.set_num_threads(args.threads)
         self.accelerator = acc = create_accelerator(args)
+        refusal = fsdp_refusal(acc)
+        if refusal:
+            raise _user_error(refusal)
         self.is_main = acc.is_main_process
         out = [_output_dir(args)]
         broadcast_object_list(out)
@@ -101,6 +104,9 @@ class _Run:
             os.makedirs(self.output_dir, exist_ok=True)
         acc.wait_for_everyone()
         setup_logging(self.is_main, self.output_dir)
+        ignored = fsdp_ignored(acc)
+        if ignored:
+            _logger.warning(ignored)
         self.progress = self.is_main and not args.no_progress
         # the same seed on every rank while the model, masks and EMA are built; seed + rank for training
         set_seed(args.seed)

@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._fsdp import full
 from .._registry import register_method
 from .._validate import check_float, check_int
 from ..distributions import round_exact
@@ -43,7 +44,8 @@ class DSR(SparseMethod):
 
     def drop_counts(self, sp: Sparsifier, rate: float) -> list[int]:
         below = torch.stack([
-            torch.count_nonzero((t.param.detach().abs() < self.threshold) & t.mask) for t in sp.targets]).tolist()
+            torch.count_nonzero((t.param.detach().abs() < self.threshold) & t.mask) for t in sp.targets])
+        below = full(below).tolist()  # FSDP2 shards: per-rank counts, summed
         dropped = [int(b) for b in below]
         k, np_target = sum(dropped), self.np_target or max(1, int(round(0.1 * sum(sp.counts))))
         if k > (1.0 + self.tolerance) * np_target:

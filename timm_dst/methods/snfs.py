@@ -11,6 +11,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .._fsdp import full
 from .._registry import register_method
 from .._validate import check_float
 from ..distributions import round_exact
@@ -40,6 +41,12 @@ class SNFS(SparseMethod):
         end = sp.schedule.end
         return end is None or step <= end
 
+    def prepare(self, sp: Sparsifier) -> None:
+        # zeros from the start (the first step gives m = g exactly): a checkpoint has the same structure at every
+        # step, which torch.distributed.checkpoint needs (it loads into the structure it is given); under FSDP2 the
+        # momentum is sharded like the weights
+        self.momentum = [torch.zeros_like(t.param, dtype=torch.float32) for t in sp.targets]
+
     def on_step(self, sp: Sparsifier) -> None:
         if not sp.has_dense_grads:
             return
@@ -56,8 +63,8 @@ class SNFS(SparseMethod):
         return self.momentum[i]
 
     def grow_counts(self, sp: Sparsifier, dropped: list[int], kept: list[torch.Tensor]) -> list[int]:
-        means = torch.stack([
-            (self._momentum(sp, i).abs() * k).sum() / k.sum().clamp_min(1) for i, k in enumerate(kept)]).tolist()
+        means = full(torch.stack([  # full: FSDP2 shards give partial sums, summed over the ranks here
+            (self._momentum(sp, i).abs() * k).sum() / k.sum().clamp_min(1) for i, k in enumerate(kept)])).tolist()
         kept_counts = [c - d for c, d in zip(sp.counts, dropped)]
         room = [t.numel - k for t, k in zip(sp.targets, kept_counts)]
         return round_exact(means, sum(dropped), room)

@@ -1,0 +1,137 @@
+"""Per-rank memory of DST under FSDP2 (``fully_shard``) vs DDP, and the cost of one topology update sharded vs
+unsharded, on CPU processes (gloo).
+
+Each (model, wrapping) pair runs in fresh processes under ``torch.distributed.run``: build the model, wrap it (DDP:
+``create_sparsifier`` then ``DistributedDataParallel``; FSDP2: ``fully_shard`` the blocks and the model, then the
+optimizer, then ``create_sparsifier``), then train a few steps with a topology update at every step. Per rank it
+reports the DST state it holds (masks and explored masks, bytes), the peak resident memory of the training steps
+(Linux ``VmHWM``, reset after building, so the unsharded construction is not counted; glibc's mmap threshold is fixed
+at 64 KiB so that freed tensors leave the resident set), and the median time of
+``Sparsifier.update`` (under DDP: the unsharded update on full tensors; under FSDP2: per tensor, gather, the same
+computation, write the local rows).
+
+    python benchmarks/fsdp_memory.py --models vit_base_patch16_224 vit_large_patch16_224 --img-size 64
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+
+_CHILD = r'''
+import gc, json, os, statistics, sys, time
+import torch, torch.distributed as dist, torch.nn.functional as F
+a = json.loads(sys.argv[1])
+dist.init_process_group('gloo')
+rank = dist.get_rank()
+torch.set_num_threads(a['threads'])
+import timm
+import timm_dst
+from timm_dst._fsdp import is_dtensor
+
+
+def status(key):
+    with open('/proc/self/status') as f:
+        return next(int(line.split()[1]) * 1024 for line in f if line.startswith(key + ':'))
+
+
+torch.manual_seed(0)
+model = timm.create_model(a['model'], img_size=a['img_size'], num_classes=10)
+if a['wrap'] == 'fsdp':
+    from torch.distributed.fsdp import fully_shard
+    for block in model.blocks:
+        fully_shard(block)
+    fully_shard(model)
+opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+sp = timm_dst.create_sparsifier(model, opt, method=a['method'], sparsity=a['sparsity'], update_interval=1,
+                                total_steps=10 ** 6, prune_rate=0.3, seed=0)
+train = model
+if a['wrap'] == 'ddp':
+    train = torch.nn.parallel.DistributedDataParallel(model, gradient_as_bucket_view=True)
+local = lambda x: x.to_local() if is_dtensor(x) else x
+dst_bytes = sum(local(t.mask).numel() * t.mask.element_size() + local(e).numel() * e.element_size()
+                for t, e in zip(sp.targets, sp.explored))
+param_bytes = sum(local(p).numel() * p.element_size() for p in model.parameters())
+times = []
+live = sp.update
+def timed():
+    t0 = time.perf_counter(); live(); times.append(time.perf_counter() - t0)
+sp.update = timed
+gc.collect()
+with open('/proc/self/clear_refs', 'w') as f:
+    f.write('5')  # reset VmHWM: the peak of the training steps only
+rss0 = status('VmRSS')
+g = torch.Generator().manual_seed(rank)
+for _ in range(a['steps']):
+    x = torch.randn(a['batch_size'], 3, a['img_size'], a['img_size'], generator=g)
+    y = torch.randint(0, 10, (a['batch_size'],), generator=g)
+    loss = F.cross_entropy(train(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+out = dict(rank=rank, dst_bytes=dst_bytes, param_bytes=param_bytes, rss_start=rss0, peak=status('VmHWM'),
+           update_s=statistics.median(times[1:] or times), n_updates=len(times), density=sp.density)
+with open(os.path.join(a['out'], f'rank{rank}.json'), 'w') as f:
+    json.dump(out, f)
+dist.barrier()
+dist.destroy_process_group()
+'''
+
+
+def _run(cfg: dict, nproc: int) -> list[dict]:
+    with tempfile.TemporaryDirectory() as out:
+        cfg = dict(cfg, out=out)
+        with tempfile.NamedTemporaryFile('w', suffix='.py', delete=False) as f:
+            f.write(_CHILD)
+        try:
+            # a fixed mmap threshold: glibc returns every large freed block to the system at once, so the resident
+            # peak follows the live tensors (with its default dynamic threshold, freed blocks stay in the heap)
+            env = dict(os.environ, MALLOC_MMAP_THRESHOLD_=str(1 << 16))
+            subprocess.run([sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', str(nproc), f.name,
+                            json.dumps(cfg)], check=True, capture_output=True, text=True, env=env)
+        except subprocess.CalledProcessError as e:
+            sys.exit(f'fsdp_memory.py: {cfg["model"]} / {cfg["wrap"]} failed:\n{e.stderr[-3000:]}')
+        finally:
+            os.unlink(f.name)
+        return [json.load(open(os.path.join(out, f'rank{r}.json'))) for r in range(nproc)]
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
+    parser.add_argument('--models', nargs='+', default=['vit_base_patch16_224', 'vit_large_patch16_224'])
+    parser.add_argument('--img-size', type=int, default=64, help='input size (the position table follows it)')
+    parser.add_argument('-b', '--batch-size', type=int, default=2, help='per-rank batch')
+    parser.add_argument('--method', default='set')
+    parser.add_argument('--sparsity', type=float, default=0.9)
+    parser.add_argument('--steps', type=int, default=3, help='training steps, each with a topology update')
+    parser.add_argument('--nproc', type=int, default=2)
+    parser.add_argument('--threads', type=int, default=1, help='torch threads per process')
+    parser.add_argument('--json', help='also write the rows to this file')
+    args = parser.parse_args()
+    mib = 1 << 20
+    rows = []
+    print(f'{args.nproc} CPU processes (gloo), {args.method} at sparsity {args.sparsity}, img {args.img_size}, '
+          f'batch {args.batch_size}/rank, SGD momentum, update every step; per-rank values (max over ranks)')
+    print('| model | wrap | params/rank MiB | DST masks/rank MiB | RSS at start MiB | peak RSS in training MiB | '
+          'update s |')
+    print('|---|---|---|---|---|---|---|')
+    for model in args.models:
+        for wrap in ('ddp', 'fsdp'):
+            ranks = _run(dict(model=model, wrap=wrap, img_size=args.img_size, batch_size=args.batch_size,
+                              method=args.method, sparsity=args.sparsity, steps=args.steps, threads=args.threads),
+                         args.nproc)
+            row = dict(model=model, wrap=wrap, **{k: max(r[k] for r in ranks) for k in (
+                'param_bytes', 'dst_bytes', 'rss_start', 'peak', 'update_s')})
+            rows.append(row)
+            print(f'| {model} | {wrap} | {row["param_bytes"] / mib:.0f} | {row["dst_bytes"] / mib:.0f} | '
+                  f'{row["rss_start"] / mib:.0f} | {row["peak"] / mib:.0f} | {row["update_s"]:.2f} |', flush=True)
+    if args.json:
+        with open(args.json, 'w') as f:
+            json.dump(rows, f, indent=1)
+
+
+if __name__ == '__main__':
+    main()
