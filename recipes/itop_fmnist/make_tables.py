@@ -46,6 +46,8 @@ def point(root: str, sweep: str, **kv: Any) -> dict[str, Any] | None:
 def acc(r: dict[str, Any] | None, field: str = 'test_top1') -> str:
     if r is None or field + '_mean' not in r:
         return 'not run'
+    if r['n_seeds'] < 2:
+        return f'{r[field + "_mean"]:.2f} (n={r["n_seeds"]})'
     n = '' if r['n_seeds'] == len(SEEDS) else f' (n={r["n_seeds"]})'
     return f'{r[field + "_mean"]:.2f} ± {r[field + "_std"]:.2f}{n}'
 
@@ -61,6 +63,7 @@ def _ours(r: dict[str, Any] | None, ref: tuple[float, float | None]) -> tuple[st
     ours = r['test_top1_last_mean']
     rs = f' ({r["itop_rate_mean"]:.3f})' if ref[1] is not None and 'itop_rate_mean' in r else ''
     d = ours - ref[0]
+    rs += '' if r['n_seeds'] == len(SEEDS) else f' (n={r["n_seeds"]})'
     return f'{ours:.2f}{rs}', (f'yes ({d:+.2f})' if abs(d) <= SPREAD else f'**no** ({d:+.2f})')
 
 
