@@ -518,7 +518,7 @@ def export_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) ->
         A state_dict with the keys of the unpruned model, loadable strictly into ``timm.create_model(name)``.
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    state = {key: full(value) if is_dtensor(value) else value for key, value in state.items()}
+    state = {key: full(value) for key, value in state.items()}  # FSDP2 shards gathered, the rest as is
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
     for key, value in state.items():
         if key.endswith('_mask') and key[:-5] + '_orig' in state:

@@ -317,10 +317,10 @@ class Sparsifier:
             masks = self._initial_masks()
         if self._sharded:  # each rank keeps its rows; every rank drew the same masks (same generator, gathered weights)
             masks = [m if _fsdp.is_dtensor(m) else _fsdp.shard_like(m, t.param) for m, t in zip(masks, self.targets)]
+            # FSDP2 manages every sparse weight (checked before anything is attached)
+            _fsdp.adopt_renamed_params(self.model, self.targets, check_only=True)
         else:
             masks = self._broadcast_masks(masks)
-        if self._sharded:  # FSDP2 manages every sparse weight (checked before anything is attached)
-            _fsdp.adopt_renamed_params(self.model, self.targets, check_only=True)
         method.prepare(self)
         # every check is done: attach all masks or none
         self._dst_masks = attach_masks([(t.module, t.param_name, m) for t, m in zip(self.targets, masks)])

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 
 import torch.nn as nn
 
+from ._fsdp import is_dtensor
+
 __all__ = ['SparseTarget', 'find_targets', 'DEFAULT_MODULE_TYPES', 'POSITION_MODULE_PATTERNS']
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
@@ -61,7 +63,7 @@ def _check_shared_storage(targets: list[SparseTarget]) -> None:
     seen: dict[tuple, str] = {}
     for t in targets:
         p = t.param
-        if hasattr(p, 'to_local'):  # an FSDP2 shard (DTensor): its storage is the local shard's
+        if is_dtensor(p):  # an FSDP2 shard: its storage is the local shard's
             p = p.to_local()
         if p.device.type == 'meta' or p.numel() == 0:
             continue
