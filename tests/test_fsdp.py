@@ -6,6 +6,7 @@ and the refusals.
 from __future__ import annotations
 
 import copy
+import gc
 import os
 
 import pytest
@@ -276,11 +277,22 @@ def _refusals_worker(rank: int, world: int, tmp: str) -> None:
             return str(e)
         return ''
 
-    # attaching before sharding: the first forward names the order to use
+    # attaching before sharding: the first forward names the order to use (the test holds the optimizer and the
+    # sparsifier, so that their lifetime does not depend on the garbage collector)
     model = _tiny_vit()
-    timm_dst.create_sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), method='set', **KW)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sp = timm_dst.create_sparsifier(model, opt, method='set', **KW)
     _shard(model)
     out['late_shard'] = error(lambda: model(_batch(0, rank)[0]))
+    del model, opt, sp
+    # ... and when the sparsifier and its optimizer are gone (collected) before the model is sharded: the masks left
+    # on the model still refuse the late shard
+    model = _tiny_vit()
+    timm_dst.create_sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), method='set', **KW)
+    gc.collect()
+    _shard(model)
+    gc.collect()
+    out['late_shard_collected'] = error(lambda: model(_batch(0, rank)[0]))
     # the optimizer of the unsharded parameters
     model = _tiny_vit()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -326,6 +338,7 @@ def test_fsdp_refusals_name_what_is_wrong(tmp_path):
     mp.spawn(_refusals_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     out = torch.load(tmp_path / 'refusals.pt')
     assert 'fully_shard (FSDP2) was applied after create_sparsifier' in out['late_shard']
+    assert 'fully_shard (FSDP2) was applied after create_sparsifier' in out['late_shard_collected']
     assert 'build the optimizer after fully_shard' in out['old_optimizer']
     assert "'gmp' chooses its initial topology itself" in out['gmp']
     assert "structure='2:4'" in out['structure'] and 'fully_shard' in out['structure']

@@ -69,6 +69,7 @@ class DSTMask(prune.BasePruningMethod):
         self._hooked: weakref.ref | None = None  # the parameter the gradient hook sits on
         self._replaced_ok = False  # that parameter was replaced, not by fully_shard: checked once
         self.controller: weakref.ref | None = None  # the Sparsifier controlling the owner (fold_masks detaches it)
+        self.root: weakref.ref | None = None  # the model the sparsifier was attached to (the late-shard check)
         # copies only: the module the copy was taken from, and whether the copy follows its live mask (see sync_copy)
         self._source: weakref.ref | None = None
         self._follow = False
@@ -92,12 +93,21 @@ class DSTMask(prune.BasePruningMethod):
 
     def _check_not_sharded_later(self, module: nn.Module) -> None:
         """Refuse a model that ``fully_shard`` sharded after the masks were attached: FSDP2 replaced the parameter the
-        gradient hook sits on, so masked weights would train (one identity check per forward)."""
-        hooked = self._hooked() if self._hooked is not None else None
-        if hooked is None or self._replaced_ok or module._parameters.get(self._tensor_name + '_orig') is hooked:
+        gradient hook sits on, so masked weights would train (one identity check per forward).
+
+        The check reads only the model (the parameter now registered is a ``DTensor``, or the model the masks were
+        attached to holds ``fully_shard`` modules), never the sparsifier or the replaced parameter, which may have
+        been garbage collected: masks left on a model whose sparsifier is gone keep a static sparse model (gradients
+        stay masked, the topology stops changing), and sharding it afterwards is refused all the same.
+        """
+        if self._replaced_ok:
             return
-        controller = self.controller() if self.controller is not None else None
-        if controller is not None and _fsdp_modules(controller.model):
+        current = module._parameters.get(self._tensor_name + '_orig')
+        hooked = self._hooked() if self._hooked is not None else None
+        if current is None or current is hooked:
+            return
+        root = self.root() if self.root is not None else None
+        if is_dtensor(current) or (root is not None and _fsdp_modules(root)):
             raise RuntimeError(
                 'model: fully_shard (FSDP2) was applied after create_sparsifier, which is not supported (the masks '
                 'stay whole and their gradient hooks stay on the replaced parameters): fully_shard the blocks and the '
@@ -150,7 +160,7 @@ class DSTMask(prune.BasePruningMethod):
         self._seen = (weakref.ref(mask), mask._version) if mask is not None else None
 
     _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', '_handles',
-                   'capture', '_hooked')
+                   'capture', '_hooked', 'root')
 
     def __getstate__(self) -> dict:
         # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask

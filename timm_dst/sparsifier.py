@@ -326,6 +326,7 @@ class Sparsifier:
         self._dst_masks = attach_masks([(t.module, t.param_name, m) for t, m in zip(self.targets, masks)])
         for m, layout in zip(self._dst_masks, self._layouts):
             m.controller = weakref.ref(self)
+            m.root = weakref.ref(self.model)
             m.structure = layout.spec if layout is not None else None
         if self._sharded:
             for m in self._dst_masks:
