@@ -469,3 +469,25 @@ def test_other_release_train_py(fmnist_folder, tmp_path):
     plain = json.loads(res.stdout.split('RESULT ', 1)[1])
     assert plain['timm_dst'] is False
     assert all(0.899 <= z <= 0.93 for z in plain['zeros'].values()), plain
+
+
+@needs_timm_scripts
+@pytest.mark.parametrize('model,kwargs', [('itop_mlp', ['hidden=(256,128)', 'img_size=28']),
+                                          ('vit_tiny_patch16_224', ['img_size=28', 'patch_size=4']),
+                                          ('resnet10t', [])])
+def test_launcher_masks_are_independent_of_the_init(fmnist_folder, tmp_path, model, kwargs):
+    """train.py seeds torch with --seed, builds the model, and the launcher attaches with the same seed: the active
+    weights of every sparse tensor are a plausible random sample of the initialisation (issue #24; the MLP's first
+    layer and the ViT's patch embedding kept only positive weights before the fix). A learning rate of 1e-12 keeps
+    the weights at their initial values."""
+    from test_seeding import assert_unbiased, bias_z
+    out = str(tmp_path)
+    args = [TRAIN_PY, fmnist_folder, *MODEL_ARGS, '--model', model, '-b', '32', '--epochs', '1', '--lr', '1e-12',
+            '--weight-decay', '0', '--sched', 'step', '--dst', 'static', '--sparsity', '0.9', '--output', out,
+            '--experiment', 'seed', '--seed', '42']
+    if kwargs:
+        args += ['--model-kwargs', *kwargs]
+    launch(args, cwd=out)
+    ckpt = read_checkpoint(os.path.join(out, 'seed', 'last.pth.tar'))
+    masks = ckpt[DST_KEY]['sparsifier']['masks']
+    assert_unbiased([(k, *bias_z(ckpt['state_dict'][k], m, center=0.0)) for k, m in masks.items()])

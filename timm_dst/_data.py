@@ -26,6 +26,8 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from ._seeding import derived_generator
+
 __all__ = [
     'DATASETS', 'FASHION_MNIST_DIR', 'DataInfo', 'DataSplits', 'SplitView', 'read_idx', 'check_dataset', 'collate',
     'open_datasets', 'data_config_args', 'create_loaders', 'create_mixup', 'normalize_dataset_name',
@@ -244,9 +246,10 @@ def collate(data: Any) -> Any:
 def _synthetic(num_samples: int, num_classes: int, shape: tuple[int, int, int], seed: int,
                prototype_seed: int = 1234) -> _TensorSamples:
     """A learnable synthetic set: one Gaussian prototype per class (from ``prototype_seed``) plus unit noise drawn
-    from ``seed``; identical on every rank."""
-    prototypes = torch.randn((num_classes, *shape), generator=torch.Generator().manual_seed(prototype_seed))
-    g = torch.Generator().manual_seed(seed)
+    from ``seed``; identical on every rank. Both streams are mixed from their seeds (:func:`derive_seed`), so that
+    they never replay the stream a user's ``--seed`` feeds into the model's initialisation."""
+    prototypes = torch.randn((num_classes, *shape), generator=derived_generator(prototype_seed, 'synthetic-prototypes'))
+    g = derived_generator(seed, 'synthetic-samples')
     targets = torch.randint(0, num_classes, (num_samples,), generator=g)
     images = prototypes[targets] + torch.randn((num_samples, *shape), generator=g)
     return _TensorSamples(images, targets)
@@ -304,7 +307,7 @@ def check_dataset(name: str, data_dir: str | None, download: bool = False, train
 # ----------------------------------------------------------------------------------------------------------------
 # data sets
 def _split_indices(n: int, fraction: float, seed: int) -> tuple[list[int], list[int]]:
-    perm = torch.randperm(n, generator=torch.Generator().manual_seed(seed)).tolist()
+    perm = torch.randperm(n, generator=derived_generator(seed, 'validation-split')).tolist()
     n_val = int(round(fraction * n))
     return sorted(perm[n_val:]), sorted(perm[:n_val])
 

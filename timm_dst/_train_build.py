@@ -13,6 +13,7 @@ import torch
 import torch.nn as nn
 
 from ._data import DataInfo
+from ._seeding import derive_seed
 
 __all__ = ['create_accelerator', 'fsdp_refusal', 'fsdp_ignored', 'model_kwargs', 'create_train_model', 'scale_lr',
            'create_losses', 'pretrained_overlay', 'is_own_model']
@@ -23,13 +24,15 @@ _logger = logging.getLogger('timm_dst.train')
 def create_accelerator(args: argparse.Namespace):
     """The run's Accelerator. Precision: ``--amp`` asks for ``--amp-dtype``; without it the launcher's
     ``--mixed_precision`` (or ``ACCELERATE_MIXED_PRECISION``) stays in force. The training order is a seeded
-    permutation per epoch, identical on every rank and after a resume."""
+    permutation per epoch, identical on every rank and after a resume, from a seed mixed from ``--seed`` (not
+    ``--seed`` itself, which seeded the model's initialisation)."""
     from accelerate import Accelerator
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
     mixed = ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else None
     return Accelerator(
         mixed_precision=mixed, gradient_accumulation_steps=args.grad_accum_steps, step_scheduler_with_optimizer=False,
-        dataloader_config=DataLoaderConfiguration(use_seedable_sampler=True, data_seed=args.seed),
+        dataloader_config=DataLoaderConfiguration(
+            use_seedable_sampler=True, data_seed=derive_seed(args.seed, 'data-order')),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not args.no_ddp_bb)],
         log_with='wandb' if args.log_wandb else None)
 

@@ -14,6 +14,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from . import _fsdp
+from ._seeding import derived_generator
 from ._sparse_linear import DEFAULT_MAX_DENSITY
 from ._validate import check_bool, check_choice, check_float, check_int, check_patterns
 from .distributions import DISTRIBUTIONS, layer_counts
@@ -382,13 +383,16 @@ class Sparsifier:
         ]
 
     def generator(self, device: torch.device | str) -> torch.Generator:
-        """The sparsifier's generator on ``device``, seeded identically on every rank."""
+        """The sparsifier's generator on ``device``, seeded identically on every rank.
+
+        Its seed is mixed from :attr:`seed` (:func:`~timm_dst._seeding.derive_seed`), never :attr:`seed` itself: the
+        user seeds torch's global generator with the same integer before building the model, and a replay of that
+        stream would select the masks from the initial weights.
+        """
         device = torch.device(device)
         key = str(device)
         if key not in self._generators:
-            g = torch.Generator(device=device)
-            g.manual_seed(self.seed + 7919 * len(self._generators))
-            self._generators[key] = g
+            self._generators[key] = derived_generator(self.seed, 'sparsifier', len(self._generators), device=device)
         return self._generators[key]
 
     def __repr__(self) -> str:

@@ -32,6 +32,7 @@ import torch
 import torch.nn as nn
 
 from ._registry import DEFAULT_METHOD
+from ._seeding import derived_generator
 
 __all__ = ['DEFAULT_SUITE', 'ZooResult', 'check_model', 'run_zoo', 'format_table', 'main']
 
@@ -235,7 +236,7 @@ def check_model(
             if size != sizes[0]:
                 torch.manual_seed(0)
                 model, kwargs = _build(name, None, num_classes)
-            x = torch.randn(batch_size, _in_chans(model), size, size, generator=torch.Generator().manual_seed(0))
+            x = torch.randn(batch_size, _in_chans(model), size, size, generator=derived_generator(0, 'zoo-input'))
             try:
                 model.eval()
                 with torch.no_grad():
