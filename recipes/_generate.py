@@ -23,6 +23,19 @@ def steps_per_epoch(train_size: int, batch_size: int, val_fraction: float = VAL_
     return math.ceil((train_size - n_val) / batch_size)
 
 
+def milestones(*epochs: int) -> list[int]:
+    """timm's ``decay_milestones`` for lr drops after ``epochs`` epochs (the papers' milestones, PyTorch MultiStepLR
+    style: the first m epochs train at the initial lr). timm applies milestone m from 0-based epoch m - 1, so each is
+    written m + 1 (recipes/README.md, "How timm counts milestones")."""
+    return [e + 1 for e in epochs]
+
+
+def milestones_comment(decay_milestones: list[int]) -> str:
+    """The header line of a multistep recipe: the paper's epochs of its lr drops."""
+    return (f'# lr drops after epochs {" / ".join(str(m - 1) for m in decay_milestones)}; timm\'s decay_milestones '
+            f'are these + 1 (recipes/README.md)\n')
+
+
 def every_iters(iters: int, batch_size: int, train_size: int = CIFAR_TRAIN) -> dict:
     """A 10x lr drop every ``iters`` optimizer steps (the sparse-learning code's StepLR(decay_frequency), stepped per
     mini-batch), as a timm step schedule counted in updates."""
@@ -43,7 +56,7 @@ TABLE3 = {
                           weight_decay=5.0e-4, sparse_init='erk', update_interval=2000, **every_iters(30000, 128)),
     'resnet34_cifar100': dict(model='resnet34_cifar', dataset='torch/cifar100', lr=0.1, batch_size=128, epochs=200,
                               weight_decay=1.0e-4, sparse_init='erk', update_interval=1000, sched='multistep',
-                              decay_milestones=[100, 150], decay_rate=0.1),
+                              decay_milestones=milestones(100, 150), decay_rate=0.1),
 }
 EXTEND = (2, 5, 10, 20)  # Figure 4 / 5 extended training: epochs and lr anchors x k (Table 4: 200 -> 4000 is x20)
 BATCH_SIZES = (8, 16, 32, 64, 128, 256)  # Figure 6 / 10
@@ -53,7 +66,7 @@ def _scaled(cfg: dict, k: int) -> dict:
     """Extended training: epochs and the lr schedule's anchors scaled by ``k`` (ITOP Appendix A.3)."""
     cfg = dict(cfg, epochs=cfg['epochs'] * k)
     if cfg['sched'] == 'multistep':
-        cfg['decay_milestones'] = [m * k for m in cfg['decay_milestones']]
+        cfg['decay_milestones'] = milestones(*[(m - 1) * k for m in cfg['decay_milestones']])  # paper epochs x k
     else:
         cfg['decay_epochs'] = round(cfg['decay_epochs'] * k, 4)
     return cfg
@@ -110,19 +123,21 @@ def itop_recipes() -> dict[str, tuple[str, dict]]:
             ext = _scaled(dict(base, dst=dst, sparsity=sparsity, update_interval=dt, **EXPLORE), 20)
             add(f'table4_{setting}_{dst.replace("-", "_")}_extended', f'ITOP Table 4, {setting}: {dst}, extended '
                 f'training (batch 128, 4000 epochs, ΔT {dt})', ext)
-    # Table 4 / Section 4.4 / Table 2: RigL-ITOP ResNet-50 on ImageNet
+    # Table 4 / Section 4.4 / Table 2: RigL-ITOP ResNet-50 on ImageNet. The official ImageNet/main.py sets the lr per
+    # epoch: warm-up in epochs 0-4, then 0.1 up to epoch 29, x0.1 from epochs 30 / 60 / 90. With warmup_prefix False
+    # timm counts the warm-up inside the schedule, so the first step is 30 epochs of which 5 are warm-up.
     for s in (0.8, 0.9):
         add(f'table4_resnet50_imagenet_rigl_itop_s{round(s * 100)}',
             f'ITOP Table 4 / Table 2, ResNet-50 ImageNet: RigL-ITOP at sparsity {s}',
             dict(model='resnet50', dataset='folder', data_dir='data/imagenet', val_fraction=0.0,
                  batch_size=64, epochs=100, opt='momentum', momentum=0.9, lr=0.1, weight_decay=1.0e-4,
-                 sched='multistep', decay_milestones=[30, 60, 90], decay_rate=0.1, warmup_epochs=5,
+                 sched='multistep', decay_milestones=milestones(30, 60, 90), decay_rate=0.1, warmup_epochs=5,
                  warmup_lr=1.0e-4, warmup_prefix=False, dst='rigl-itop', sparsity=s, sparse_init='erk',
                  update_interval=4000, **EXPLORE, workers=8, pin_mem=True, amp=True, seed=42))
     # Tables 1 and 5: ResNet-18 on CIFAR-10, 250 epochs, lr 0.1 with 10x drops at 125 / 187, batch 128
     r18 = dict(model='resnet18_cifar', dataset='torch/cifar10', lr=0.1, batch_size=128, epochs=250,
-               weight_decay=5.0e-4, sched='multistep', decay_milestones=[125, 187], decay_rate=0.1, sparse_init='erk',
-               dst='set-itop', update_interval=5000, **EXPLORE)
+               weight_decay=5.0e-4, sched='multistep', decay_milestones=milestones(125, 187), decay_rate=0.1,
+               sparse_init='erk', dst='set-itop', update_interval=5000, **EXPLORE)
     add('table1_resnet18_cifar10_set', 'ITOP Table 1, ResNet-18 CIFAR-10: SET at sparsity 0.95; sweep the pruning '
         'rate P and ΔT', dict(r18, sparsity=0.95))
     add('table5_resnet18_cifar10_set', 'ITOP Table 5, ResNet-18 CIFAR-10: SET (P 0.5); sweep sparsity and ΔT',
@@ -137,10 +152,12 @@ def dsr_recipes() -> dict[str, tuple[str, dict]]:
     # WRN-28-2 / CIFAR-10, the official code's script: Nesterov SGD lr 0.1, wd 5e-4, x0.2 at epochs 60 / 120 / 160,
     # 200 epochs, batch 128; reallocation period 100 / 200 / 400 / 800 iterations from epochs 0 / 25 / 80 / 140,
     # no reallocation after epoch 190; Np 20000, H0 1e-3, delta 0.1. The paper trains on the whole training set.
+    # The lr steps are read as PyTorch's MultiStepLR milestones (60 / 60 / 40 / 40 epochs); the script steps it
+    # through ignite's LRScheduler on EPOCH_STARTED, which in the ignite of 2019 applied each drop one epoch earlier.
     spe = steps_per_epoch(CIFAR_TRAIN, 128, 0.0)
     wrn = dict(model='wrn28_2', dataset='torch/cifar10', val_fraction=0.0, crop_padding=4, hflip=0.5,
                color_jitter=0.0, batch_size=128, epochs=200, opt='nesterov', momentum=0.9, lr=0.1, weight_decay=5.0e-4,
-               sched='multistep', decay_milestones=[60, 120, 160], decay_rate=0.2, warmup_epochs=0, dst='dsr',
+               sched='multistep', decay_milestones=milestones(60, 120, 160), decay_rate=0.2, warmup_epochs=0, dst='dsr',
                sparse_init='uniform', update_interval=100,
                update_milestones=[[0, 100], [25 * spe, 200], [80 * spe, 400], [140 * spe, 800]],
                update_end=190 * spe, dsr_np=20000, dsr_threshold=1.0e-3, dsr_tolerance=0.1,
@@ -153,7 +170,7 @@ def dsr_recipes() -> dict[str, tuple[str, dict]]:
     spe = steps_per_epoch(IMAGENET_TRAIN, 256, 0.0)
     r50 = dict(model='resnet50', dataset='folder', data_dir='data/imagenet', val_fraction=0.0,
                batch_size=256, epochs=100, opt='nesterov', momentum=0.9, lr=0.1, weight_decay=1.0e-4,
-               sched='multistep', decay_milestones=[30, 60, 90], decay_rate=0.1, warmup_epochs=0, dst='dsr',
+               sched='multistep', decay_milestones=milestones(30, 60, 90), decay_rate=0.1, warmup_epochs=0, dst='dsr',
                sparse_init='uniform', update_interval=1000,
                update_milestones=[[0, 1000], [25 * spe, 2000], [50 * spe, 4000], [75 * spe, 8000]],
                update_end=95 * spe, dsr_np=400000, dsr_threshold=1.0e-3, dsr_tolerance=0.1,
@@ -172,6 +189,8 @@ def write(folder: str, recipes: dict[str, tuple[str, dict]]) -> None:
     for name, (head, cfg) in recipes.items():
         with open(os.path.join(folder, name + '.yaml'), 'w') as f:
             f.write(f'# {head}\n# generated by recipes/_generate.py; see recipes/README.md\n')
+            if cfg.get('sched') == 'multistep':
+                f.write(milestones_comment(cfg['decay_milestones']))
             yaml.safe_dump(cfg, f, sort_keys=False, default_flow_style=None, allow_unicode=True)
 
 
