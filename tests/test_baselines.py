@@ -175,7 +175,8 @@ def test_gmp_follows_cubic_schedule_exactly(end: int, is_global: bool):
     total = sum(numels)
     assert sp.density == 1.0 and all(t.mask.all() for t in sp.targets)  # dense start (s_i = 0)
     final = timm_dst.layer_counts([t.shape for t in sp.targets], sparsity, 'uniform')
-    update_steps = {s for s in range(start + 1, end + 1) if (s - start) % interval == 0} | {end}
+    # the first update at t0 itself (where the cubic schedule is still at s_i), then every ΔT, and one at the end
+    update_steps = {s for s in range(max(start, 1), end + 1) if (s - start) % interval == 0} | {end}
     seen, prev = [], [t.mask.clone() for t in sp.targets]
 
     def check(o, args, kwargs):

@@ -66,11 +66,21 @@ def test_prune_rate_schedules():
     assert prune_rate_at(80, 0.5, 100, 'constant') == 0.5
 
 
-def test_update_schedule_milestones():
-    # DSR-style: every 2 steps, then every 4 from step 10, stop after 20
-    sched = UpdateSchedule(2, end=20, milestones=[(10, 4)])
-    steps = [s for s in range(1, 30) if sched.is_update_step(s)]
-    assert steps == [2, 4, 6, 8, 14, 18]
+@pytest.mark.parametrize('kwargs,expected', [
+    (dict(interval=5), [5, 10, 15, 20, 25, 30, 35, 40]),  # start 0: step 0 is never taken, the first is at ΔT
+    (dict(interval=5, start=10), [10, 15, 20, 25, 30, 35, 40]),  # the first update at the start step
+    (dict(interval=5, start=3, end=13), [3, 8, 13]),  # start and end both included
+    (dict(interval=5, start=3, end=12), [3, 8]),
+    (dict(interval=1, start=38), [38, 39, 40]),
+    (dict(interval=5, milestones=[(0, 5), (20, 10)]), [5, 10, 15, 20, 30, 40]),  # a milestone's step included
+    (dict(interval=2, end=20, milestones=[(10, 4)]), [2, 4, 6, 8, 10, 14, 18]),  # DSR-style, frozen after 20
+    (dict(interval=4, start=6, milestones=[(2, 3)]), [6, 9, 12, 15, 18, 21, 24, 27, 30, 33, 36, 39]),  # from start
+    (dict(interval=3, end=10, update_at_end=True), [3, 6, 9, 10]),  # GMP: one more at the end, off the grid
+])
+def test_update_schedule_table(kwargs, expected):
+    """Topology-update steps (1-based optimizer steps) over 40 steps, as the flags' help says."""
+    sched = UpdateSchedule(**kwargs)
+    assert [s for s in range(1, 41) if sched.is_update_step(s)] == expected
 
 
 def _sp(**kwargs):

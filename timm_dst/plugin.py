@@ -133,11 +133,13 @@ def add_dst_args(
                    help='prune-rate decay (default: the method\'s)')
     g.add_argument('--prune-rate-min', type=float, default=None, help='final prune rate of decaying schedules')
     g.add_argument('--update-start', type=step_or_fraction, default=None, metavar='STEP|FRACTION',
-                   help='no topology update before this optimizer step (int) or fraction of training (float)')
+                   help='the first topology update is at this optimizer step (int) or fraction of training (float), '
+                        'then one every ΔT (default: the first at step ΔT)')
     g.add_argument('--update-end', type=step_or_fraction, default=None, metavar='STEP|FRACTION',
                    help='topology freezes after this optimizer step (int) or fraction of training (float)')
     g.add_argument('--update-milestones', type=milestone, nargs='+', default=None, metavar='FROM_STEP:INTERVAL',
-                   help='ΔT changes during training (DSR), e.g. 0:100 4875:200')
+                   help='ΔT changes during training (DSR): FROM_STEP:INTERVAL updates at FROM_STEP, then every '
+                        'INTERVAL steps, e.g. 0:100 4875:200')
     g.add_argument('--grow-unexplored-first', action='store_true', default=None,
                    help='SET+ (ITOP Appendix F): grow never-activated positions first')
     g.add_argument('--include', type=str, nargs='+', default=None, metavar='GLOB',

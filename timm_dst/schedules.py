@@ -47,7 +47,8 @@ def resolve_step(value: int | float | None, total_steps: int | None, arg: str) -
 
 
 class UpdateSchedule:
-    """When topology updates happen: every ``interval`` optimizer steps in ``(start, end]``.
+    """When topology updates happen: at ``start``, then every ``interval`` optimizer steps up to ``end`` (both
+    included; with ``start`` 0 the first update is at step ``interval``).
 
     ``milestones`` change the interval from a given step on (DSR: 100, then 200 / 400 / 800 from epochs 25/80/140):
     a sequence of ``(from_step, interval)`` pairs. Updates are counted from the last milestone, so a new period
@@ -89,10 +90,15 @@ class UpdateSchedule:
         return origin, interval
 
     def is_update_step(self, step: int) -> bool:
-        """True when the optimizer step numbered ``step`` (1-based) is followed by a topology update."""
-        if step <= self.start or (self.end is not None and step > self.end):
+        """True when the optimizer step numbered ``step`` (1-based) is followed by a topology update.
+
+        The first update is at ``start`` itself (at ``interval`` when ``start`` is 0: step 0 is never taken), then
+        every ``interval`` steps; a milestone ``(from_step, interval)`` updates at ``from_step`` itself, then every
+        ``interval`` steps from there. No update after ``end``.
+        """
+        if step < max(self.start, 1) or (self.end is not None and step > self.end):
             return False
         if self.update_at_end and step == self.end:
             return True
         origin, interval = self._period(step)
-        return (step - origin) % interval == 0 and step > origin
+        return (step - origin) % interval == 0 and step > 0

@@ -145,7 +145,8 @@ class Sparsifier:
         prune_rate_schedule: ``'cosine'``, ``'constant'`` or ``'linear'`` decay of the prune rate to
             ``prune_rate_min`` at ``update_end``.
         prune_rate_min: Final prune rate of the decaying schedules.
-        update_start: Updates happen only after this step (int) or fraction of training (float).
+        update_start: The first update is at this step (int) or fraction of training (float), then one every
+                ``update_interval`` steps (0: the first at step ``update_interval``).
         update_end: Topology freezes after this step (int) or fraction of training (float); None = never.
         update_milestones: ``[(from_step, interval), ...]``: ΔT changes during training (DSR's reallocation periods).
         grow_unexplored_first: SET+ (ITOP Appendix F): grow never-activated positions before explored ones.
