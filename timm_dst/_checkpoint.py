@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import os
 import pickle
+import re
 import shutil
 import zipfile
 from collections.abc import Mapping
@@ -104,6 +105,38 @@ def _short(e: BaseException) -> str:
     return text if len(text) <= 160 else text[:157] + '...'
 
 
+class OutputWriteError(RuntimeError):
+    """A file of the run could not be written (a full disk, a read-only or vanished folder); the message names it."""
+
+
+def short_error(e: BaseException) -> str:
+    """An exception as a short one-line text (OSErrors: the reason and the file)."""
+    if isinstance(e, OSError) and e.strerror:
+        text = f'{e.strerror}: {e.filename}' if e.filename else e.strerror
+    else:
+        text = ' '.join(str(e).split()) or type(e).__name__
+    return text if len(text) <= 200 else text[:197] + '...'
+
+
+_ENFORCE = re.compile(r'\[enforce fail at [^]]*\]\s*\.?\s*')  # the C++ location in torch's writer errors
+
+
+def is_write_failure(e: BaseException) -> bool:
+    """Whether ``e`` is a failed file write (an OSError, or the RuntimeError of torch's zip writer on a full disk)."""
+    if isinstance(e, OSError):
+        return True
+    text = str(e)
+    return isinstance(e, RuntimeError) and any(s in text for s in ('PytorchStreamWriter', 'inline_container',
+                                                                   'file write failed'))
+
+
+def write_failure_cause(e: BaseException) -> str:
+    """Why a write failed, in a few words (torch's writer errors lose their C++ location and get a hint)."""
+    if isinstance(e, OSError):
+        return short_error(e)
+    return f'torch.save: {_ENFORCE.sub("", short_error(e))}; is the disk full?'
+
+
 def model_state(ckpt: Mapping[str, Any], use_ema: bool = False) -> dict[str, torch.Tensor]:
     """The weights of a checkpoint dict: ``state_dict_ema`` (with ``use_ema``), ``state_dict``, ``model``, or the dict
     itself when it is a state_dict; DDP / compile prefixes stripped."""
@@ -180,16 +213,21 @@ def check_resume_source(path: str, ckpt: Mapping[str, Any], args: argparse.Names
 
 def check_resume_compatible(path: str, ckpt: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
     """The timm-dst-train run state of a ``--resume`` checkpoint holding a DST state, after
-    :func:`check_resume_source`.
+    :func:`check_resume_source`; its sparse weights must be finite and zero where the masks are off
+    (:func:`timm_dst.plugin.check_checkpoint_weights`).
 
     Raises:
-        CheckpointError: What differs, in one line.
+        CheckpointError: What differs or is damaged, in one line.
     """
-    from .plugin import DST_KEY
+    from .plugin import DST_KEY, check_checkpoint_weights
     check_resume_source(path, ckpt, args)
     state = ckpt.get(DST_KEY)
     if not isinstance(state, Mapping) or 'run' not in state:
         raise CheckpointError(f'--resume {path}: its DST state holds no timm-dst-train run state (a checkpoint of '
                               'another tool, e.g. timm\'s train.py under timm_dst.run): continue it with that tool, '
                               'or start from its weights with --initial-checkpoint')
+    try:
+        check_checkpoint_weights(ckpt, state)
+    except ValueError as e:
+        raise CheckpointError(f'--resume {path}: {e}') from None
     return dict(state)

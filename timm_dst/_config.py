@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import os
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -377,6 +378,57 @@ def _yaml_error(e: yaml.YAMLError) -> str:
     return where + ' '.join(str(getattr(e, 'problem', None) or e).split())
 
 
+class DuplicateKeyError(yaml.YAMLError):
+    """A key given twice in one YAML mapping (``yaml.safe_load`` would keep the last value without a word)."""
+
+    def __init__(self, key: Any, first_line: int, line: int):
+        super().__init__(f'key {key} is given twice (lines {first_line} and {line})')
+        self.key, self.first_line, self.line = key, first_line, line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` refusing a key given twice in one mapping (merge keys ``<<`` may still be overridden)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == 'tag:yaml.org,2002:merge':
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in seen:
+                    raise DuplicateKeyError(key, seen[key], line)
+                seen[key] = line
+            except TypeError:  # an unhashable key: construct_mapping refuses it
+                continue
+        return super().construct_mapping(node, deep=deep)
+
+
+def read_yaml_config(path: str, error: Callable[[str], Any], flag: str = '-c/--config') -> Any:
+    """A YAML config file, loaded like ``yaml.safe_load`` but refusing a key given twice.
+
+    Args:
+        path: The file.
+        error: Called with one line naming ``flag``, the file and the problem (expected not to return): no such file,
+            unreadable, not valid YAML, a duplicate key.
+        flag: The option that named the file.
+
+    Returns:
+        The loaded value (None for an empty file).
+    """
+    if not os.path.isfile(path):
+        return error(f'{flag} {path!r}: ' + ('a folder, not a YAML file' if os.path.isdir(path) else 'no such file'))
+    try:
+        with open(path) as f:
+            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
+    except DuplicateKeyError as e:
+        return error(f'{flag} {path}: {e}; keep one')
+    except yaml.YAMLError as e:
+        return error(f'{flag} {path}: not valid YAML ({_yaml_error(e)})')
+    except (OSError, UnicodeDecodeError) as e:
+        return error(f'{flag} {path}: cannot be read ({e})')
+
+
 def _type_name(t: Any) -> str:
     return {int: 'an integer', float: 'a number', str: 'a string', step_or_fraction: 'an integer step or a fraction',
             milestone: 'FROM_STEP:INTERVAL'}.get(t, getattr(t, '__name__', str(t)))
@@ -439,27 +491,23 @@ def _coerce(action: argparse.Action, value: Any) -> Any:
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
     """The flag values of a ``-c`` YAML file (dashes or underscores), each converted and checked like a flag."""
-    if not os.path.isfile(path):
-        parser.error(f'-c/--config {path!r}: no such file')
-    try:
-        with open(path) as f:
-            cfg = yaml.safe_load(f) or {}
-    except yaml.YAMLError as e:
-        parser.error(f'-c/--config {path}: not valid YAML ({_yaml_error(e)})')
-    except (OSError, UnicodeDecodeError) as e:
-        parser.error(f'-c/--config {path}: cannot be read ({e})')
+    cfg = read_yaml_config(path, parser.error) or {}
     if not isinstance(cfg, dict):
         parser.error(f'-c/--config {path}: expected a mapping of flag names to values, got {type(cfg).__name__}')
     # keys are dests or any long option name (sparse_init is --distribution)
     actions = {a.dest: a for a in parser._actions if a.dest not in ('help', 'config')}
     for a in list(actions.values()):
         actions.update({o.lstrip('-').replace('-', '_'): a for o in a.option_strings if o.startswith('--')})
-    out, unknown = {}, []
+    out, unknown, keys = {}, [], {}
     for key, value in cfg.items():
         action = actions.get(str(key).lstrip('-').replace('-', '_'))
         if action is None:
             unknown.append(str(key))
             continue
+        if action.dest in keys:  # batch-size and batch_size, or sparse_init and distribution
+            flag = next((o for o in action.option_strings if o.startswith('--')), action.dest)
+            parser.error(f'-c/--config {path}: keys {keys[action.dest]} and {key} both set {flag}; keep one')
+        keys[action.dest] = key
         try:
             out[action.dest] = _coerce(action, value)
         except ValueError as e:
@@ -540,6 +588,36 @@ def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f'--dist-bn {args.dist_bn!r}: accepted: broadcast, reduce, "" (off)')
     if args.lr_base_scale not in ('', 'linear', 'sqrt'):
         parser.error(f'--lr-base-scale {args.lr_base_scale!r}: accepted: linear, sqrt')
+
+
+def writable_folder_problem(folder: str) -> str | None:
+    """Why ``folder`` cannot be created or written to (a file in its path, a read-only file system, no permission), or
+    None. Tried, not inferred from permission bits (which do not bind root): a file is created in the folder, or in
+    its nearest existing parent, and removed."""
+    import tempfile
+    folder = os.path.abspath(folder)
+    probe = folder
+    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        return f'{probe} is a file, not a folder'
+    try:
+        fd, path = tempfile.mkstemp(prefix='.timm_dst_probe', dir=probe)
+        os.close(fd)
+        os.remove(path)
+    except OSError as e:
+        return f'{probe} is not writable ({e.strerror or e})'
+    return None
+
+
+def _check_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    from .train import _output_dir
+    folder = _output_dir(args)
+    problem = writable_folder_problem(folder)
+    if problem:
+        given = f'--output {args.output}' if args.output else '--output (default: beside --resume, else output/train)'
+        parser.error(f'{given}: cannot write the run folder {os.path.abspath(folder)}: {problem}; give a writable '
+                     'folder')
 
 
 def _check_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
@@ -626,6 +704,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     _check_ranges(parser, args)
     _check_data_flags(parser, args)
     _check_files(parser, args)
+    _check_output(parser, args)
     try:
         check_dataset(args.dataset, args.data_dir, args.dataset_download, args.train_split)
     except FileNotFoundError as e:

@@ -2,6 +2,7 @@
 :mod:`timm_dst.plugin`), ``summary.csv`` in timm's column names, the per-epoch PNG, the log lines, JSON summaries."""
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import logging
@@ -12,6 +13,8 @@ from typing import Any
 
 import torch
 from timm.utils import CheckpointSaver
+
+from ._checkpoint import OutputWriteError, is_write_failure, write_failure_cause
 
 __all__ = ['DstCheckpointSaver', 'write_summary_row', 'read_summary', 'truncate_summary', 'plot_summary',
            'write_json_atomic', 'dst_summary', 'flops_line', 'setup_logging', 'train_log_line']
@@ -69,11 +72,19 @@ class DstCheckpointSaver(CheckpointSaver):
                                  if k.endswith('_orig')}
         pack_checkpoint(state, self.sparsifier, flops=self.flops, rng=False, extra=extra)
         tmp = save_path + '.part'
-        with open(tmp, 'wb') as f:
-            torch.save(state, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, save_path)
+        try:
+            with open(tmp, 'wb') as f:
+                torch.save(state, f)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, save_path)
+        except (OSError, RuntimeError) as e:
+            if not is_write_failure(e):
+                raise
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise OutputWriteError(f'checkpoint of epoch {epoch} not written: {save_path} ({write_failure_cause(e)}); '
+                                   'the checkpoints written before are unchanged') from e
 
 
 # --------------------------------------------------------------------------------------------------------------------

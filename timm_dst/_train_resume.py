@@ -52,6 +52,18 @@ def _load_optimizer(run: Any, ckpt: dict[str, Any]) -> None:
                               'add --no-resume-opt to start a fresh one') from None
 
 
+def _option_changes(old_args: Any, args: Any) -> str:
+    """The DST options the resumed run changes (``--update-interval 500 (the checkpoint was trained with 1000)``),
+    from the checkpoint's ``args``; '' when none, or when the checkpoint's arguments cannot say."""
+    from .plugin import dst_options, option_changes
+    if getattr(old_args, 'dst', None) != args.dst:
+        return ''
+    try:
+        return option_changes(dst_options(old_args), dst_options(args))
+    except (ValueError, KeyError, TypeError, AttributeError):  # arguments of an older version: nothing to compare
+        return ''
+
+
 def dense_start_epoch(ckpt: dict[str, Any]) -> int:
     """The epoch a dense timm checkpoint continues at, as ``timm.models.resume_checkpoint`` counts it (the saved
     epoch + 1 for checkpoints of version 2 and later)."""
@@ -84,6 +96,9 @@ def resume_run(run: Any) -> None:
         raise _user_error(str(e)) from None
     except ValueError as e:  # the sparsifier's own check (method, sparsity, distribution, tensors)
         raise _user_error(f'--resume {args.resume}: {e}') from None
+    changes = _option_changes(ckpt.get('args'), args)
+    if changes:
+        _logger.warning(f'resuming with {changes}')
     if run.ema is not None:
         if ckpt.get('state_dict_ema') is None:
             raise _user_error(f'--resume {args.resume}: no EMA in the checkpoint (trained without --model-ema)')

@@ -38,8 +38,10 @@ import yaml
 __all__ = [
     'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'ParseKwargs', 'add_dst_args',
     'validate_dst_args', 'sparsifier_kwargs', 'create_sparsifier_from_args', 'pack_checkpoint', 'dst_state',
-    'read_dst_state', 'restore_dst_state', 'load_plain_state_dict', 'rng_state', 'set_rng_state', 'read_checkpoint',
+    'read_dst_state', 'check_checkpoint_weights', 'restore_dst_state', 'load_plain_state_dict', 'rng_state',
+    'set_rng_state', 'read_checkpoint',
     'outside_mask', 'fill_outside_mask', 'begin_training', 'accept_plain_weights', 'packing_torch_save', 'pack_saver',
+    'dst_options', 'option_changes',
 ]
 
 DST_KEY = 'timm_dst'  # the checkpoint key of the DST state
@@ -240,6 +242,85 @@ def sparsifier_kwargs(args: argparse.Namespace, seed: int | None = None) -> dict
     return kw
 
 
+# The DST options a resume may change: the schedule of the updates still to come and the methods' own settings. What
+# else differs is refused when the state is loaded (method, sparsity, distribution, structure, the sparse tensors:
+# --include / --exclude / --dense-*); the initial topology (--mask-init, the seed) is the checkpoint's.
+_RESUME_OPTIONS = ('update_interval', 'prune_rate', 'prune_rate_schedule', 'prune_rate_min', 'update_start',
+                   'update_end', 'update_milestones', 'grow_unexplored_first', 'remask_every_step',
+                   'sparse_kernel_density')
+_NOT_RESUME_OPTIONS = frozenset({'seed', 'mask_init', 'sparsity', 'distribution', 'structure', 'include', 'exclude',
+                                 'dense_first_layer', 'dense_classifier', 'total_steps', 'defer_total_steps'})
+
+
+def _plain_value(value: Any) -> Any:
+    """Tuples as lists, recursively (a value as a checkpoint stores and compares it); None if not plain data."""
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    if isinstance(value, list | tuple):
+        items = [_plain_value(v) for v in value]
+        return None if any(v is None and o is not None for v, o in zip(items, value)) else items
+    return None
+
+
+def dst_options(args: argparse.Namespace) -> dict[str, Any]:
+    """The values in effect for the DST options a resume may change (the update schedule, the prune rate and its
+    decay, the methods' own settings other than initial data and files): the flag (or ``--dst-kwargs`` entry) where
+    given, else the method's registered default, else the default of the controller or of the method's class.
+
+    Plain values only: they are stored in checkpoints and compared by :func:`option_changes`.
+
+    Args:
+        args: Parsed arguments holding the :func:`add_dst_args` flags (a checkpoint's ``args`` too).
+    """
+    import inspect
+
+    from ._registry import get_method_info, method_arguments
+    from .sparsifier import Sparsifier
+    info = get_method_info(args.dst)
+    own = {a.dest for a in method_arguments()
+           if args.dst in a.methods and not a.path and not a.cli_only and a.dest != info.init_data_arg}
+    defaults: dict[str, Any] = {}
+    for fn, names in ((Sparsifier.__init__, set(_RESUME_OPTIONS)), (info.cls.__init__, own)):
+        for name, param in inspect.signature(fn).parameters.items():
+            if name in names and param.default is not inspect.Parameter.empty:
+                defaults[name] = param.default
+    schedule = set(_RESUME_OPTIONS) if info.explores else set()  # a fixed topology has no updates to come
+    keep = schedule | own | (set(getattr(args, 'dst_kwargs', None) or {}) - _NOT_RESUME_OPTIONS)
+    values = {**defaults, **info.defaults, **sparsifier_kwargs(args, seed=0)}
+    return {k: _plain_value(v) for k, v in values.items() if k in keep and (v is None or _plain_value(v) is not None)}
+
+
+def _show_option(value: Any) -> str:
+    if isinstance(value, bool):
+        return 'on' if value else 'off'
+    if isinstance(value, list):
+        return ' '.join(':'.join(map(str, v)) if isinstance(v, list) else str(v) for v in value) or '[]'
+    if isinstance(value, float):
+        return f'{value:g}'
+    return 'none' if value is None else str(value)
+
+
+def option_changes(old: Mapping[str, Any] | None, new: Mapping[str, Any]) -> str:
+    """What a resume changes, in one line: ``--update-interval 500 (the checkpoint was trained with 1000); ...``, or
+    ``''`` when nothing differs or the checkpoint does not say (``old`` None: saved before options were stored).
+
+    Args:
+        old: :func:`dst_options` of the run that wrote the checkpoint.
+        new: :func:`dst_options` of the resumed run.
+    """
+    if not isinstance(old, Mapping):
+        return ''
+    flags = dst_option_strings()
+    parts = []
+    for key, value in new.items():
+        if key not in old or _plain_value(old[key]) == value:
+            continue
+        flag = '--' + key.replace('_', '-')
+        name = flag if flag in flags else f'--dst-kwargs {key}'
+        parts.append(f'{name} {_show_option(value)} (the checkpoint was trained with {_show_option(old[key])})')
+    return '; '.join(parts)
+
+
 def create_sparsifier_from_args(model: nn.Module, optimizer: Any, args: argparse.Namespace,
                                 total_steps: int | None = None, resume: str | None = None, **overrides: Any):
     """:func:`timm_dst.create_sparsifier` with the method and keywords of the parsed DST flags.
@@ -275,18 +356,46 @@ def create_sparsifier_from_args(model: nn.Module, optimizer: Any, args: argparse
     state = read_dst_state(resume) if resume else None
     snapshot = None
     if state is not None:  # attaching draws a topology and zeroes around it: keep the resumed values
-        snapshot = ([(p, p.detach().clone()) for p in model.parameters()], copy.deepcopy(optimizer.state_dict()))
+        snapshot = ([(p, p.detach().clone()) for p in model.parameters()], copy.deepcopy(optimizer.state_dict()),
+                    {id(m): list(m._parameters) for m in model.modules()})
     sp = create_sparsifier(model, optimizer, method=args.dst, **kw)
     if snapshot is not None:
         with torch.no_grad():
             for p, v in snapshot[0]:  # the same parameter objects (masked ones are now <name>_orig)
                 p.copy_(v)
         optimizer.load_state_dict(snapshot[1])
-        restore_dst_state(sp, state, rng=False)
+        try:
+            restore_dst_state(sp, state, rng=False)
+        except ValueError:  # a refused state: the model and optimizer go back to what the resume loaded
+            _undo_attach(sp, model, optimizer, snapshot)
+            raise
     sp.resume_state = state
     if sp.method.attaches:
         accept_plain_weights(sp, (state or {}).get('ema_outside_mask'))
     return sp
+
+
+@torch.no_grad()
+def _undo_attach(sp: Any, model: nn.Module, optimizer: Any, snapshot: tuple) -> None:
+    """Take a just-created sparsifier off ``model`` again: its hooks and masks removed (not folded), parameters in
+    their order with the ``snapshot`` values, the optimizer state as it was. The sparsifier is detached."""
+    from .reparam import _detach
+    sp.remove()
+    for t, dst_mask in zip(sp.targets, sp._dst_masks):
+        dst_mask.install_sparse_kernels(t.module, 0.0, 0)  # 0: the module's own forward back
+        _detach(t.module, t.param_name, dst_mask)
+    sp._detached = True
+    params, optimizer_state, orders = snapshot
+    for module in model.modules():
+        order = orders.get(id(module))
+        if order is not None and list(module._parameters) != order:
+            current = dict(module._parameters)
+            module._parameters.clear()
+            module._parameters.update((k, current[k]) for k in order if k in current)
+            module._parameters.update((k, v) for k, v in current.items() if k not in order)
+    for p, v in params:
+        p.copy_(v)
+    optimizer.load_state_dict(optimizer_state)
 
 
 def begin_training(sparsifier: Any, total_steps: int, start_step: int | None = None,
@@ -353,9 +462,10 @@ class _PlainLoadHook:
 
 
 @contextlib.contextmanager
-def packing_torch_save(sparsifier: Any, flops: Any | None = None) -> Iterator[None]:
-    """Within the block, the first dict handed to ``torch.save`` is packed (:func:`pack_checkpoint`) first: wrap
-    a call that writes one timm checkpoint (``CheckpointSaver._save``).
+def packing_torch_save(sparsifier: Any, flops: Any | None = None,
+                       extra: Mapping[str, Any] | None = None) -> Iterator[None]:
+    """Within the block, the first dict handed to ``torch.save`` is packed (:func:`pack_checkpoint`, with ``extra``
+    entries in the DST state) first: wrap a call that writes one timm checkpoint (``CheckpointSaver._save``).
 
     Raises:
         RuntimeError: When the block saved no dict through ``torch.save`` (the checkpoint would lack the DST state).
@@ -366,7 +476,7 @@ def packing_torch_save(sparsifier: Any, flops: Any | None = None) -> Iterator[No
     def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
         if isinstance(obj, dict) and not seen:
             seen.append(True)
-            pack_checkpoint(obj, sparsifier, flops=flops)
+            pack_checkpoint(obj, sparsifier, flops=flops, extra=extra)
         return real_save(obj, f, *args, **kwargs)
 
     torch.save = save
@@ -517,7 +627,12 @@ def read_checkpoint(path: str, mmap: bool = True) -> Any:
 
 
 def read_dst_state(checkpoint: str | Mapping[str, Any]) -> dict[str, Any] | None:
-    """The DST state of a checkpoint (a path or a loaded dict), or None for a plain (dense) timm checkpoint."""
+    """The DST state of a checkpoint (a path or a loaded dict), or None for a plain (dense) timm checkpoint.
+
+    Raises:
+        ValueError: The DST entry is not a timm_dst state, or the checkpoint's sparse weights are damaged
+            (:func:`check_checkpoint_weights`).
+    """
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
     if not isinstance(ckpt, Mapping):
         return None
@@ -526,7 +641,54 @@ def read_dst_state(checkpoint: str | Mapping[str, Any]) -> dict[str, Any] | None
         return None
     if not isinstance(state, Mapping) or 'sparsifier' not in state:
         raise ValueError(f'checkpoint: the {DST_KEY!r} entry is not a timm_dst state (no "sparsifier")')
+    check_checkpoint_weights(ckpt, state)
     return dict(state)
+
+
+def check_checkpoint_weights(ckpt: Mapping[str, Any], state: Mapping[str, Any]) -> None:
+    """Refuse a checkpoint whose sparse weights are damaged, before anything is loaded from it: a sparse tensor of
+    ``state_dict`` / ``model`` or of the EMA (``state_dict_ema`` / ``model_ema``, ``ema_outside_mask``, ``ema_orig``)
+    holding NaN / inf, or a plain sparse weight that is not zero where the DST state's mask is off (the layout stores
+    ``x_orig * x_mask``). NaN at a masked position would stay NaN (NaN * 0 is NaN) and train on as NaN.
+
+    Args:
+        ckpt: The checkpoint dict.
+        state: Its DST state (:func:`read_dst_state`).
+
+    Raises:
+        ValueError: Naming the entry, the tensor and how many values are wrong.
+    """
+    from ._checkpoint import model_state
+    masks = state.get('sparsifier', {}).get('masks') if isinstance(state.get('sparsifier'), Mapping) else None
+    if not isinstance(masks, Mapping):
+        return  # no masks: the sparsifier's own check refuses the state
+    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
+        if not isinstance(ckpt.get(key), Mapping):
+            continue
+        weights = model_state({'state_dict': ckpt[key]})
+        for name, mask in masks.items():
+            w = weights.get(name)
+            if not torch.is_tensor(w) or not w.is_floating_point():
+                continue  # absent or of another kind: loading the weights says so
+            bad = int((~torch.isfinite(w)).sum())
+            if bad:
+                raise ValueError(f'checkpoint: {key} {name} holds {bad} non-finite value(s) (NaN / inf): the weights '
+                                 'are damaged; resume from an earlier checkpoint')
+            if key in ('state_dict', 'model') and torch.is_tensor(mask) and tuple(mask.shape) == tuple(w.shape):
+                outside = int(((w != 0) & ~mask.to(torch.bool)).sum())
+                if outside:
+                    raise ValueError(f'checkpoint: {key} {name} holds {outside} non-zero value(s) where its mask is '
+                                     'off (the checkpoint stores zeros there): the weights or the masks are damaged; '
+                                     'resume from an earlier checkpoint')
+    run = state.get('run') if isinstance(state.get('run'), Mapping) else {}
+    ema_values = [('ema_outside_mask', name, entry.get('value') if isinstance(entry, Mapping) else None)
+                  for name, entry in (state.get('ema_outside_mask') or {}).items()]
+    for source in (state.get('ema_orig'), run.get('ema_orig')):  # timm-dst-train: the EMA's values under its masks
+        ema_values += [('ema_orig', name, value) for name, value in (source or {}).items()]
+    for key, name, value in ema_values:
+        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
+            raise ValueError(f'checkpoint: {key} {name} holds non-finite values (NaN / inf): the EMA is damaged; '
+                             'resume from an earlier checkpoint')
 
 
 def restore_dst_state(sparsifier: Any, state: Mapping[str, Any], flops: Any | None = None, rng: bool = True) -> None:

@@ -159,14 +159,14 @@ class DSTMask(prune.BasePruningMethod):
         self._follow = False
         self._seen = (weakref.ref(mask), mask._version) if mask is not None else None
 
-    _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', '_handles',
-                   'capture', '_hooked', 'root')
+    _NOT_COPIED = ('_owner', '_grad_hook', '_index_cache', '_masked_grad', 'controller', '_source', '_seen', 'capture',
+                   '_hooked', 'root')
 
     def __getstate__(self) -> dict:
-        # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask
+        # copies (deepcopy, pickling) are not kept zero by a sparsifier: they fall back to orig * mask. The handles of
+        # the state-dict hooks stay: they are (hooks dict, key) pairs, and the dicts are copied with the module
         state = dict(self.__dict__)
         state.update({k: None for k in self._NOT_COPIED})
-        state['_handles'] = []
         return state
 
     def __deepcopy__(self, memo: dict) -> DSTMask:
@@ -174,13 +174,37 @@ class DSTMask(prune.BasePruningMethod):
         memo[id(self)] = new
         for key, value in self.__getstate__().items():
             new.__dict__[key] = copy.deepcopy(value, memo)
-        # a copy remembers the module it was taken from (weak: the copy does not keep it alive)
-        new._source = self._owner if self._owner is not None else self._source
+        # a copy remembers the module it was taken from (weak: the copy does not keep it alive). A copy of a copy
+        # follows the same module, or that module's own copy when both are copied in one call (deepcopy((model, ema)))
+        if self._owner is not None:
+            new._source = self._owner
+        else:
+            module = self._source() if self._source is not None else None
+            new._source = weakref.ref(memo[id(module)]) if module is not None and id(module) in memo else self._source
         return new
 
     def install_grad_mask(self, module: nn.Module) -> None:
         """Mask ``<name>_orig.grad`` in place right after each accumulation into it, before DDP's reducer reads it
-        (buffers are looked up per call: ``module.to()`` swaps them)."""
+        (buffers are looked up per call: ``module.to()`` swaps them), and make ``module`` the controlled one."""
+        self._install_grad_hook(module)
+        self._handles = [module.register_state_dict_post_hook(_sync_copies),
+                         module.register_load_state_dict_post_hook(_note_loaded)]
+
+    def adopt(self, module: nn.Module) -> None:
+        """Make this mask of a copied model the controlled one of ``module`` (the copy): used when a
+        :class:`~timm_dst.Sparsifier` is copied or unpickled together with its model.
+
+        The gradient hook (which a copy does not carry: tensor hooks are not copied) is installed on the copy's
+        ``<name>_orig``, ``module.<name>`` becomes that parameter again, and the copy stops following the mask of the
+        module it was copied from. The state-dict hooks came with the copy (their handles too).
+        """
+        if self._owner is not None and self._owner() is not None:
+            raise RuntimeError(f'{type(module).__name__}.{self._tensor_name}: this mask is controlled already')
+        self._source, self._follow, self._seen = None, False, None
+        self._install_grad_hook(module)
+        _alias_orig(module, self._tensor_name)
+
+    def _install_grad_hook(self, module: nn.Module) -> None:
         name = self._tensor_name
 
         def _mask_grad(param: torch.Tensor) -> None:
@@ -202,8 +226,6 @@ class DSTMask(prune.BasePruningMethod):
         self._grad_hook = getattr(module, name + '_orig').register_post_accumulate_grad_hook(_mask_grad)
         self._hooked = weakref.ref(getattr(module, name + '_orig'))
         self._owner = weakref.ref(module)
-        self._handles = [module.register_state_dict_post_hook(_sync_copies),
-                         module.register_load_state_dict_post_hook(_note_loaded)]
 
     def note_masked_grad(self, grad: torch.Tensor) -> None:
         """Record a weight gradient produced already masked (by the sparse kernels), for the accumulation hook."""

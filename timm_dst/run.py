@@ -32,30 +32,37 @@ from __future__ import annotations
 import argparse
 import contextlib
 import csv
+import errno
 import json
 import logging
 import os
+import pickle
 import runpy
 import sys
 import weakref
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from ._checkpoint import is_write_failure, short_error, write_failure_cause
 from .plugin import (
     add_dst_args,
     begin_training,
     create_sparsifier_from_args,
     dst_option_strings,
+    dst_options,
+    option_changes,
     packing_torch_save,
+    read_checkpoint,
     read_dst_state,
     restore_dst_state,
     sparsifier_kwargs,
     validate_dst_args,
 )
+from .sparsifier import NonFiniteGradientError
 
 __all__ = ['main', 'split_argv', 'Launcher']
 
@@ -91,9 +98,16 @@ def _world_size() -> int:
 
 # --------------------------------------------------------------------------------------------------------------------
 # arguments
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors as the launcher's one line (no usage block), exit status 2."""
+
+    def error(self, message: str):
+        _fail(message)
+
+
 def create_parser() -> argparse.ArgumentParser:
     """The launcher's parser: the DST flags only (train.py parses the rest)."""
-    parser = argparse.ArgumentParser(
+    parser = _Parser(
         prog=PROG, allow_abbrev=False, add_help=False,
         usage=f'{PROG} PATH/TO/train.py [train.py arguments] [DST flags]   (or python -m timm_dst.run ...)',
         description='Run an unmodified timm train.py with dynamic sparse training. The DST flags below may stand '
@@ -142,6 +156,54 @@ def split_argv(argv: list[str]) -> tuple[str | None, list[str], list[str]]:
     return script, rest, dst
 
 
+class _ConfigParser(argparse.ArgumentParser):
+    """timm train.py's first parser (``-c/--config`` only), with errors as the launcher's one line."""
+
+    def error(self, message: str):
+        _fail(f'-c/--config: {message}')
+
+
+def read_train_config(rest: list[str], dst_parser: argparse.ArgumentParser) -> tuple[str, set[str]] | None:
+    """Check the ``-c/--config`` YAML that train.py will read (found in its arguments as train.py's own first parser
+    finds it), before train.py starts; its DST keys (``sparsity: 0.9``, ...) become the defaults of ``dst_parser``
+    (the DST flags on the command line win). Returns the config's path and keys (None without a config).
+
+    Refused in one line, exit status 2: no such file, unreadable, not valid YAML, not a mapping (an empty file
+    included: train.py cannot read it), a key given twice (YAML keeps the last silently), a key with dashes
+    (train.py's ``parser.set_defaults`` reads ``batch_size``; ``batch-size`` would be ignored), a DST value of the
+    wrong type. Keys that are no flag of train.py are refused once train.py defines its flags
+    (:meth:`Launcher.patched`).
+    """
+    from ._config import _coerce, read_yaml_config
+    config_parser = _ConfigParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='', type=str)
+    path = config_parser.parse_known_args(rest)[0].config
+    if not path:
+        return None
+    cfg = read_yaml_config(path, _fail)
+    if not isinstance(cfg, dict):
+        got = 'an empty file' if cfg is None else f'a {type(cfg).__name__}'
+        _fail(f'-c/--config {path}: expected a mapping of train.py flag names (with underscores) to values, got {got}')
+    for key in cfg:
+        if not isinstance(key, str):
+            _fail(f'-c/--config {path}: key {key!r} is not a flag name (keys are train.py\'s flag names)')
+        if '-' in key:
+            twin = key.lstrip('-').replace('-', '_')
+            both = f'keys {key} and {twin} both name --{twin.replace("_", "-")}: ' if twin in cfg else f'key {key}: '
+            _fail(f'-c/--config {path}: {both}train.py reads config keys with underscores ({twin}); a key with '
+                  'dashes would be ignored')
+    actions = {a.dest: a for a in dst_parser._actions if a.dest != 'help'}
+    defaults = {}
+    for key, value in cfg.items():
+        if key in actions:
+            try:
+                defaults[key] = _coerce(actions[key], value)
+            except ValueError as e:
+                _fail(f'-c/--config {path}: key {key}: {value!r} is not accepted; expected {e}')
+    dst_parser.set_defaults(**defaults)
+    return path, set(cfg)
+
+
 def _is_flag(tok: str) -> bool:
     if not tok.startswith('-') or tok == '-':
         return False
@@ -150,6 +212,45 @@ def _is_flag(tok: str) -> bool:
         return False
     except ValueError:
         return True
+
+
+def _read_user_checkpoint(path: str, flag: str) -> Mapping[str, Any]:
+    """A checkpoint file named by ``flag``, read (memory-mapped) before timm reads it: a folder, a missing, empty,
+    truncated or foreign file, or one that holds no dict, is one line (timm-dst-train's wording), exit status 2."""
+    from ._checkpoint import CheckpointError, read_checkpoint_file
+    if os.path.isdir(path):
+        _fail(f'{flag} {path}: a folder; give a checkpoint file (e.g. {os.path.join(path, "last.pth.tar")})')
+    if not os.path.isfile(path):
+        _fail(f'{flag} {path}: no such file')
+    try:
+        if path.endswith('.safetensors'):
+            return read_checkpoint_file(path, flag)
+        ckpt = read_checkpoint(path)  # memory-mapped: cheap for any size
+    except Exception as e:  # the one-line reason of timm-dst-train (empty, truncated, not a torch file, ...)
+        try:
+            read_checkpoint_file(path, flag)
+        except CheckpointError as reason:
+            _fail(str(reason))
+        _fail(f'{flag} {path}: not a readable checkpoint ({short_error(e)})')
+    if not isinstance(ckpt, Mapping):
+        _fail(f'{flag} {path}: expected a checkpoint dict or a state_dict, got {type(ckpt).__name__}')
+    return ckpt
+
+
+def _weights_misfit(model: nn.Module, state: Mapping[str, torch.Tensor]) -> str | None:
+    """How plain checkpoint weights do not fit ``model`` (masked or not): missing / unexpected keys, shapes that
+    differ (first keys and counts), or None when they fit (timm's strict ``load_state_dict`` will take them)."""
+    own = {}
+    for key, value in model.state_dict().items():
+        if key.endswith('_mask') and key[:-5] + '_orig' in model.state_dict():
+            continue
+        own[key[:-5] if key.endswith('_orig') else key] = value
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [k for k in own if k in state and tuple(state[k].shape) != tuple(own[k].shape)]
+    parts = [f'{label}: {", ".join(keys[:3])}{" ..." if len(keys) > 3 else ""} ({len(keys)})'
+             for label, keys in (('missing', missing), ('unexpected', unexpected), ('shape differs', wrong)) if keys]
+    return '; '.join(parts) or None
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -176,6 +277,10 @@ class Launcher:
         self.output_dir: str | None = None
         self.optimizer_seen = False
         self.scheduler_seen = False
+        self.config_path: str | None = None  # the -c config, and its keys (checked against train.py's flags)
+        self.config_keys: set[str] | None = None
+        self.options: dict[str, Any] = {}  # plugin.dst_options, stored in every checkpoint
+        self._resume_args: Any = None  # the --resume checkpoint's args (train.py's, DST flags in an edited script)
         self._last_logged_update = 0
         self._hooks: list[Any] = []
 
@@ -230,6 +335,9 @@ class Launcher:
         if timm_task is not None:
             patch(timm_task, 'resume_task_checkpoint', shared(self._wrap_resume))
         patch(timm.utils, 'update_summary', shared(self._wrap_update_summary))
+        for owner in (timm.utils, sys.modules.get('timm.utils.summary')):
+            patch(owner, 'get_outdir', shared(self._wrap_get_outdir))
+        patch(argparse.ArgumentParser, 'set_defaults', self._wrap_set_defaults)
         patch(torch, 'compile', shared(self._wrap_before))
         saver_cls = self._saver_class(timm.utils.CheckpointSaver)
         for owner in (timm.utils, sys.modules.get('timm.utils.checkpoint_saver')):
@@ -248,7 +356,17 @@ class Launcher:
 
     def _wrap_create_model(self, orig: Callable) -> Callable:
         def create_model(*args: Any, **kwargs: Any) -> nn.Module:
-            model = orig(*args, **kwargs)
+            path = kwargs.get('checkpoint_path')  # train.py's --initial-checkpoint, loaded by timm inside
+            if not path:
+                model = orig(*args, **kwargs)
+            else:
+                _read_user_checkpoint(path, '--initial-checkpoint')
+                try:
+                    model = orig(*args, **kwargs)
+                except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
+                    name = args[0] if args and isinstance(args[0], str) else kwargs.get('model_name')
+                    _fail(f'--initial-checkpoint {path}: its weights do not load into --model {name} '
+                          f'({short_error(e)})')
             self.models.append(weakref.ref(model))
             return model
         return create_model
@@ -307,17 +425,48 @@ class Launcher:
 
     def _wrap_resume(self, orig: Callable) -> Callable:
         def resume(model: Any, checkpoint_path: str, *args: Any, **kwargs: Any) -> Any:
+            self._check_resume(checkpoint_path)
             if self.sparsifier is None:
-                epoch = orig(model, checkpoint_path, *args, **kwargs)
+                epoch = self._timm_resume(orig, model, checkpoint_path, *args, **kwargs)
                 self.resume_epoch = epoch
                 self.attach(resume_path=checkpoint_path)
                 return epoch
             # attached already: the masks first, then the plain weights reach the masked model through its load hooks
             self._restore(checkpoint_path)
-            epoch = orig(model, checkpoint_path, *args, **kwargs)
+            epoch = self._timm_resume(orig, model, checkpoint_path, *args, **kwargs)
             self.resume_epoch = epoch
             return epoch
         return resume
+
+    @staticmethod
+    def _timm_resume(orig: Callable, model: Any, path: str, *args: Any, **kwargs: Any) -> Any:
+        """timm's resume, with what it raises for a checkpoint :meth:`_check_resume` let through as one line."""
+        try:
+            return orig(model, path, *args, **kwargs)
+        except (RuntimeError, ValueError, KeyError, OSError, EOFError, pickle.UnpicklingError) as e:
+            _fail(f'--resume {path}: timm cannot resume from it ({short_error(e)})')
+
+    def _check_resume(self, path: str) -> None:
+        """Before timm reads a ``--resume`` checkpoint: a readable checkpoint file whose weights fit the model, saved
+        with the same optimizer (unless ``--no-resume-opt``). Anything else is one line, exit status 2, where timm
+        would raise from deep inside ``torch.load`` or ``load_state_dict``."""
+        from ._checkpoint import model_state
+        ckpt = _read_user_checkpoint(path, '--resume')
+        a = self.train_args
+        old_args = self._resume_args = ckpt.get('args')
+        old_opt, opt = getattr(old_args, 'opt', None), getattr(a, 'opt', None)
+        if old_opt is not None and opt is not None and not getattr(a, 'no_resume_opt', False) \
+                and str(old_opt).lower() != str(opt).lower():
+            _fail(f'--resume {path}: the run was trained with --opt {old_opt}; resume with the same --opt, or add '
+                  '--no-resume-opt to start a fresh optimizer state')
+        model = self.pending[0] if self.pending is not None else self.model
+        if model is not None:
+            problem = _weights_misfit(model, model_state(ckpt))
+            if problem:
+                arch, name = ckpt.get('arch'), getattr(a, 'model', None)
+                which = f'the checkpoint is of model {arch!r}, not --model {name!r}: ' if arch and name and \
+                    arch != name else ''
+                _fail(f'--resume {path}: {which}its weights do not fit the model ({problem})')
 
     def _wrap_create_scheduler(self, orig: Callable) -> Callable:
         def create_scheduler_v2(*args: Any, **kwargs: Any) -> Any:
@@ -351,13 +500,45 @@ class Launcher:
 
     def _wrap_update_summary(self, orig: Callable) -> Callable:
         def update_summary(epoch: int, *args: Any, **kwargs: Any) -> Any:
-            out = orig(epoch, *args, **kwargs)
             filename = kwargs.get('filename', args[2] if len(args) > 2 else None)
+            try:
+                out = orig(epoch, *args, **kwargs)
+            except OSError as e:
+                _fail(f'{filename}: the row of epoch {epoch} was not written ({short_error(e)})')
             if filename and self.sparsifier is not None:
                 self.output_dir = os.path.dirname(os.path.abspath(filename))
                 self._epoch_row(int(epoch), os.path.join(self.output_dir, DST_SUMMARY_CSV))
             return out
         return update_summary
+
+    def _wrap_get_outdir(self, orig: Callable) -> Callable:
+        def get_outdir(path: str, *paths: str, **kwargs: Any) -> str:
+            try:
+                return orig(path, *paths, **kwargs)
+            except OSError as e:
+                from ._config import writable_folder_problem
+                folder = os.path.join(path, *paths)
+                problem = writable_folder_problem(folder) or short_error(e)
+                _fail(f'--output {path}: cannot create the run folder {folder}: {problem}; give a writable folder')
+        return get_outdir
+
+    def _wrap_set_defaults(self, orig: Callable) -> Callable:
+        """train.py's ``parser.set_defaults(**config)``: a config key that is no flag of train.py (nor a DST flag)
+        would only add an attribute nobody reads; refused in one line."""
+        launcher = self
+
+        def set_defaults(parser: argparse.ArgumentParser, **kwargs: Any) -> None:
+            keys = launcher.config_keys
+            if keys is not None and set(kwargs) == keys:
+                launcher.config_keys = None  # train.py's call: checked once
+                known = {a.dest for a in parser._actions} | set(vars(launcher.dst_args))
+                unknown = sorted(k for k in keys if k not in known)
+                if unknown:
+                    _fail(f'-c/--config {launcher.config_path}: unknown key(s) {", ".join(unknown)}: not a flag of '
+                          f'{launcher.script} nor a DST flag (keys are the flag names with underscores, see '
+                          f'{launcher.script} --help)')
+            return orig(parser, **kwargs)
+        return set_defaults
 
     def _saver_class(self, base: type) -> type:
         launcher = self
@@ -369,15 +550,64 @@ class Launcher:
                 launcher.attach()
                 super().__init__(*args, **kwargs)
                 launcher.output_dir = getattr(self, 'checkpoint_dir', None) or launcher.output_dir
+                self._target: tuple[str, int] | None = None  # (the file being written, its epoch)
+                from ._config import writable_folder_problem
+                for folder in {getattr(self, 'checkpoint_dir', ''), getattr(self, 'recovery_dir', '')} - {''}:
+                    problem = writable_folder_problem(folder)
+                    if problem:
+                        _fail(f'--output: cannot write checkpoints in {folder}: {problem}; give a writable folder')
+
+            def save_checkpoint(self, epoch: int, *args: Any, **kwargs: Any) -> Any:
+                last = os.path.join(self.checkpoint_dir, 'last' + self.extension)
+                self._target = (last, epoch)
+                try:
+                    return super().save_checkpoint(epoch, *args, **kwargs)
+                except OSError as e:  # renaming the written file to last, or its copies (checkpoint-N, model_best)
+                    tmp = os.path.join(self.checkpoint_dir, 'tmp' + self.extension)
+                    if os.path.exists(tmp):
+                        launcher._save_failed(tmp, self._target, e)
+                    copy = getattr(e, 'filename2', None) or e.filename or \
+                        f'{self.save_prefix}-{epoch}{self.extension} / model_best{self.extension}'
+                    _fail(f'checkpoint of epoch {epoch} written to {last}, but not its copy {copy} '
+                          f'({e.strerror or e})')
+                finally:
+                    self._target = None
+
+            def save_recovery(self, epoch: int, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
+                name = '-'.join([getattr(self, 'recovery_prefix', 'recovery'), str(epoch), str(batch_idx)])
+                self._target = (os.path.join(self.recovery_dir, name + self.extension), epoch)
+                try:
+                    return super().save_recovery(epoch, batch_idx, *args, **kwargs)
+                finally:
+                    self._target = None
 
             def _save(self, save_path: str, *args: Any, **kwargs: Any) -> Any:
-                if launcher.sparsifier is None:
-                    return super()._save(save_path, *args, **kwargs)
-                with packing_torch_save(launcher.sparsifier, launcher.flops):
-                    return super()._save(save_path, *args, **kwargs)
+                try:
+                    if launcher.sparsifier is None:
+                        return super()._save(save_path, *args, **kwargs)
+                    with packing_torch_save(launcher.sparsifier, launcher.flops, extra={'options': launcher.options}):
+                        return super()._save(save_path, *args, **kwargs)
+                except (OSError, RuntimeError) as e:
+                    if not is_write_failure(e):
+                        raise
+                    launcher._save_failed(save_path, self._target, e)
 
         DSTCheckpointSaver.__name__ = DSTCheckpointSaver.__qualname__ = base.__name__
         return DSTCheckpointSaver
+
+    @staticmethod
+    def _save_failed(save_path: str, target: tuple[str, int] | None, e: BaseException) -> None:
+        """A checkpoint write failed (a full disk, a read-only or vanished folder): remove the partial file, say which
+        checkpoint was not written and that the previous one is untouched, exit 2."""
+        target_path, epoch = target if target is not None else (save_path, None)
+        if save_path != target_path and (os.path.islink(save_path) or os.path.isfile(save_path)):
+            with contextlib.suppress(OSError):
+                os.remove(save_path)  # timm writes to a temporary name, renamed over the target once complete
+        cause = write_failure_cause(e)
+        kept = (f'the previous {os.path.basename(target_path)} is unchanged' if os.path.isfile(target_path)
+                else 'no earlier checkpoint of that name exists')
+        which = f'of epoch {epoch} ' if epoch is not None else ''
+        _fail(f'checkpoint {which}not written: {target_path} ({cause}); {kept}')
 
     def _any_step(self, optimizer: Any, args: Any, kwargs: Any) -> None:
         """Every optimizer's step pre-hook: a step before the sparsifier is attached (and told the run's length)
@@ -406,8 +636,10 @@ class Launcher:
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             _fail(f'--resume {resume_path}: {e}' if resume_path else f'--dst {self.dst_args.dst}: {e}')
         self.sparsifier, self.model = sp, model
+        self.options = dst_options(self.dst_args)
         self.flops = self._make_flops(TrainingFlops, model, sp)
         state = sp.resume_state
+        self._log_option_changes(state)
         if state is not None and self.flops is not None and state.get('flops') is not None:
             self.flops.load_state_dict(state['flops'])
         elif resume_path and state is None:
@@ -434,6 +666,20 @@ class Launcher:
             except (ValueError, KeyError) as e:
                 _fail(f'--resume {path}: {e}')
         sp.resume_state = state
+        self._log_option_changes(state)
+
+    def _log_option_changes(self, state: Mapping[str, Any] | None) -> None:
+        """On a resume: the DST options that differ from the checkpoint's, in one line. The checkpoint's options are
+        in its DST state (launcher checkpoints), else in its ``args`` (a train.py edited with timm_dst.plugin)."""
+        if not isinstance(state, Mapping):
+            return
+        old = state.get('options')
+        if old is None and getattr(self._resume_args, 'dst', None) == self.dst_args.dst:
+            with contextlib.suppress(ValueError, KeyError, TypeError, AttributeError):
+                old = dst_options(self._resume_args)
+        changes = option_changes(old, self.options)
+        if changes:
+            self._log(f'DST: resuming with {changes}')
 
     def _make_flops(self, cls: type, model: nn.Module, sp: Any) -> Any:
         """Training FLOPs at train.py's input size and nominal global batch (batch x accumulation x processes)."""
@@ -479,10 +725,13 @@ class Launcher:
             with open(path, newline='') as f:
                 rows = [r for r in csv.DictReader(f) if int(r['epoch']) < epoch]
         rows.append(row)
-        with open(path, 'w', newline='') as f:
-            writer = csv.DictWriter(f, fieldnames=list(row))
-            writer.writeheader()
-            writer.writerows(rows)
+        try:
+            with open(path, 'w', newline='') as f:
+                writer = csv.DictWriter(f, fieldnames=list(row))
+                writer.writeheader()
+                writer.writerows(rows)
+        except OSError as e:
+            _fail(f'{path}: the row of epoch {epoch} was not written ({short_error(e)})')
         self._log(f'DST: epoch {epoch}  step {row["step"]}  density {row["density"]}  R_s {row["itop_rate"]}')
 
     def finish(self) -> dict[str, Any] | None:
@@ -498,8 +747,12 @@ class Launcher:
             line += f'  {flops_line(summary)}'
         self._log(line)
         if self.output_dir and _is_primary():
-            with open(os.path.join(self.output_dir, DST_SUMMARY_JSON), 'w') as f:
-                json.dump(summary, f, indent=2, default=list)
+            path = os.path.join(self.output_dir, DST_SUMMARY_JSON)
+            try:
+                with open(path, 'w') as f:
+                    json.dump(summary, f, indent=2, default=list)
+            except OSError as e:
+                _fail(f'{path} was not written ({short_error(e)})')
         folder = getattr(self.dst_args, 'dst_rank_masks', None)
         if folder and sp.method.attaches:
             os.makedirs(folder, exist_ok=True)
@@ -524,20 +777,49 @@ def main(argv: list[str] | None = None) -> None:
         _fail('give the path of a timm train.py first, e.g. timm-dst-run ../pytorch-image-models/train.py DATA '
               '--model resnet50 --dst rigl-itop (see --help)')
     if not os.path.isfile(script):
-        _fail(f'{script}: no such file (give the path of a timm train.py)')
+        what = 'a folder' if os.path.isdir(script) else 'no such file'
+        _fail(f'{script}: {what} (give the path of a timm train.py)')
+    try:
+        with open(script, 'rb') as f:
+            compile(f.read(), script, 'exec')
+    except (SyntaxError, ValueError) as e:
+        where = f', line {e.lineno}' if getattr(e, 'lineno', None) else ''
+        _fail(f'{script}: not a Python script ({getattr(e, "msg", None) or short_error(e)}{where}); give the path of a '
+              'timm train.py')
+    except OSError as e:
+        _fail(f'{script}: cannot be read ({short_error(e)})')
+    config = None if wants_help else read_train_config(rest, parser)
     dst_args, unknown = parser.parse_known_args(dst_tokens)
     if unknown:
         _fail(f'unexpected DST argument(s): {" ".join(unknown)}')
     validate_dst_args(dst_args, _fail)
+    if dst_args.dst_rank_masks:
+        from ._config import writable_folder_problem
+        problem = writable_folder_problem(dst_args.dst_rank_masks)
+        if problem:
+            _fail(f'--dst-rank-masks {dst_args.dst_rank_masks}: {problem}; give a writable folder')
 
     launcher = Launcher(dst_args, script=script)
+    if config is not None:
+        launcher.config_path, launcher.config_keys = config
     script_path = os.path.abspath(script)
     old_argv = sys.argv
     sys.argv = [script_path] + rest  # as `python train.py ...` sees them
     sys.path.insert(0, os.path.dirname(script_path))
     try:
-        with launcher.patched():
-            runpy.run_path(script_path, run_name='__main__')
+        try:
+            with launcher.patched():
+                runpy.run_path(script_path, run_name='__main__')
+        except OSError as e:  # a write of train.py's own (args.yaml, ...) on a full or read-only disk
+            if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+                raise
+            _fail(f'{e.filename or "a file"} was not written ({e.strerror})')
+        except NonFiniteGradientError as e:  # training diverged: one line, exit 1 (as timm-dst-train)
+            print(f'{PROG}: {e}', file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
+        if not launcher.optimizer_seen and not wants_help:
+            _fail(f'{script} ran to its end without creating an optimizer with timm.optim.create_optimizer_v2: '
+                  'nothing was trained with DST (give the path of a timm train.py)')
         launcher.finish()
     finally:
         sys.argv = old_argv

@@ -4,9 +4,10 @@ from __future__ import annotations
 import functools
 import logging
 import math
+import numbers
 import warnings
 import weakref
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import torch
@@ -24,7 +25,7 @@ from .schedules import PRUNE_RATE_SCHEDULES, UpdateSchedule, prune_rate_at, reso
 from .structure import Layout, Structure, check_mask, parse_structure, per_group_topk, quantize_counts, topk_mask
 from .targets import SparseTarget, find_targets
 
-__all__ = ['Sparsifier', 'MASK_INITS', 'unwrap_optimizer']
+__all__ = ['Sparsifier', 'MASK_INITS', 'NonFiniteGradientError', 'unwrap_optimizer']
 
 _logger = logging.getLogger(__name__)
 
@@ -125,10 +126,64 @@ def _dist_world() -> int:
     return dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
 
 
+class NonFiniteGradientError(RuntimeError):
+    """The gradients of the sparse weights stayed non-finite (NaN / inf) for ``max_nonfinite_steps`` checked optimizer
+    steps in a row: training has diverged (raised from the optimizer's ``step``)."""
+
+
+def _count_nonzero(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Non-zero (True) entries of each tensor; a ``DTensor``'s over all its shards (a collective: call it on every
+    rank). Meta tensors count 0."""
+    out = [0] * len(tensors)
+    for sharded in (False, True):
+        idx = [i for i, x in enumerate(tensors) if _fsdp.is_dtensor(x) == sharded and not x.is_meta]
+        if idx:
+            stats = torch.stack([torch.count_nonzero(tensors[i]).to(tensors[idx[0]].device) for i in idx])
+            for i, c in zip(idx, _fsdp.full(stats).tolist()):
+                out[i] = int(c)
+    return out
+
+
+def _count_nonfinite(tensors: Sequence[torch.Tensor]) -> list[int]:
+    """Non-finite (NaN / inf) entries of each tensor (integer tensors count 0; a collective for ``DTensor`` s)."""
+    return _count_nonzero([~torch.isfinite(x) for x in tensors])
+
+
+def _is_int(x: Any) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x: Any) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+def _short(x: Any, limit: int = 80) -> str:
+    """``x`` in at most ``limit`` characters, for one-line messages."""
+    text = ' '.join(str(x).split()) if isinstance(x, BaseException) else ' '.join(repr(x).split())
+    return text if len(text) <= limit else text[:limit - 3] + '...'
+
+
+def _tensors_in(x: Any) -> list[torch.Tensor]:
+    """Every tensor in nested mappings, lists and tuples."""
+    if torch.is_tensor(x):
+        return [x]
+    if isinstance(x, Mapping):
+        return [t for v in x.values() for t in _tensors_in(v)]
+    if isinstance(x, list | tuple):
+        return [t for v in x for t in _tensors_in(v)]
+    return []
+
+
 class Sparsifier:
     """Keeps a model sparse while it trains; topology updates run from an optimizer step post-hook.
 
     Build it with :func:`timm_dst.create_sparsifier`, which resolves a method name and its defaults.
+
+    Copies: ``copy.deepcopy((model, optimizer, sp))`` and a pickle round trip of the three (``torch.save``) give a
+    sparsifier that controls the copied model and optimizer and continues exactly as the original would; a sparsifier
+    copied alone brings its own copies of both (``sp2.model``, ``sp2.optimizer``); ``copy.copy(sp)`` is refused, and
+    so is any copy under FSDP2 (:meth:`__getstate__`). A copy of the model alone (timm's EMA) evaluates ``orig * mask``
+    (docs/reliability.md). A model on the meta device is refused before anything is touched: materialise it first.
 
     Args:
         model: Model to sparsify (DDP / compile wrappers are unwrapped). Attach before ``accelerator.prepare``.
@@ -167,6 +222,11 @@ class Sparsifier:
             (at most N active in every M consecutive inputs; fixes the sparsity at 1 - N/M), ``'fan-in'`` (every
             output neuron has the same number of active inputs) or ``'RxC'`` (whole R x C blocks). Tensors whose
             shape does not fit stay unstructured, with one warning; :meth:`summary` reports each tensor's.
+        max_nonfinite_steps: Stop training (:class:`NonFiniteGradientError` from the optimizer's ``step``) when the
+            gradients of the sparse weights are non-finite at this many checked optimizer steps in a row (checked:
+            topology update steps and every ``update_interval`` steps, then every step once one was non-finite; one
+            device sync each); None never stops. Real steps with NaN / inf gradients (no ``GradScaler`` skipping
+            them) make the weights NaN, so the run cannot recover; steps a ``GradScaler`` skips do not count.
     """
 
     def __init__(
@@ -197,6 +257,7 @@ class Sparsifier:
             sparse_kernel_density: float = DEFAULT_MAX_DENSITY,
             defer_total_steps: bool = False,
             structure: str | Structure | None = None,
+            max_nonfinite_steps: int | None = 20,
     ):
         structure = parse_structure(structure)
         if not getattr(method, 'attaches', True):
@@ -218,6 +279,8 @@ class Sparsifier:
         if total_steps is not None:
             total_steps = check_int('total_steps', total_steps, minimum=1)
         seed = check_int('seed', seed)
+        if max_nonfinite_steps is not None:
+            max_nonfinite_steps = check_int('max_nonfinite_steps', max_nonfinite_steps, minimum=1)
         sparse_kernel_density = check_float('sparse_kernel_density', sparse_kernel_density, 0.0, 1.0)
         for key, value in (('grow_unexplored_first', grow_unexplored_first), ('dense_first_layer', dense_first_layer),
                            ('dense_classifier', dense_classifier)):
@@ -268,6 +331,7 @@ class Sparsifier:
                 'model: nothing to sparsify (no >= 2-D weight of a conv / linear module matched); '
                 f'include={include!r}, exclude={exclude!r}: name parameters with include= glob patterns')
         self._check_targets()
+        self._check_materialized()
         # FSDP2 (fully_shard): masks sharded like their weights, updates gathered one tensor at a time (_fsdp.py)
         self._sharded = _fsdp.check_sharded_targets(self.targets)
         if self._sharded:
@@ -300,6 +364,9 @@ class Sparsifier:
         self._detached = False  # set by fold_masks: the masks are gone
         self._warned_state = False
         self._finite_cache: tuple[int, bool] | None = None  # (step, finite) of the last check
+        self.max_nonfinite_steps = max_nonfinite_steps
+        self._nonfinite_streak = 0  # checked steps with non-finite gradients in a row
+        self._nonfinite_at = -1  # the last step counted in the streak
 
         if not method.attaches:
             self.counts = [t.numel for t in self.targets]
@@ -565,11 +632,45 @@ class Sparsifier:
         self.method.on_step(self)
         if due:
             self.update()
+        checked = self._finite_cache if self._finite_cache is not None and self._finite_cache[0] == self.step else None
+        if checked is None and (self._nonfinite_streak or self.step % self.schedule.interval == 0):
+            # followed step by step once non-finite; else every ΔT, also where no update checks (a static method,
+            # before update_start, after update_end)
+            checked = (self.step, self._step_finite())
+            if not checked[1] and not self._nonfinite_streak:
+                limit = self.max_nonfinite_steps
+                warnings.warn(f'timm_dst: non-finite gradient at step {self.step}: masked weights are zeroed again'
+                              + (f'; training stops after {limit} such steps in a row (max_nonfinite_steps)'
+                                 if limit is not None else ''), stacklevel=2)
         # an update postponed by a non-finite gradient runs at the next step, with a fresh capture when it uses one
         capture = self.method.needs_dense_grad(self, self.step + 1) or (self._update_pending and capturing)
         if capture != bool(self._capture_handles):
             self._set_capture(capture)
         self._finite_cache = None  # valid within one step only: an update called by hand checks afresh
+        if checked is not None:
+            self._note_finite(checked[1])
+
+    @torch.no_grad()
+    def _note_finite(self, finite: bool) -> None:
+        """Follow the checked optimizer steps whose gradients are non-finite: the masked weights and their optimizer
+        state go back to zero (the step wrote NaN there too, since NaN * 0 is NaN), and after ``max_nonfinite_steps``
+        of them in a row training stops."""
+        if finite:
+            self._nonfinite_streak = 0
+            return
+        if self._nonfinite_at != self.step:
+            self._nonfinite_at = self.step
+            self._nonfinite_streak += 1
+        for t in self.targets:
+            t.param.masked_fill_(~t.mask, 0.0)
+        self._zero_optimizer_state([t.mask for t in self.targets])
+        limit, n = self.max_nonfinite_steps, self._nonfinite_streak
+        if limit is not None and n >= limit:
+            raise NonFiniteGradientError(
+                f'timm_dst: the gradients of the sparse weights were non-finite (NaN / inf) at {n} checked optimizer '
+                f'step(s) in a row, the last at step {self.step}: training has diverged and stops here instead of '
+                'training on NaN (lower the learning rate, clip gradients, or scale fp16 losses with a GradScaler; '
+                f'the bound is max_nonfinite_steps={limit})')
 
     def _parent(self, i: int) -> tuple[nn.Module, str] | None:
         """The module owning target ``i``'s module, and the child's name relative to it."""
@@ -582,6 +683,83 @@ class Sparsifier:
     @staticmethod
     def _make_refresh_hook(parent: nn.Module, child: str, param_name: str) -> _ParentRefresh:
         return _ParentRefresh(parent, child, param_name)
+
+    def _check_materialized(self) -> None:
+        """Refuse, before anything is touched, sparse weights on the meta device (a model built under
+        ``torch.device('meta')``, e.g. for FSDP2 initialisation).
+
+        Not supported: initial masks are chosen from (magnitude) or written into real tensors, counts are read back,
+        and ``to_empty`` would later replace the mask buffers by uninitialised memory and the weights by values that
+        are not zero where masked. Materialise the model first, then attach.
+        """
+        if not self.method.attaches:
+            return
+        on_meta = [t.name for t in self.targets if t.param.device.type == 'meta']
+        if on_meta:
+            raise ValueError(
+                f'model: {len(on_meta)} sparse weight(s) are on the meta device ({", ".join(on_meta[:5])}'
+                f'{" ..." if len(on_meta) > 5 else ""}) and have no values to mask: materialise the model first '
+                '(model.to_empty(device=...), then initialise or load its weights), then build the optimizer and call '
+                'create_sparsifier')
+
+    # ------------------------------------------------------------------------------------------------------------
+    # copies and pickles
+    def __copy__(self) -> Sparsifier:
+        raise TypeError('Sparsifier: a shallow copy would share the model, optimizer and masks with this sparsifier '
+                        'and hook them twice; copy.deepcopy((model, optimizer, sparsifier)) copies all three, or save '
+                        'sparsifier.state_dict()')
+
+    def __getstate__(self) -> dict[str, Any]:
+        """What ``copy.deepcopy`` and ``pickle`` (``torch.save``) copy: the whole controller, and with it its model and
+        optimizer (:attr:`model`, :attr:`optimizer`).
+
+        A copy is a working controller of the copied model and optimizer (see :meth:`__setstate__`). Objects copied in
+        the same call are shared as usual: ``copy.deepcopy((model, optimizer, sp))`` or ``pickle.dumps((model,
+        optimizer, sp))`` gives a model, an optimizer and a sparsifier controlling exactly those two, which continue as
+        the originals would (same masks after the same steps on the same data). A sparsifier copied alone carries its
+        own copies of the model and optimizer: train ``sp2.model`` with ``sp2.optimizer``. To continue a run in another
+        process with a model built there, use :meth:`state_dict` / :meth:`load_state_dict` instead.
+
+        Raises:
+            TypeError: The model is sharded with FSDP2 (``fully_shard``): its shards cannot be copied in one process.
+        """
+        if self._sharded:
+            raise TypeError('Sparsifier: a sparsifier of a model sharded with fully_shard (FSDP2) cannot be copied or '
+                            'pickled; save sparsifier.state_dict() with torch.distributed.checkpoint and load it into '
+                            'a new sparsifier')
+        state = dict(self.__dict__)
+        # hooks on the optimizer and on tensors are not copied with them (torch drops them): set again on the copy
+        state['_step_hook'] = self._step_hook is not None
+        state['_capture_handles'] = bool(self._capture_handles)
+        state['_grad_marks'] = [None] * len(self.targets)  # weak references to this model's gradients
+        state['_finite_cache'] = None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        """Take control of the copied model and optimizer: the masks' gradient hooks go on the copy's parameters, the
+        step hook on the copy's optimizer, the dense-gradient capture is set as it was, and the copy's own
+        load-state-dict and parent hooks (copied with the model) point at this sparsifier. A sparsifier whose hooks
+        were removed (:meth:`remove`) or whose masks were folded (:func:`timm_dst.fold_masks`) stays so."""
+        hooked, capturing = state.pop('_step_hook'), state.pop('_capture_handles')
+        self.__dict__.update(state)
+        self._step_hook, self._capture_handles = None, []
+        if not self.method.attaches or self._detached:
+            return
+        for t, dst_mask in zip(self.targets, self._dst_masks):
+            dst_mask.adopt(t.module)
+            dst_mask.controller = weakref.ref(self)
+            dst_mask.root = weakref.ref(self.model)
+        owners = {id(m._forward_pre_hooks): m for m in self.model.modules()}
+        for handle in self._parent_handles:
+            hooks = handle.hooks_dict_ref()
+            hook = hooks.get(handle.id) if hooks is not None else None
+            if isinstance(hook, _AfterModelLoad):
+                hook.sparsifier = weakref.ref(self)
+            elif isinstance(hook, _ParentRefresh) and id(hooks) in owners:
+                hook.controlled = weakref.ref(owners[id(hooks)])
+        if hooked:
+            self._step_hook = self.optimizer.register_step_post_hook(self._on_step)
+        self._set_capture(capturing)
 
     def _set_capture(self, on: bool) -> None:
         for h in self._capture_handles:
@@ -1004,10 +1182,11 @@ class Sparsifier:
         return out
 
     def _zero_optimizer_state(self, keep: list[torch.Tensor]) -> None:
-        """Zero every optimizer-state tensor shaped like a sparse weight outside ``keep`` (momentum, Adam moments)."""
+        """Zero every optimizer-state tensor shaped like a sparse weight outside ``keep`` (momentum, Adam moments);
+        a fill, not a multiply, so NaN there becomes zero too."""
         for t, k in zip(self.targets, keep):
             for value in self._state_tensors(t):
-                value.mul_(k)
+                value.masked_fill_(~k, 0.0)
 
     def _broadcast_masks(self, masks: list[torch.Tensor]) -> list[torch.Tensor]:
         """Make masks bit-identical on all ranks (rank 0's win)."""
@@ -1050,15 +1229,31 @@ class Sparsifier:
     @torch.no_grad()
     def _take_over_masks(self) -> None:
         """The masks were written from outside (``model.load_state_dict``): make counts, R_s, weights and optimizer
-        state agree with them."""
+        state agree with them.
+
+        Raises:
+            ValueError: The loaded sparse weights are not finite (after taking the masks over; masked positions are
+                zero again, NaN included).
+        """
         for i, t in enumerate(self.targets):
-            t.param.mul_(t.mask)
+            t.param.masked_fill_(~t.mask, 0.0)  # a fill, not a multiply: NaN * 0 is NaN
             if self.explored[i].device != t.mask.device:
                 self.explored[i] = self.explored[i].to(t.mask.device)
             self.explored[i] |= t.mask
             refresh_weight(t.module, t.param_name)
         self._zero_optimizer_state([t.mask for t in self.targets])
         self._refresh_counts()
+        bad = self._nonfinite_weights()
+        if bad:
+            raise ValueError(f'model.load_state_dict: the loaded sparse weights are not finite ({bad}): training from '
+                             'them diverges; load finite weights')
+
+    def _nonfinite_weights(self) -> str:
+        """The sparse weights holding NaN / inf values, with their counts ('' when all are finite; a collective under
+        FSDP2)."""
+        counts = _count_nonfinite([t.param.detach() for t in self.targets])
+        bad = [f'{t.name}: {c} value(s)' for t, c in zip(self.targets, counts) if c]
+        return ', '.join(bad[:3]) + (f' and {len(bad) - 3} more tensors' if len(bad) > 3 else '')
 
     def _detach_masks(self) -> None:
         """Called by :func:`timm_dst.fold_masks` before it removes the masks."""
@@ -1134,17 +1329,64 @@ class Sparsifier:
     def load_state_dict(self, state: dict[str, Any]) -> None:
         """Restore a :meth:`state_dict` taken from a sparsifier of the same configuration.
 
+        The whole state is checked before anything is restored, against its own configuration and this model: masks
+        and explored masks (bool, shaped like their weights; every active position explored), counts (those of the
+        masks, within the budgets the configuration gives: :meth:`SparseMethod.check_counts`), structure, step,
+        generator states, history, captured gradients and method state (finite), and the model's sparse weights
+        (finite: NaN at a masked position would stay NaN, since NaN * 0 is NaN). A refused state leaves the model,
+        the optimizer and the sparsifier exactly as they were.
+
         Raises:
-            ValueError: When ``state`` comes from another method, sparsity, distribution or set of sparse tensors.
+            ValueError: What is wrong, in one line: a state of another method, sparsity, distribution, structure or
+                set of sparse tensors, a damaged or inconsistent state, or sparse weights that are not finite.
         """
         self._check_live()
-        if not isinstance(state, dict) or 'config' not in state:
+        checked = self._check_state(state)
+        try:  # first: a method refusing its own state (built-in methods check it before writing) leaves the rest as is
+            self.method.load_state_dict(checked['method'])
+        except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
+            raise ValueError(f'state: the state of method {self.method_name!r} is not accepted ({e})') from None
+        self.step = checked['step']
+        self._update_pending = checked['update_pending']
+        self._finite_cache = None
+        self._nonfinite_streak, self._nonfinite_at = 0, -1
+        self.history = checked['history']
+        for key, g_state in checked['generators'].items():
+            self.generator(key).set_state(g_state)
+        if self.method.attaches:
+            for i, (t, mask, explored) in enumerate(zip(self.targets, checked['masks'], checked['explored'])):
+                _fsdp.copy_into_(t.mask, mask)  # a whole tensor or a shard, into either
+                t.param.masked_fill_(~t.mask, 0.0)
+                refresh_weight(t.module, t.param_name)
+                _fsdp.copy_into_(self.explored[i], explored)
+            self._zero_optimizer_state([t.mask for t in self.targets])
+            self._refresh_counts()
+            self._budget_total = checked['budget_total']
+        self._dense_grads = [self._like_param(g, t) if g is not None and h else None
+                             for g, h, t in zip(checked['dense_grads'], checked['dense_grads_held'], self.targets)]
+        if self.method.attaches:
+            self._set_capture(self.method.needs_dense_grad(self, self.step + 1) or (
+                self._update_pending and self.method.needs_dense_grad(self, self.step)))
+
+    def _check_state(self, state: Any) -> dict[str, Any]:
+        """What :meth:`load_state_dict` restores, every part checked (nothing is written here).
+
+        Raises:
+            ValueError: Naming the first entry that is wrong.
+        """
+        if not isinstance(state, Mapping) or 'config' not in state:
             raise ValueError('state: not a timm_dst Sparsifier state_dict (no "config" entry)')
         needed = ['step'] + (['masks', 'explored'] if self.method.attaches else [])
         missing = [k for k in needed if k not in state]
         if missing:
             raise ValueError(f'state: a timm_dst Sparsifier state_dict lacks {", ".join(missing)} (damaged or edited)')
+        version = state.get('version', _STATE_VERSION)
+        if not _is_int(version) or not 1 <= version <= _STATE_VERSION:
+            raise ValueError(f'state: version {version!r} is not one this timm_dst reads (1 to {_STATE_VERSION}): '
+                             'a state of a newer timm_dst, or damaged')
         cfg = state['config']
+        if not isinstance(cfg, Mapping):
+            raise ValueError(f'state: config is a {type(cfg).__name__}, not a mapping (damaged or edited)')
         theirs = cfg.get('structure')
         if theirs != self.config['structure']:
             raise ValueError(f'state: the checkpoint was trained with structure={theirs!r}, this sparsifier keeps '
@@ -1152,33 +1394,163 @@ class Sparsifier:
         for key in ('method', 'sparsity', 'distribution', 'targets'):
             mine, theirs = self.config[key], cfg.get(key)
             if key == 'targets':
-                theirs = [(n, list(s)) for n, s in (theirs or [])]
+                try:
+                    theirs = [(n, list(s)) for n, s in (theirs or [])]
+                except (TypeError, ValueError):
+                    raise ValueError('state: targets of the checkpoint are not (name, shape) pairs (damaged or '
+                                     'edited)') from None
                 mine = [(n, list(s)) for n, s in mine]
             if mine != theirs:
                 detail = theirs if key != 'targets' else f'{len(theirs)} tensors'
                 accepted = mine if key != 'targets' else f'the {len(mine)} tensors of this model'
                 raise ValueError(f'state: {key} of the checkpoint ({detail}) does not match this sparsifier; '
                                  f'accepted: {accepted}')
-        self.step = int(state['step'])
-        self._update_pending = bool(state.get('update_pending', False))
-        self._finite_cache = None
-        self.history = [dict(h) for h in state.get('history', [])]
-        for key, g_state in state.get('generators', {}).items():
-            self.generator(key).set_state(g_state)
-        if self.method.attaches:
-            for i, t in enumerate(self.targets):
-                _fsdp.copy_into_(t.mask, state['masks'][t.name])  # a whole tensor or a shard, into either
-                t.param.mul_(t.mask)
-                refresh_weight(t.module, t.param_name)
-                _fsdp.copy_into_(self.explored[i], state['explored'][t.name])
-            self._zero_optimizer_state([t.mask for t in self.targets])
-            self._refresh_counts()
-        self._budget_total = int(state.get('budget_total', sum(self.counts)))
-        grads = state.get('dense_grads') or [None] * len(self.targets)
-        held = state.get('dense_grads_held') or [g is not None for g in grads]
-        self._dense_grads = [self._like_param(g, t) if g is not None and h else None
-                             for g, h, t in zip(grads, held, self.targets)]
-        self.method.load_state_dict(state.get('method', {}))
-        if self.method.attaches:
-            self._set_capture(self.method.needs_dense_grad(self, self.step + 1) or (
-                self._update_pending and self.method.needs_dense_grad(self, self.step)))
+        step = state['step']
+        if not _is_int(step) or step < 0:
+            raise ValueError(f'state: step {step!r} is not accepted: expected an integer >= 0 (optimizer steps taken)')
+        step = int(step)
+        pending = state.get('update_pending', False)
+        if not isinstance(pending, bool):
+            raise ValueError(f'state: update_pending {pending!r} is not accepted: expected True or False')
+        method_state = state.get('method', {})
+        method_state = {} if method_state is None else method_state
+        if not isinstance(method_state, Mapping):
+            raise ValueError(f'state: method state is a {type(method_state).__name__}, not a mapping (damaged or '
+                             'edited)')
+        out: dict[str, Any] = {
+            'step': step, 'update_pending': pending, 'method': dict(method_state),
+            'history': self._check_history(state.get('history', []), step),
+            'generators': self._check_generators(state.get('generators', {})),
+        }
+        out['dense_grads'], out['dense_grads_held'] = self._check_dense_grads(state)
+        floats = [x for x in _tensors_in(method_state) if x.is_floating_point()]
+        if any(_count_nonfinite(floats)):  # a live run never folds a non-finite gradient into method state
+            raise ValueError(f'state: the state of method {self.method_name!r} holds non-finite values (NaN / inf): '
+                             'damaged')
+        if not self.method.attaches:
+            return out
+        masks = out['masks'] = self._check_masks(state['masks'], 'masks')
+        explored = out['explored'] = self._check_masks(state['explored'], 'explored')
+        if self.structure is not None:
+            try:
+                self.check_structure([_fsdp.full(m) for m in masks])
+            except ValueError as e:
+                raise ValueError(f'state: {e}') from None
+        counts = _count_nonzero(masks)
+        recorded = state.get('counts')
+        if recorded is not None and (not isinstance(recorded, list | tuple) or len(recorded) != len(counts)
+                                     or not all(_is_int(c) for c in recorded) or list(recorded) != counts):
+            raise ValueError(f'state: counts {_short(recorded)} do not match its masks, which hold {counts} active '
+                             'weights (damaged or edited)')
+        same = [(m, e) if _fsdp.is_dtensor(m) == _fsdp.is_dtensor(e) else (_fsdp.full(m), _fsdp.full(e))
+                for m, e in zip(masks, explored)]
+        unexplored = _count_nonzero([m & ~e.to(m.device) for m, e in same])
+        for t, n in zip(self.targets, unexplored):
+            if n:
+                raise ValueError(f'state: explored {t.name} lacks {n} active position(s) of its mask (explored masks '
+                                 'hold every position ever active: damaged or edited)')
+        why = self.method.check_counts(self, counts, method_state)
+        if why:
+            raise ValueError(f'state: its masks do not fit its configuration (method {self.method_name!r}, sparsity '
+                             f'{self.sparsity:g}, distribution {self.distribution!r}): {why}')
+        budget_total = state.get('budget_total', self._budget_total)
+        slack = 0 if self.structure is None else max(self._bounds(i)[0] for i in range(len(self.targets)))
+        if not _is_int(budget_total) or abs(int(budget_total) - self._budget_total) > slack:
+            raise ValueError(f'state: budget_total {budget_total!r} is not the run\'s total budget '
+                             f'{self._budget_total} (damaged or edited)')
+        out['budget_total'] = int(budget_total)
+        bad = self._nonfinite_weights()
+        if bad:
+            raise ValueError(f'model: the sparse weights are not finite ({bad}): refusing to resume from damaged '
+                             'weights (NaN at a masked position stays NaN, since NaN * 0 is NaN); load finite weights')
+        return out
+
+    def _check_masks(self, entries: Any, key: str) -> list[torch.Tensor]:
+        """The ``masks`` / ``explored`` entry of a state, in target order: one bool tensor per sparse tensor, shaped
+        like its weight."""
+        if not isinstance(entries, Mapping):
+            raise ValueError(f'state: {key} is a {type(entries).__name__}, not a mapping of tensor names to masks '
+                             '(damaged or edited)')
+        names = [t.name for t in self.targets]
+        lacking = [n for n in names if n not in entries]
+        extra = [str(k) for k in entries if k not in set(names)]
+        if lacking or extra:
+            what = (f'lacks {", ".join(lacking[:3])}' if lacking else
+                    f'holds tensors this sparsifier does not have: {", ".join(extra[:3])}')
+            raise ValueError(f'state: {key} {what}{" ..." if len(lacking or extra) > 3 else ""} (damaged or edited)')
+        out = []
+        for t in self.targets:
+            m = entries[t.name]
+            if not torch.is_tensor(m):
+                raise ValueError(f'state: {key} {t.name} is a {type(m).__name__}, not a tensor')
+            if m.dtype != torch.bool:
+                raise ValueError(f'state: {key} {t.name} has dtype {m.dtype}; expected torch.bool')
+            if tuple(m.shape) != tuple(t.shape):
+                raise ValueError(f'state: {key} {t.name} has shape {tuple(m.shape)}; expected {tuple(t.shape)}, the '
+                                 'shape of the weight')
+            out.append(m)
+        return out
+
+    @staticmethod
+    def _check_history(history: Any, step: int) -> list[dict[str, Any]]:
+        """The ``history`` entry: records in step order, none past ``step``, densities and rates in [0, 1]."""
+        if not isinstance(history, list | tuple):
+            raise ValueError(f'state: history is a {type(history).__name__}, not a list (damaged or edited)')
+        out, last = [], 0
+        for i, h in enumerate(history):
+            ok = (isinstance(h, Mapping) and _is_int(h.get('step')) and last <= h['step'] <= step
+                  and all(_is_real(h.get(k)) and 0.0 <= h[k] <= 1.0 for k in ('density', 'itop_rate', 'prune_rate'))
+                  and h['density'] <= h['itop_rate'])
+            if not ok:
+                raise ValueError(f'state: history entry {i} {_short(h)} is not accepted: expected steps in order up to '
+                                 f'the state\'s step {step}, density <= itop_rate and prune_rate in [0, 1]')
+            last = int(h['step'])
+            out.append(dict(h))
+        return out
+
+    @staticmethod
+    def _check_generators(generators: Any) -> dict[str, torch.Tensor]:
+        """The ``generators`` entry: generator states of devices this process can make generators on."""
+        if not isinstance(generators, Mapping):
+            raise ValueError(f'state: generators is a {type(generators).__name__}, not a mapping (damaged or edited)')
+        for key, value in generators.items():
+            try:
+                gen = torch.Generator(device=torch.device(key))
+            except (RuntimeError, TypeError, ValueError) as e:
+                raise ValueError(f'state: generators {key!r}: no generator of that device here ({_short(e)})') from None
+            if not torch.is_tensor(value) or value.dtype != torch.uint8:
+                raise ValueError(f'state: generators {key!r}: not a generator state (a uint8 tensor)')
+            try:
+                gen.set_state(value)
+            except (RuntimeError, ValueError, TypeError) as e:
+                raise ValueError(f'state: generators {key!r}: not a valid generator state ({_short(e)})') from None
+        return dict(generators)
+
+    def _check_dense_grads(self, state: Mapping[str, Any]) -> tuple[list[Any], list[bool]]:
+        """The captured dense gradients (one per sparse tensor: None or a finite float tensor shaped like the weight)
+        and which of them are held."""
+        n = len(self.targets)
+        grads = state.get('dense_grads')
+        grads = [None] * n if grads is None else grads
+        if not isinstance(grads, list | tuple) or len(grads) != n:
+            raise ValueError(f'state: dense_grads is not a list of one entry per sparse tensor ({n}) (damaged or '
+                             'edited)')
+        held = state.get('dense_grads_held')
+        held = [g is not None for g in grads] if held is None else held
+        if not isinstance(held, list | tuple) or len(held) != n or not all(isinstance(h, bool) for h in held):
+            raise ValueError(f'state: dense_grads_held is not a list of {n} booleans (damaged or edited)')
+        for t, g, h in zip(self.targets, grads, held):
+            if g is None:
+                if h:
+                    raise ValueError(f'state: dense_grads_held says {t.name} is held, dense_grads has none')
+                continue
+            if not torch.is_tensor(g) or not g.is_floating_point() or tuple(g.shape) != tuple(t.shape):
+                got = f'shape {tuple(g.shape)}, dtype {g.dtype}' if torch.is_tensor(g) else type(g).__name__
+                raise ValueError(f'state: dense_grads {t.name} is not a float tensor of shape {tuple(t.shape)} '
+                                 f'({got})')
+        kept = [(t, g) for t, g, h in zip(self.targets, grads, held) if h]
+        for (t, _), bad in zip(kept, _count_nonfinite([g for _, g in kept])):
+            if bad:
+                raise ValueError(f'state: dense_grads {t.name} holds {bad} non-finite value(s) (NaN / inf): a live '
+                                 'run drops such gradients (damaged)')
+        return list(grads), list(held)

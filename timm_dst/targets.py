@@ -7,6 +7,23 @@ weights of conv / linear modules), and never the conv / linear layers that *comp
 ``cpb_mlp`` / ``meta_mlp`` relative-position MLPs, FastViT's ``pos_enc``: see :data:`POSITION_MODULE_PATTERNS`).
 Weight-standardising convs (timm's ``StdConv2d`` / ``ScaledStdConv2d``, whose
 forward turns masked zeros into non-zeros) stay dense unless named by ``include``.
+
+Weights held in another form are never made sparse silently:
+
+- **Parametrized weights** (``torch.nn.utils.parametrizations.weight_norm`` / ``spectral_norm`` / ``orthogonal``, any
+  ``torch.nn.utils.parametrize.register_parametrization``, and the old ``torch.nn.utils.weight_norm`` /
+  ``spectral_norm`` hooks) stay dense, with one warning naming them. The forward computes such a weight from other
+  tensors (``original``, or weight norm's magnitude ``g`` and direction ``v``); a mask can only sit on one of those, and
+  the methods would then rank that input, not the weight (weight norm's direction is rescaled per row, so its
+  magnitudes are not the weight's; a row with no active weight would make ``v / ||v||`` NaN; most parametrizations do
+  not map zeros to zeros at all). Remove the parametrization first to sparsify the plain weight; ``include=`` naming an
+  input tensor (``fc.parametrizations.weight.original``) masks that tensor, at the user's judgement, as it does for
+  weight-standardising convs.
+- **Low-rank adapters** (LoRA-style modules with ``lora_A`` / ``lora_B``, as peft and loralib name them) whose base
+  weight is sparse get one warning naming the weights: the layer adds a dense low-rank product to the masked weight,
+  so its effective weight is not sparse. Merge the adapters first to sparsify the merged weights.
+- **QAT modules** (``torch.ao.nn.qat.Linear`` / ``Conv2d``, subclasses of the float ones) are ordinary targets: their
+  forward fake-quantizes the masked weight, and affine quantization maps zero to exactly zero.
 """
 from __future__ import annotations
 
@@ -16,6 +33,9 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch.nn as nn
+from torch.nn.utils import parametrize
+from torch.nn.utils.spectral_norm import SpectralNorm
+from torch.nn.utils.weight_norm import WeightNorm
 
 from ._fsdp import is_dtensor
 
@@ -79,6 +99,42 @@ def _is_weight_standardized(module: nn.Module) -> bool:
     return bool(cls_names & {'StdConv2d', 'StdConv2dSame', 'ScaledStdConv2d', 'ScaledStdConv2dSame'})
 
 
+# the parametrizations whose names the warning uses (any other is named by its class)
+_PARAMETRIZATION_KINDS = {'_WeightNorm': 'weight_norm', '_SpectralNorm': 'spectral_norm', '_Orthogonal': 'orthogonal'}
+
+
+def _reparametrized(module: nn.Module) -> list[tuple[str, str, set[int]]]:
+    """The tensors of ``module`` its forward computes from other tensors: ``(tensor name, kind, ids of the parameters
+    it is computed from)`` for each ``torch.nn.utils.parametrize`` parametrization and each old-style weight norm /
+    spectral norm hook."""
+    out = []
+    if parametrize.is_parametrized(module):
+        for tensor_name, plist in module.parametrizations.items():
+            kind = ' + '.join(_PARAMETRIZATION_KINDS.get(type(p).__name__, type(p).__name__) for p in plist)
+            out.append((tensor_name, kind, {id(p) for p in plist.parameters()}))
+    for hook in module._forward_pre_hooks.values():
+        if isinstance(hook, WeightNorm | SpectralNorm):
+            kind = 'old weight_norm' if isinstance(hook, WeightNorm) else 'old spectral_norm'
+            suffixes = ('_g', '_v') if isinstance(hook, WeightNorm) else ('_orig',)
+            inputs = {id(getattr(module, hook.name + s)) for s in suffixes if hasattr(module, hook.name + s)}
+            out.append((hook.name, kind, inputs))
+    return out
+
+
+def _low_rank_bases(model: nn.Module) -> dict[int, str]:
+    """``id(module) -> name of its low-rank adapter module`` of every layer a LoRA-style module (``lora_A`` and
+    ``lora_B``, as peft and loralib name them) adds a low-rank product to: peft's ``base_layer``, or the module itself
+    (loralib subclasses the layer)."""
+    out = {}
+    for mod_name, module in model.named_modules():
+        a, b = getattr(module, 'lora_A', None), getattr(module, 'lora_B', None)
+        if a is None or b is None or (isinstance(a, nn.ModuleDict | nn.ParameterDict) and not len(a)):
+            continue
+        base = module._modules.get('base_layer')
+        out[id(base if isinstance(base, nn.Module) else module)] = mod_name
+    return out
+
+
 def _is_position_module(module_name: str) -> bool:
     return any(fnmatch.fnmatchcase(part, p) for part in module_name.split('.') for p in POSITION_MODULE_PATTERNS)
 
@@ -131,12 +187,20 @@ def find_targets(
     include_p, exclude_p = _as_list(include), _as_list(exclude)
     candidates: list[SparseTarget] = []
     aliases: dict[int, list[str]] = {}  # id(parameter) -> every name it has (tied weights have several)
+    computed: dict[tuple[int, str], tuple[str, str, set[int]]] = {}  # weights the forward computes (parametrized)
     for mod_name, module in model.named_modules(remove_duplicate=False):
+        for tensor_name, kind, inputs in _reparametrized(module):
+            host = f'{mod_name}.{tensor_name}' if mod_name else tensor_name
+            selected = _matches(host, include_p) if include_p else (
+                tensor_name == 'weight' and isinstance(module, DEFAULT_MODULE_TYPES)
+                and not _is_weight_standardized(module) and not _is_position_module(mod_name))
+            if selected:
+                computed.setdefault((id(module), tensor_name), (host, kind, inputs))
         for p_name, param in module.named_parameters(recurse=False):
             if param is None:
                 continue
             name = f'{mod_name}.{p_name}' if mod_name else p_name
-            if p_name.endswith('_orig'):
+            if p_name.endswith('_orig') and p_name[:-5] + '_mask' in module._buffers:  # masked (not spectral norm's)
                 p_name, name = p_name[:-5], name[:-5]
             if id(param) in aliases:  # a weight shared by several modules is one tensor: one target, one mask
                 aliases[id(param)].append(name)
@@ -160,6 +224,16 @@ def find_targets(
                       f'{", ".join(frozen[:5])}{" ..." if len(frozen) > 5 else ""}; unfreeze them before creating '
                       'the sparsifier to make them sparse', stacklevel=4)
         candidates = [t for t in candidates if t.param.requires_grad]
+    chosen = {id(t.param) for t in candidates}
+    dense = [f'{host} ({kind})' for host, kind, inputs in computed.values()
+             if not inputs & chosen and not (exclude_p and _matches(host, exclude_p))]
+    if dense:
+        # a mask sits on a parameter; a parametrized weight is computed from other tensors in the forward
+        warnings.warn(f'timm_dst: {len(dense)} parametrized weight(s) stay dense: {", ".join(dense[:5])}'
+                      f'{" ..." if len(dense) > 5 else ""}; the forward computes them from other tensors, which the '
+                      'masks and methods do not handle: remove the parametrization before creating the sparsifier '
+                      '(torch.nn.utils.parametrize.remove_parametrizations, or remove_weight_norm / '
+                      'remove_spectral_norm for the old hooks) to make them sparse, or exclude= them', stacklevel=4)
     _check_shared_storage(candidates)
 
     cfg = getattr(model, 'pretrained_cfg', None) or {}
@@ -175,4 +249,12 @@ def find_targets(
             linears = [t for t in candidates if isinstance(t.module, nn.Linear)]
             hits = [(linears or candidates)[-1].name]
         drop.update(hits)
-    return [t for t in candidates if t.name not in drop]
+    targets = [t for t in candidates if t.name not in drop]
+    bases = _low_rank_bases(model)
+    adapted = [f'{t.name} ({bases[id(t.module)]}.lora_A / lora_B)' for t in targets if id(t.module) in bases]
+    if adapted:
+        warnings.warn(f'timm_dst: {len(adapted)} sparse weight(s) get a dense low-rank product added in the forward: '
+                      f'{", ".join(adapted[:5])}{" ..." if len(adapted) > 5 else ""}; the layers\' effective weights '
+                      'are not sparse whatever the masks: merge the adapters into the weights first (peft: '
+                      'merge_and_unload()) to sparsify the merged weights, or exclude= them', stacklevel=4)
+    return targets

@@ -541,11 +541,21 @@ def train(args: argparse.Namespace) -> dict[str, Any]:
 def main(argv: list[str] | None = None) -> None:
     """Console entry point of ``timm-dst-train``."""
     args = parse_args(argv)
+    import errno
+
+    from ._checkpoint import OutputWriteError
+    from .sparsifier import NonFiniteGradientError
     try:
         train(args)
-    except TrainingDivergedError as e:
+    except (TrainingDivergedError, NonFiniteGradientError) as e:
         _logger.error(str(e))
         raise SystemExit(f'timm-dst-train: {e}') from None
+    except OutputWriteError as e:  # a checkpoint not written: the earlier ones are kept
+        raise _user_error(str(e)) from None
+    except OSError as e:  # another output of the run (args.yaml, log, summary) on a full or read-only disk
+        if e.errno not in (errno.ENOSPC, errno.EDQUOT, errno.EROFS):
+            raise
+        raise _user_error(f'{e.filename or "an output file"} was not written ({e.strerror})') from None
 
 
 if __name__ == '__main__':

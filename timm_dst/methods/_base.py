@@ -12,7 +12,8 @@ and calls only the controller's public surface (``targets``, ``counts``, ``step`
   :meth:`SparseMethod.before_update`, :meth:`SparseMethod.drop_counts`, :meth:`SparseMethod.drop_score` (per tensor),
   :meth:`SparseMethod.grow_counts`, :meth:`SparseMethod.grow_score` (per tensor) and :meth:`SparseMethod.after_update`;
   finally :meth:`SparseMethod.needs_dense_grad` for the next step;
-* :meth:`SparseMethod.state_dict` / :meth:`SparseMethod.load_state_dict` with the controller's own state.
+* :meth:`SparseMethod.state_dict` / :meth:`SparseMethod.load_state_dict` with the controller's own state; before a
+  state is loaded, :meth:`SparseMethod.check_counts` says whether its counts can be the method's.
 
 See ``docs/design.md`` for the whole contract and the invariants the controller keeps.
 """
@@ -27,6 +28,13 @@ if TYPE_CHECKING:
     from ..sparsifier import Sparsifier
 
 __all__ = ['SparseMethod', 'DensePhase']
+
+
+def _count_slack(sp: Sparsifier) -> int:
+    """How far a structured run's total may be from its budget: one unit of the largest quantum (0 unstructured)."""
+    if sp.structure is None:
+        return 0
+    return max(sp._bounds(i)[0] for i in range(len(sp.targets)))
 
 
 @dataclass(frozen=True)
@@ -140,6 +148,28 @@ class SparseMethod:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         pass
+
+    def check_counts(self, sp: Sparsifier, counts: list[int], state: dict[str, Any]) -> str | None:
+        """Why the active ``counts`` of a checkpoint (one per sparse tensor) cannot be this method's under ``sp``'s
+        configuration, or None when they can; ``state`` is the method's own part of the checkpoint (what
+        :meth:`state_dict` returned). :meth:`Sparsifier.load_state_dict` refuses the checkpoint with the reason.
+
+        The default: the total is the run's budget (``sp.layer_budgets(sp.sparsity)``, within one unit of a
+        structure), and every tensor holds exactly its own budget unless the method moves budget between tensors
+        (``moves_budget``) or the initial topology was not drawn per tensor (a method's own ``init_masks``, or
+        ``mask_init='global-magnitude'``). A method whose counts follow another rule (GMP's pruning schedule)
+        overrides it.
+        """
+        budgets = sp.layer_budgets(sp.sparsity)
+        if (not self.moves_budget and type(self).init_masks is SparseMethod.init_masks
+                and sp.mask_init != 'global-magnitude'):
+            for t, c, b in zip(sp.targets, counts, budgets):
+                if c != b:
+                    return f'{t.name} holds {c} active weights, its budget is {b}'
+        total, budget = sum(counts), sum(budgets)
+        if abs(total - budget) > _count_slack(sp):
+            return f'the sparse tensors hold {total} active weights in all, the budget is {budget}'
+        return None
 
     def extra_repr(self) -> str:
         return ''

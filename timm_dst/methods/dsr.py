@@ -8,6 +8,8 @@ stays exact while per-tensor budgets move.
 """
 from __future__ import annotations
 
+import math
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import torch
@@ -63,7 +65,10 @@ class DSR(SparseMethod):
         return {'threshold': self.threshold}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.threshold = float(state.get('threshold', self.threshold))
+        threshold = state.get('threshold', self.threshold)
+        if isinstance(threshold, bool) or not isinstance(threshold, numbers.Real) or not 0 <= threshold < math.inf:
+            raise ValueError(f'dsr: threshold {threshold!r} is not accepted: expected a finite number >= 0')
+        self.threshold = float(threshold)
 
     def extra_repr(self) -> str:
         return f'dsr_np={self.np_target}, dsr_threshold={self.threshold}, dsr_tolerance={self.tolerance}'

@@ -22,13 +22,14 @@ at the largest-magnitude weights (per tensor, or globally) at s_i.
 from __future__ import annotations
 
 import math
+import numbers
 from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .._registry import register_method
 from .._validate import check_bool, check_float
-from ._base import SparseMethod
+from ._base import SparseMethod, _count_slack
 
 if TYPE_CHECKING:
     from ..sparsifier import Sparsifier
@@ -40,6 +41,11 @@ def cubic_sparsity(step: int, initial: float, final: float, start: int, end: int
     """Zhu & Gupta's ``s_t = s_f + (s_i - s_f) * (1 - (t - t0) / (t1 - t0))^3``, held constant outside [t0, t1]."""
     frac = min(max((step - start) / (end - start), 0.0), 1.0)
     return final + (initial - final) * (1.0 - frac) ** 3
+
+
+def _int_list(x: Any, n: int) -> bool:
+    return (isinstance(x, list | tuple) and len(x) == n
+            and all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 0 for v in x))
 
 
 class GMP(SparseMethod):
@@ -123,10 +129,40 @@ class GMP(SparseMethod):
                 'start': self.start, 'end': self.end}
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        self.initial_counts = list(state.get('initial_counts', self.initial_counts))
-        self.final_counts = list(state.get('final_counts', self.final_counts))
-        self.start = int(state.get('start', self.start))
-        self.end = int(state.get('end', self.end))
+        initial = list(state.get('initial_counts', self.initial_counts))
+        final = list(state.get('final_counts', self.final_counts))
+        start, end = state.get('start', self.start), state.get('end', self.end)
+        n = len(self.final_counts) or len(final)
+        if not (_int_list(initial, n) and _int_list(final, n)):
+            raise ValueError(f'gmp: initial_counts and final_counts must be {n} integers each')
+        if not (_int_list([start, end], 2) and 0 <= start < end):
+            raise ValueError(f'gmp: start {start!r} and end {end!r} must be integers with 0 <= start < end')
+        self.initial_counts, self.final_counts, self.start, self.end = initial, final, int(start), int(end)
+
+    def check_counts(self, sp: Sparsifier, counts: list[int], state: dict[str, Any]) -> str | None:
+        """Counts between the checkpoint's end points of the pruning schedule (per tensor, or in total with
+        ``gmp_global``), whose final counts are the budgets of ``sparsity``."""
+        n = len(sp.targets)
+        initial, final = state.get('initial_counts'), state.get('final_counts')
+        if not (_int_list(initial, n) and _int_list(final, n)):
+            return f'its pruning schedule (initial_counts, final_counts) is not {n} integers each'
+        budgets = sp.layer_budgets(sp.sparsity)
+        if list(final) != budgets:
+            return (f'the schedule ends at {list(final)} active weights, the budgets of sparsity {sp.sparsity:g} '
+                    f'are {budgets}')
+        if any(not f <= i <= t.numel for t, i, f in zip(sp.targets, initial, final)):
+            return (f'the schedule starts at {list(initial)} active weights, not between its end {list(final)} '
+                    'and dense')
+        if not self.global_:
+            for t, c, i, f in zip(sp.targets, counts, initial, final):
+                if not f <= c <= i:
+                    return f'{t.name} holds {c} active weights, outside its pruning schedule [{f}, {i}]'
+            return None
+        slack = _count_slack(sp)
+        total, lo, hi = sum(counts), sum(final), sum(initial)
+        if not lo - slack <= total <= hi + slack:
+            return f'the sparse tensors hold {total} active weights in all, outside the pruning schedule [{lo}, {hi}]'
+        return None
 
     def extra_repr(self) -> str:
         return f'gmp_initial_sparsity={self.initial_sparsity}, gmp_global={self.global_}'

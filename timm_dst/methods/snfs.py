@@ -77,6 +77,11 @@ class SNFS(SparseMethod):
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         m = state.get('momentum')
+        if m is not None:
+            like = self.momentum
+            if (not isinstance(m, list | tuple) or not all(torch.is_tensor(x) and x.is_floating_point() for x in m)
+                    or (like is not None and [tuple(x.shape) for x in m] != [tuple(x.shape) for x in like])):
+                raise ValueError('snfs: momentum is not one float tensor per sparse tensor, shaped like its weight')
         self.momentum = [x.clone() for x in m] if m is not None else None
 
     def extra_repr(self) -> str:
