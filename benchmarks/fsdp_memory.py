@@ -30,7 +30,7 @@ rank = dist.get_rank()
 torch.set_num_threads(a['threads'])
 import timm
 import timm_dst
-from timm_dst._fsdp import is_dtensor
+from timm_dst.distributed.fsdp import is_dtensor
 
 
 def status(key):

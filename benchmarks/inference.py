@@ -29,7 +29,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_dst
-from timm_dst._sparse_linear import BlockStructure, block_matmul, csr_matmul
+from timm_dst.kernels.sparse_linear import BlockStructure, block_matmul, csr_matmul
 
 warnings.filterwarnings('ignore', message='Sparse (CSR|BSR) tensor support is in beta')
 STRUCTURES = ('unstructured', 'fan-in', '16x16', '32x32', '2:4')

@@ -142,7 +142,7 @@ def main() -> None:
 
 def _kernel_summary(model) -> str:
     """How many linear layers run block / CSR kernels now (float32 CPU inputs)."""
-    from timm_dst._sparse_linear import BlockStructure, SparseLinearForward
+    from timm_dst.kernels.sparse_linear import BlockStructure, SparseLinearForward
     kinds = {'block': 0, 'csr': 0}
     for m in model.modules():
         fwd = m.__dict__.get('forward')

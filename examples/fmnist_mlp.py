@@ -16,7 +16,7 @@ import torch
 import torch.nn.functional as F
 
 import timm_dst
-from timm_dst._data import read_idx
+from timm_dst.cli.data import read_idx
 
 DATA_DIR = '/usr/share/datasets/fashion-mnist'
 

@@ -11,7 +11,7 @@ import textwrap
 import pytest
 import torch
 
-from timm_dst._data import FASHION_MNIST_DIR
+from timm_dst.cli.data import FASHION_MNIST_DIR
 from timm_dst.train import main
 
 HAS_FMNIST = os.path.isdir(FASHION_MNIST_DIR)
@@ -35,8 +35,8 @@ def _views(argv, model='itop_mlp', **model_kw):
     import timm
     from timm.data import resolve_data_config
 
-    from timm_dst._config import parse_args
-    from timm_dst._data import create_loaders, data_config_args, open_datasets
+    from timm_dst.cli.config import parse_args
+    from timm_dst.cli.data import create_loaders, data_config_args, open_datasets
     args = parse_args(argv)
     splits = open_datasets(args)
     m = timm.create_model(model, num_classes=10, **model_kw)
@@ -71,7 +71,7 @@ def test_augmentation_flags_leave_the_fast_path():
 
 def test_cifar_crop_padding_default(tmp_path):
     """CIFAR trains with pad-4-and-crop (docs/cli.md), then timm's transform at the full 32 px."""
-    from timm_dst._data import _KNOWN
+    from timm_dst.cli.data import _KNOWN
     assert _KNOWN['cifar10'].crop_padding == 4 and _KNOWN['cifar100'].crop_padding == 4
 
 
@@ -113,8 +113,8 @@ def test_fmnist_resnet_checkpoint_loads_in_plain_timm(tmp_path):
 
 
 def test_precision_is_the_launchers_without_amp(monkeypatch):
-    from timm_dst._config import parse_args
-    from timm_dst._train_build import create_accelerator
+    from timm_dst.cli.build import create_accelerator
+    from timm_dst.cli.config import parse_args
     monkeypatch.setenv('ACCELERATE_MIXED_PRECISION', 'bf16')
     args = parse_args(['--dataset', 'synthetic', '--input-size', '1', '6', '6'])
     assert create_accelerator(args).mixed_precision == 'bf16'

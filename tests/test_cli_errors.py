@@ -9,7 +9,7 @@ import pytest
 import torch
 from conftest import run_cli
 
-from timm_dst._checkpoint import LAST
+from timm_dst.integrations.timm.checkpoint import LAST
 from timm_dst.train import main
 
 TINY = [
@@ -101,8 +101,8 @@ def test_resume_of_a_dense_timm_checkpoint_starts_sparse_training(tmp_path, monk
     (--mask-init magnitude: the largest of them) and optimizer state, at its next epoch."""
     import logging
 
-    import timm_dst.plugin as plugin
-    from timm_dst.plugin import DST_KEY, read_checkpoint
+    import timm_dst.integrations.timm as plugin
+    from timm_dst.integrations.timm import DST_KEY, read_checkpoint
     argv = [a for a in TINY]
     i = argv.index('--dst')
     argv[i:i + 6] = ['--dst', 'dense']  # drops --sparsity 0.8 --update-interval 2
@@ -149,7 +149,7 @@ def test_resume_of_a_dense_timm_checkpoint_starts_sparse_training(tmp_path, monk
 
 
 def test_resume_of_another_tools_dst_checkpoint_is_refused(finished_run, tmp_path, capsys):
-    from timm_dst.plugin import DST_KEY, read_checkpoint
+    from timm_dst.integrations.timm import DST_KEY, read_checkpoint
     ckpt = read_checkpoint(str(finished_run / LAST), mmap=False)
     ckpt[DST_KEY].pop('run')  # a DST state as timm's train.py under timm_dst.run writes it
     torch.save(ckpt, tmp_path / 'launcher.pth.tar')

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from timm_dst._config import DEFAULTS_DIFFER, REFUSED, create_parser, flag_status, parse_args
+from timm_dst.cli.config import DEFAULTS_DIFFER, REFUSED, create_parser, flag_status, parse_args
 
 TIMM_TRAIN = Path(__file__).resolve().parents[1].parent / 'shared' / 'clients' / 'timm' / 'train.py'
 SYNTH = ['--dataset', 'synthetic', '--input-size', '1', '6', '6', '--num-classes', '4', '--model', 'itop_mlp']
@@ -124,7 +124,7 @@ def test_positional_data_folder(tmp_path):
 
 
 def test_lr_base_scaling():
-    from timm_dst._train_build import scale_lr
+    from timm_dst.cli.build import scale_lr
     args = parse_args(SYNTH + ['-b', '64'])
     scale_lr(args, global_batch_size=128)
     assert args.lr == pytest.approx(0.1 * 128 / 256)
@@ -137,7 +137,7 @@ def test_lr_base_scaling():
 
 
 def test_docs_table_is_generated():
-    """docs/cli.md's flag table is the generator's output (python -m timm_dst._cli_doc), so it cannot drift."""
-    from timm_dst._cli_doc import flag_table
+    """docs/cli.md's flag table is the generator's output (python -m timm_dst.cli.doc), so it cannot drift."""
+    from timm_dst.cli.doc import flag_table
     doc = (Path(__file__).resolve().parents[1] / 'docs' / 'cli.md').read_text()
-    assert flag_table() in doc, 'docs/cli.md is out of date: run python -m timm_dst._cli_doc'
+    assert flag_table() in doc, 'docs/cli.md is out of date: run python -m timm_dst.cli.doc'

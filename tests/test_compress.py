@@ -12,15 +12,15 @@ import torch.nn.functional as F
 from conftest import TINY_MODELS, make_tiny
 
 import timm_dst
-from timm_dst._sparse_linear import (
+from timm_dst.core.compression import CompressedLinear, detect_structure, format_report
+from timm_dst.core.masks import DSTMask
+from timm_dst.kernels.sparse_linear import (
     BLOCK_ROW_GEMM_MIN_ROWS,
     BlockStructure,
     SparseLinearForward,
     block_matmul,
     csr_matmul,
 )
-from timm_dst.compression import CompressedLinear, detect_structure, format_report
-from timm_dst.reparam import DSTMask
 
 
 def _mask(shape: tuple[int, int], structure: str | None, density: float, g: torch.Generator) -> torch.Tensor:

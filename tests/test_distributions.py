@@ -8,8 +8,8 @@ import torch
 from conftest import make_tiny
 
 import timm_dst
-from timm_dst.distributions import layer_counts, round_exact
-from timm_dst.schedules import UpdateSchedule, prune_rate_at
+from timm_dst.core.distributions import layer_counts, round_exact
+from timm_dst.core.schedules import UpdateSchedule, prune_rate_at
 
 SHAPES = [(64, 3, 3, 3), (128, 64, 3, 3), (256, 128, 1, 1), (10, 256), (512, 512)]
 

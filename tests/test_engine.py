@@ -354,7 +354,7 @@ def test_summary_rows(tiny_kind: str):
 
 @pytest.mark.parametrize('kind', ['rand', 'sorted', 'ties', 'mostly_blocked'])
 def test_topk_indices_is_exact(kind: str):
-    from timm_dst.sparsifier import topk_indices
+    from timm_dst.core.controller import topk_indices
     g = torch.Generator().manual_seed(0)
     n, k = 300_000, 2_000
     x = torch.rand(n, generator=g)
@@ -373,7 +373,7 @@ def test_topk_indices_is_exact(kind: str):
 def test_masked_grad_equals_where_and_follows_mask_changes(density: float):
     """The CPU gradient mask (cached active indices or float mask) gives exactly ``where(mask, grad, 0)``, in place,
     also after the mask changes."""
-    from timm_dst.reparam import DSTMask
+    from timm_dst.core.masks import DSTMask
     gen = torch.Generator().manual_seed(0)
     mask = torch.rand(37, 53, generator=gen) < density
     method = DSTMask(mask)

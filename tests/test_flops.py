@@ -1,4 +1,5 @@
-"""``timm_dst.flops`` against hand-computed FLOPs (multiply-add = 2) for an MLP and a small CNN at known densities."""
+"""``timm_dst.core.flops`` against hand-computed FLOPs (multiply-add = 2) for an MLP and a small CNN at known
+densities."""
 from __future__ import annotations
 
 import pytest
@@ -6,7 +7,7 @@ import torch
 import torch.nn as nn
 
 import timm_dst
-from timm_dst.flops import TrainingFlops, inference_flops, layer_flops
+from timm_dst.core.flops import TrainingFlops, inference_flops, layer_flops
 
 # MLP 784-300-100-10 (LeNet-300-100), per sample
 MLP_LAYERS = {'0': 2 * 784 * 300, '2': 2 * 300 * 100, '4': 2 * 100 * 10}

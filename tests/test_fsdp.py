@@ -65,7 +65,7 @@ def _same_on_all_ranks(t: torch.Tensor) -> bool:
 
 def _full_state(sp) -> dict:
     """The sharded sparsifier's state with every shard gathered (a collective)."""
-    from timm_dst._fsdp import full
+    from timm_dst.distributed.fsdp import full
     state = sp.state_dict()
     for key in ('masks', 'explored'):
         state[key] = {k: full(v) for k, v in state[key].items()}
@@ -80,7 +80,7 @@ def _train_worker(rank: int, world: int, tmp: str) -> None:
     _init(rank, world, tmp)
 
     import timm_dst
-    from timm_dst._fsdp import full, is_dtensor
+    from timm_dst.distributed.fsdp import full, is_dtensor
     results = {}
     for method in METHODS:
         torch.manual_seed(0)
@@ -176,7 +176,7 @@ def _dcp_load(model, opt, sp, path: str) -> None:
 
 def _snapshot(model, sp) -> dict:
     import timm_dst
-    from timm_dst._fsdp import full
+    from timm_dst.distributed.fsdp import full
     return {'weights': timm_dst.export_state_dict(model), 'masks': [full(t.mask).clone() for t in sp.targets],
             'explored': [full(e).clone() for e in sp.explored], 'counts': list(sp.counts), 'step': sp.step,
             'itop_rate': sp.itop_rate}
@@ -267,7 +267,7 @@ def test_fsdp_dcp_resume_exact_on_two_ranks_and_on_one(method, tmp_path):
 def _refusals_worker(rank: int, world: int, tmp: str) -> None:
     _init(rank, world, tmp)
     import timm_dst
-    from timm_dst._sparse_linear import SparseLinearForward
+    from timm_dst.kernels.sparse_linear import SparseLinearForward
     out = {}
 
     def error(fn) -> str:
@@ -353,7 +353,7 @@ def test_cli_refuses_accelerate_fsdp_in_one_line():
 
     from accelerate.utils import DistributedType
 
-    from timm_dst._train_build import fsdp_refusal
+    from timm_dst.cli.build import fsdp_refusal
     fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP,
                            state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
     message = fsdp_refusal(fsdp)
@@ -390,7 +390,7 @@ def _tiny_vit_like_example():
 def _capture_worker(rank: int, world: int, tmp: str) -> None:
     _init(rank, world, tmp)
     import timm_dst
-    from timm_dst._fsdp import full
+    from timm_dst.distributed.fsdp import full
     torch.manual_seed(0)
     model = _tiny_vit()
     plain = copy.deepcopy(model)

@@ -1,4 +1,4 @@
-"""timm_dst.plugin: the DST flag group, the sparsifier from parsed arguments, the checkpoint layout."""
+"""timm_dst.integrations.timm: the DST flag group, the sparsifier from parsed arguments, the checkpoint layout."""
 from __future__ import annotations
 
 import argparse
@@ -10,8 +10,8 @@ import torch
 from conftest import make_tiny, train_steps
 
 import timm_dst
-from timm_dst import plugin
-from timm_dst.plugin import (
+from timm_dst.integrations import timm as plugin
+from timm_dst.integrations.timm import (
     DST_KEY,
     add_dst_args,
     create_sparsifier_from_args,

@@ -17,8 +17,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_dst
-from timm_dst import _registry
-from timm_dst.methods import SparseMethod
+from timm_dst.methods import SparseMethod, _registry
 
 try:
     import tomllib
@@ -180,7 +179,7 @@ def test_entry_point_forms_and_a_broken_plugin(tmp_path, monkeypatch, fresh_regi
     sp = timm_dst.create_sparsifier(model, torch.optim.SGD(model.parameters(), lr=0.1), method='pair-a')
     assert sp.method_name == 'pair-a' and sp.schedule.interval == 5
     # the CLI: plugin names and flags are in --help (a % in a docstring is text); another method's flag is refused
-    from timm_dst._config import create_parser, parse_args
+    from timm_dst.cli.config import create_parser, parse_args
     text = ' '.join(create_parser()[1].format_help().split())
     assert 'grower: Grows where' in text and '--pair-share' in text and 'in % (100% = all)' in text
     assert parse_args(['--dataset', 'synthetic', '--model', 'itop_mlp', '--dst', 'grower']).dst == 'grower'
@@ -246,8 +245,8 @@ def test_no_method_name_outside_the_methods_and_the_registry():
 
 
 def test_cli_distribution_alias_and_mask_init(tmp_path):
-    from timm_dst._config import parse_args
-    from timm_dst.plugin import sparsifier_kwargs as dst_kwargs
+    from timm_dst.cli.config import parse_args
+    from timm_dst.integrations.timm import sparsifier_kwargs as dst_kwargs
     base = ['--dataset', 'synthetic', '--model', 'itop_mlp']
     for flag in ('--distribution', '--sparse-init'):
         kw = dst_kwargs(parse_args(base + [flag, 'ER', '--mask-init', 'magnitude']))

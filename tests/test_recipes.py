@@ -17,8 +17,8 @@ import sys
 import pytest
 import yaml
 
-from timm_dst._config import _config_defaults, create_parser
-from timm_dst._data import FASHION_MNIST_DIR, normalize_dataset_name
+from timm_dst.cli.config import _config_defaults, create_parser
+from timm_dst.cli.data import FASHION_MNIST_DIR, normalize_dataset_name
 from timm_dst.train import main
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -95,7 +95,7 @@ def _smoke_args(path: str, out: str, full_size: bool = False) -> list[str]:
 
 
 def _cli_args(path: str) -> tuple[dict, argparse.ArgumentParser, argparse.Namespace]:
-    """A recipe read as ``timm_dst._config.parse_args`` reads ``-c``, without its checks of the data set.
+    """A recipe read as ``timm_dst.cli.config.parse_args`` reads ``-c``, without its checks of the data set.
 
     Args:
         path: The recipe, relative to the repository root.

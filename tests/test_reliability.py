@@ -649,7 +649,7 @@ def test_skipped_steps_leave_no_trace_for_every_method(method):
 
 
 def test_attach_masks_is_all_or_nothing():
-    from timm_dst.reparam import attach_masks
+    from timm_dst.core.masks import attach_masks
     model = _mlp()
     before = _state(model)
     good = torch.rand(48, 64) > 0.5

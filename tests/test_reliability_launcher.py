@@ -20,7 +20,7 @@ import torch
 from conftest import run_cli
 from test_timm_run import DST_ARGS, FMNIST, MODEL_ARGS, TRAIN_PY, launch, needs_timm_scripts, write_fmnist_folder
 
-from timm_dst.plugin import DST_KEY, read_checkpoint
+from timm_dst.integrations.timm import DST_KEY, read_checkpoint
 
 CLI_TINY = [
     '--dataset', 'synthetic', '--input-size', '1', '6', '6', '--num-classes', '4', '--synthetic-train-size', '120',
@@ -173,7 +173,7 @@ def test_launcher_flag_errors_are_one_line(capsys, tmp_path, stub_script):
 # --------------------------------------------------------------------------------------------------------------------
 # the launcher: the timm entry points it patches, called in this process
 def _launcher(**train_args):
-    from timm_dst.plugin import add_dst_args
+    from timm_dst.integrations.timm import add_dst_args
     from timm_dst.run import Launcher
     p = argparse.ArgumentParser()
     add_dst_args(p)

@@ -19,7 +19,7 @@ from timm.utils import ModelEmaV2
 from torch.nn.utils import parametrizations, parametrize
 
 import timm_dst
-from timm_dst.reparam import DSTMask
+from timm_dst.core.masks import DSTMask
 
 
 def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> None:

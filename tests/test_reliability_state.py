@@ -19,8 +19,14 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import timm_dst
-from timm_dst.plugin import DST_KEY, create_sparsifier_from_args, pack_checkpoint, read_checkpoint, read_dst_state
-from timm_dst.sparsifier import NonFiniteGradientError
+from timm_dst.core.controller import NonFiniteGradientError
+from timm_dst.integrations.timm import (
+    DST_KEY,
+    create_sparsifier_from_args,
+    pack_checkpoint,
+    read_checkpoint,
+    read_dst_state,
+)
 
 
 def _mlp(seed: int = 0) -> nn.Module:
@@ -323,7 +329,7 @@ def test_transient_nonfinite_gradients_do_not_stop():
 def _args(**kw):
     import argparse
 
-    from timm_dst.plugin import add_dst_args
+    from timm_dst.integrations.timm import add_dst_args
     p = argparse.ArgumentParser()
     add_dst_args(p)
     args = p.parse_args(['--dst', 'set', '--sparsity', '0.8', '--update-interval', '2', '--sparse-kernel-density', '0'])
@@ -389,7 +395,7 @@ _TINY = [
 def test_cli_resume_of_a_damaged_checkpoint_is_one_line(tmp_path, capsys):
     from conftest import run_cli
 
-    from timm_dst._checkpoint import LAST
+    from timm_dst.integrations.timm.checkpoint import LAST
     from timm_dst.train import main
     run_cli(_TINY, tmp_path / 'run')
     good = read_checkpoint(str(tmp_path / 'run' / LAST), mmap=False)

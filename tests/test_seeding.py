@@ -17,7 +17,7 @@ import torch
 from conftest import run_cli
 
 import timm_dst
-from timm_dst._seeding import derive_seed, derived_generator
+from timm_dst.core._seeding import derive_seed, derived_generator
 
 Z_MAX = 5.0  # a true random sample exceeds 5 sigma with probability ~6e-7 per statistic
 MIN_ACTIVE = 20  # fewer active weights say nothing either way
@@ -187,7 +187,7 @@ CLI = ['--dataset', 'synthetic', '--input-size', '1', '16', '16', '--num-classes
 
 
 def _cli_masks(out: str) -> list[tuple[str, float, float, int]]:
-    from timm_dst._checkpoint import LAST
+    from timm_dst.integrations.timm.checkpoint import LAST
     ckpt = torch.load(os.path.join(out, LAST), map_location='cpu', weights_only=False)
     masks = ckpt['timm_dst']['sparsifier']['masks']
     state = ckpt['state_dict']

@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from conftest import train_steps
 
 import timm_dst
-from timm_dst._sparse_linear import SparseLinearForward
+from timm_dst.kernels.sparse_linear import SparseLinearForward
 
 
 def _mlp(bias: bool = True) -> nn.Module:
@@ -142,7 +142,7 @@ def test_compiled_model_takes_the_dense_path_and_matches_eager():
 def test_kernel_gradient_is_masked_once_and_sums_with_other_contributions_are_masked(monkeypatch):
     """The kernels' weight gradient is produced masked, so the accumulation hook leaves it alone; anything else summed
     into ``.grad`` (another read of the weight, an earlier micro-batch, a user's tensor hook) is masked there."""
-    from timm_dst.reparam import DSTMask
+    from timm_dst.core.masks import DSTMask
     calls = []
     real = DSTMask.mask_grad_
     monkeypatch.setattr(DSTMask, 'mask_grad_', lambda self, g, m: calls.append(g.shape) or real(self, g, m))

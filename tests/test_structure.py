@@ -12,8 +12,9 @@ from conftest import check_exact_resume, make_tiny, run_cli
 from conftest import train_steps as _train
 
 import timm_dst
+import timm_dst.integrations.timm
+from timm_dst.core.structure import parse_structure, quantize_counts
 from timm_dst.methods import SparseMethod
-from timm_dst.structure import parse_structure, quantize_counts
 
 METHODS = [n for n in timm_dst.list_methods()
            if timm_dst.get_method_info(n).cls.__module__.startswith('timm_dst.') and n != 'dense']
@@ -348,8 +349,8 @@ def test_cli_structure(tmp_path, capsys):
         run_cli(TINY + ['--dst', 'rigl-itop', '--structure', structure]
                 + ([] if ':' in structure else ['--sparsity', '0.8']), out)
         results = json.loads((out / 'results.json').read_text())
-        ckpt = timm_dst.plugin.read_checkpoint(str(out / 'last.pth.tar'))
-        state = ckpt[timm_dst.plugin.DST_KEY]['sparsifier']
+        ckpt = timm_dst.integrations.timm.read_checkpoint(str(out / 'last.pth.tar'))
+        state = ckpt[timm_dst.integrations.timm.DST_KEY]['sparsifier']
         assert state['config']['structure'] == structure
         for mask in state['masks'].values():
             if _fits(structure, tuple(mask.shape)):
@@ -360,7 +361,8 @@ def test_cli_structure(tmp_path, capsys):
     out = tmp_path / '8x8'
     run_cli(TINY + ['--dst', 'rigl-itop', '--structure', '8x8', '--sparsity', '0.8', '--epochs', '3',
                     '--resume', str(out)], tmp_path / 'resumed')
-    state = timm_dst.plugin.read_checkpoint(str(tmp_path / 'resumed' / 'last.pth.tar'))[timm_dst.plugin.DST_KEY]
+    from timm_dst.integrations.timm import DST_KEY, read_checkpoint
+    state = read_checkpoint(str(tmp_path / 'resumed' / 'last.pth.tar'))[DST_KEY]
     assert state['sparsifier']['config']['structure'] == '8x8' and state['step'] == 9  # 3 epochs of 3 steps
     capsys.readouterr()
     with pytest.raises(SystemExit) as e:
@@ -373,7 +375,7 @@ def test_cli_structure(tmp_path, capsys):
 
 def test_cli_flag_in_shared_group():
     """--structure is in the DST flag group shared by timm-dst-train and the launcher for timm's train.py."""
-    from timm_dst.plugin import dst_option_strings
+    from timm_dst.integrations.timm import dst_option_strings
     assert dst_option_strings()['--structure'] == 1
 
 
@@ -386,8 +388,8 @@ def test_launcher_structure(tmp_path):
     out = str(tmp_path / 'out')
     os.makedirs(out)
     train(data, out, 'fanin', '--epochs', '1', '--structure', 'fan-in')
-    ckpt = timm_dst.plugin.read_checkpoint(os.path.join(out, 'fanin', 'last.pth.tar'))
-    state = ckpt[timm_dst.plugin.DST_KEY]['sparsifier']
+    ckpt = timm_dst.integrations.timm.read_checkpoint(os.path.join(out, 'fanin', 'last.pth.tar'))
+    state = ckpt[timm_dst.integrations.timm.DST_KEY]['sparsifier']
     assert state['config']['structure'] == 'fan-in'
     assert len(state['masks']) > 5
     for mask in state['masks'].values():
@@ -432,6 +434,6 @@ def test_initial_topologies_and_gmp_variants(variant: str, structure: str):
 
 
 def test_sweep_grid_keeps_nm_text():
-    from timm_dst.sweep import parse_grid
+    from timm_dst.tools.sweep import parse_grid
     assert parse_grid(['structure=none,2:4,fan-in,16x16'])['structure'] == ['none', '2:4', 'fan-in', '16x16']
     assert parse_grid(['epochs=2,8'])['epochs'] == [2, 8]

@@ -7,7 +7,7 @@ import os
 
 import pytest
 
-from timm_dst import sweep
+from timm_dst.tools import sweep as sweep
 
 TINY_RECIPE = """\
 dataset: synthetic

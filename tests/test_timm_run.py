@@ -16,7 +16,7 @@ import textwrap
 import pytest
 import torch
 
-from timm_dst.plugin import DST_KEY, read_checkpoint
+from timm_dst.integrations.timm import DST_KEY, read_checkpoint
 from timm_dst.run import split_argv
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -37,7 +37,7 @@ def write_fmnist_folder(root: str, n_train: int, n_val: int) -> str:
     """Fashion-MNIST training images as an ImageFolder: ``root/train/<label>/*.png`` and ``root/validation/...``."""
     from PIL import Image
 
-    from timm_dst._data import read_idx
+    from timm_dst.cli.data import read_idx
     images = read_idx(os.path.join(FMNIST, 'train-images-idx3-ubyte.gz'))
     labels = read_idx(os.path.join(FMNIST, 'train-labels-idx1-ubyte.gz'))
     for split, indices in (('train', range(n_train)), ('validation', range(n_train, n_train + n_val))):

@@ -12,7 +12,7 @@ import torch
 from conftest import run_cli
 
 from timm_dst import list_methods
-from timm_dst._checkpoint import LAST
+from timm_dst.integrations.timm.checkpoint import LAST
 from timm_dst.train import main
 
 TINY = [
@@ -113,7 +113,7 @@ def test_outputs(tmp_path):
     results = json.loads((tmp_path / 'results.json').read_text())
     assert results['test_best']['top1'] > 50.0  # 4 learnable classes: the run trains
     # the resolved config runs again as a -c config
-    from timm_dst._config import parse_args
+    from timm_dst.cli.config import parse_args
     args = parse_args(['-c', str(tmp_path / 'args.yaml')])
     assert args.sparsity == 0.8 and args.model_kwargs == {'hidden': [48, 32]}
 
@@ -156,8 +156,8 @@ def test_export_loads_in_plain_timm(tmp_path):
     header, rows = row[0], row[1:]
     best_val_top1 = float(rows[results['best_epoch']][header.index('eval_top1')])
     # the validation split of the run, saved as tensors for a process that never imports timm_dst
-    from timm_dst._config import parse_args
-    from timm_dst._data import open_datasets
+    from timm_dst.cli.config import parse_args
+    from timm_dst.cli.data import open_datasets
     val_ds = open_datasets(parse_args(args)).val
     xs, ys = zip(*[val_ds[i] for i in range(len(val_ds))])
     torch.save({'x': torch.stack(xs), 'y': torch.tensor(ys)}, tmp_path / 'val.pt')
@@ -232,8 +232,8 @@ def test_bad_config_key(tmp_path, capsys):
 
 
 def test_config_keys_are_flag_names(tmp_path):
-    from timm_dst._config import parse_args
-    from timm_dst.plugin import sparsifier_kwargs as dst_kwargs
+    from timm_dst.cli.config import parse_args
+    from timm_dst.integrations.timm import sparsifier_kwargs as dst_kwargs
     cfg = tmp_path / 'c.yaml'
     cfg.write_text('dataset: synthetic\nbatch-size: 16\nsparsity: 0.9\nsparse_init: ER\nupdate_end: 0.5\n'
                    'dst: dsr\ndsr_np: 100\n')
@@ -259,7 +259,7 @@ def test_nan_loss_stops_and_keeps_last_good_checkpoint(tmp_path, capsys):
 def test_docs_cover_every_flag():
     from pathlib import Path
 
-    from timm_dst._config import create_parser
+    from timm_dst.cli.config import create_parser
     doc = (Path(__file__).parents[1] / 'docs' / 'cli.md').read_text()
     _, parser = create_parser()
     missing = [a.option_strings[0] for a in parser._actions
@@ -331,7 +331,7 @@ def test_lth_two_phases(tmp_path, monkeypatch):
     results = json.loads((tmp_path / 'a' / 'results.json').read_text())
     assert results['method'] == 'lth' and results['dense_phase']['rewind_step'] == 3
     assert results['dense_phase']['train_flops_both_phases_ratio'] > 1.0
-    from timm_dst._config import parse_args  # phase 2 alone runs again from its args.yaml
+    from timm_dst.cli.config import parse_args  # phase 2 alone runs again from its args.yaml
     args = parse_args(['-c', str(tmp_path / 'a' / 'args.yaml')])
     assert args.lth_trained_state.endswith(LAST) and args.lth_rewind_state.endswith('rewind.pth')
 

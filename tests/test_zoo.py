@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from timm.layers import CondConv2d, Conv2dSame, ScaledStdConv2d, StdConv2d
 
 import timm_dst
-from timm_dst.zoo import DEFAULT_SUITE, check_model, format_table, main
+from timm_dst.tools.zoo import DEFAULT_SUITE, check_model, format_table, main
 
 
 def test_suite_size_and_families():
@@ -127,7 +127,7 @@ def test_cli_table(capsys):
 def test_sweep_replaces_a_grown_worker_and_skips_what_does_not_fit(tmp_path):
     """A worker above --worker-max-rss is replaced between models (every model here: 0 GiB) and no row is lost; a model
     whose weights would not fit in memory is a skip row that says why, not a crash."""
-    import timm_dst.zoo as zoo
+    import timm_dst.tools.zoo as zoo
     out = tmp_path / 'zoo.csv'
     assert main(['--models', 'resnet10t', 'test_vit', '--img-size', '32', '--worker-max-rss', '0',
                  '--output', str(out), '--format', 'csv']) == 0
@@ -166,7 +166,7 @@ class _PositionMLP(nn.Module):
 def test_zoo_target_check_can_fail(exclude, fails):
     """The zoo's target check does not re-use the predicate that chose the targets: a position-encoding layer the
     model lists in no_weight_decay() but the selection made sparse fails it."""
-    from timm_dst.zoo import _check_invariants
+    from timm_dst.tools.zoo import _check_invariants
     torch.manual_seed(0)
     model = _PositionMLP()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)

@@ -14,7 +14,7 @@ import argparse
 import os
 from typing import Any
 
-from timm_dst.sweep import aggregate, collect
+from timm_dst.tools.sweep import aggregate, collect
 
 SEEDS = (0, 1)
 SEEDS60 = (0, 1, 2)  # the comparison with the official code on all 60k images (issue #24): 3 seeds

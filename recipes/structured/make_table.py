@@ -12,7 +12,7 @@ import os
 import sys
 from typing import Any
 
-from timm_dst.sweep import aggregate, collect
+from timm_dst.tools.sweep import aggregate, collect
 
 METHODS = ('set-itop', 'rigl-itop')
 

@@ -1,5 +1,5 @@
 """DST methods; importing this package registers every built-in method name."""
-from ._base import DensePhase, SparseMethod
+from ..core.method import DensePhase, SparseMethod
 from .dsr import DSR
 from .gmp import GMP
 from .lth import LTH, LTHSetITOP, capture_weights, load_weights, lottery_ticket, save_weights

@@ -10,18 +10,16 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .._fsdp import full
-from .._registry import register_method
-from .._validate import check_float, check_int
-from ..distributions import round_exact
-from ._base import SparseMethod
-
-if TYPE_CHECKING:
-    from ..sparsifier import Sparsifier
+from ..core._validate import check_float, check_int
+from ..core.controller import Sparsifier
+from ..core.distributions import round_exact
+from ..core.method import SparseMethod
+from ..distributed.fsdp import full
+from ._registry import register_method
 
 __all__ = ['DSR']
 

@@ -23,16 +23,14 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .._registry import register_method
-from .._validate import check_bool, check_float
-from ._base import SparseMethod, _count_slack
-
-if TYPE_CHECKING:
-    from ..sparsifier import Sparsifier
+from ..core._validate import check_bool, check_float
+from ..core.controller import Sparsifier
+from ..core.method import SparseMethod, _count_slack
+from ._registry import register_method
 
 __all__ = ['GMP', 'cubic_sparsity']
 

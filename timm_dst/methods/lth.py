@@ -27,18 +27,16 @@ import logging
 import os
 from collections import OrderedDict
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.nn as nn
 
-from .._registry import create_sparsifier, get_method_info, list_methods, register_method
-from .._validate import load_file
-from ..reparam import export_state_dict, unwrap_model
-from ._base import DensePhase, SparseMethod
-
-if TYPE_CHECKING:
-    from ..sparsifier import Sparsifier
+from ..core._validate import load_file
+from ..core.controller import Sparsifier
+from ..core.masks import export_state_dict, unwrap_model
+from ..core.method import DensePhase, SparseMethod
+from ._registry import create_sparsifier, get_method_info, list_methods, register_method
 
 __all__ = ['LTH', 'LTHSetITOP', 'load_weights', 'capture_weights', 'save_weights', 'lottery_ticket']
 

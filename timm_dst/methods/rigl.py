@@ -6,15 +6,11 @@ explores to the end with the ITOP paper's settings (Table 4: ΔT 4000, P 0.5 cos
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import torch
 
-from .._registry import register_method
-from ._base import SparseMethod
-
-if TYPE_CHECKING:
-    from ..sparsifier import Sparsifier
+from ..core.controller import Sparsifier
+from ..core.method import SparseMethod
+from ._registry import register_method
 
 __all__ = ['RigL']
 

@@ -5,8 +5,8 @@
 """
 from __future__ import annotations
 
-from .._registry import register_method
-from ._base import SparseMethod
+from ..core.method import SparseMethod
+from ._registry import register_method
 
 __all__ = ['SET']
 

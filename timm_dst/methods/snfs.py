@@ -7,18 +7,16 @@ own momentum only sees masked gradients.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 
-from .._fsdp import full
-from .._registry import register_method
-from .._validate import check_float
-from ..distributions import round_exact
-from ._base import SparseMethod
-
-if TYPE_CHECKING:
-    from ..sparsifier import Sparsifier
+from ..core._validate import check_float
+from ..core.controller import Sparsifier
+from ..core.distributions import round_exact
+from ..core.method import SparseMethod
+from ..distributed.fsdp import full
+from ._registry import register_method
 
 __all__ = ['SNFS']
 

@@ -15,19 +15,17 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .._registry import register_method
-from .._validate import check_int, load_file
-from ._base import SparseMethod
-
-if TYPE_CHECKING:
-    from ..sparsifier import Sparsifier
+from ..core._validate import check_int, load_file
+from ..core.controller import Sparsifier
+from ..core.method import SparseMethod
+from ._registry import register_method
 
 __all__ = ['SNIP', 'SNIPSetITOP', 'snip_scores']
 

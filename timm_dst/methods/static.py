@@ -1,8 +1,8 @@
 """``dense`` (no masks at all: the baseline) and ``static`` (a fixed random sparse topology)."""
 from __future__ import annotations
 
-from .._registry import register_method
-from ._base import SparseMethod
+from ..core.method import SparseMethod
+from ._registry import register_method
 
 __all__ = ['Dense', 'Static']
 

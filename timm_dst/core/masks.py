@@ -17,10 +17,14 @@ import torch
 import torch.nn as nn
 from torch.nn.utils import prune
 
-from ._fsdp import flat_fill_sharded_, full, is_dtensor
-from ._fsdp import fsdp_modules as _fsdp_modules
-from ._fsdp import rename_fsdp_params as _fsdp_rename
-from ._sparse_linear import (
+from ..distributed.fsdp import (
+    flat_fill_,  # noqa: F401  (re-exported: it moved to distributed.fsdp)
+    full,
+    is_dtensor,
+)
+from ..distributed.fsdp import fsdp_modules as _fsdp_modules
+from ..distributed.fsdp import rename_fsdp_params as _fsdp_rename
+from ..kernels.sparse_linear import (
     BLOCK_TRAIN_MIN_AREA,
     DEFAULT_BLOCK_MAX_DENSITY,
     BlockStructure,
@@ -275,8 +279,9 @@ class DSTMask(prune.BasePruningMethod):
     def install_sparse_kernels(self, module: nn.Module, max_density: float, n_active: int) -> bool:
         """Give a plain ``nn.Linear`` CSR kernels while at most ``max_density`` of it is active, or block kernels while
         its mask is made of whole blocks at most ``DEFAULT_BLOCK_MAX_DENSITY`` dense (see
-        :mod:`timm_dst._sparse_linear`; both off when ``max_density`` is 0); take them away otherwise, so denser layers
-        pay nothing per call. Called again whenever the layer's budget changes (DSR moves budgets between layers).
+        :mod:`timm_dst.kernels.sparse_linear`; both off when ``max_density`` is 0); take them away otherwise, so denser
+        layers pay nothing per call. Called again whenever the layer's budget changes (DSR moves budgets between
+        layers).
 
         Args:
             module: The module this mask is attached to.
@@ -311,12 +316,12 @@ class DSTMask(prune.BasePruningMethod):
 
     def blocks(self, mask: torch.Tensor, max_density: float) -> BlockStructure | None:
         """The cached active blocks of ``mask`` when it is made of whole blocks (``R x C`` with ``R * C >= 1024``,
-        :data:`~timm_dst._sparse_linear.BLOCK_TRAIN_MIN_AREA`) and at most ``max_density`` dense; None otherwise.
+        :data:`~timm_dst.kernels.sparse_linear.BLOCK_TRAIN_MIN_AREA`) and at most ``max_density`` dense; None otherwise.
 
         The block size is the declared :attr:`structure` when it is ``'RxC'``; a mask declared ``'N:M'`` or
         ``'fan-in'`` has no blocks; an unstructured one (None: masks set by hand, by ``set_masks``, or by a method of
-        its own) is looked at for the block sizes of :data:`timm_dst._sparse_linear.BLOCK_CANDIDATES`, once per mask
-        version (the first block row is checked first, so an unstructured mask costs little).
+        its own) is looked at for the block sizes of :data:`timm_dst.kernels.sparse_linear.BLOCK_CANDIDATES`, once per
+        mask version (the first block row is checked first, so an unstructured mask costs little).
         """
         cache = self._mask_cache(mask)
         if max_density <= 0 or mask.dim() != 2 or cache['n_active'] > max_density * mask.numel():
@@ -370,22 +375,6 @@ def _note_loaded(module: nn.Module, incompatible_keys: object) -> None:
 def has_mask(module: nn.Module, name: str) -> bool:
     """Whether ``module.<name>`` carries a mask (ours or any ``torch.nn.utils.prune`` method)."""
     return name + '_orig' in module._parameters or name + '_mask' in module._buffers
-
-
-def flat_fill_(tensor: torch.Tensor, index: torch.Tensor, value: float | bool) -> torch.Tensor:
-    """``tensor.view(-1)[index] = value`` for any memory layout (``channels_last`` included), in place, O(k).
-
-    Flat indices are in the logical (row-major) order of ``tensor.shape``; for an FSDP2 shard (a ``DTensor``) the
-    positions this rank holds are written.
-    """
-    if is_dtensor(tensor):
-        return flat_fill_sharded_(tensor, index, value)
-    if tensor.is_contiguous():
-        tensor.view(-1).index_fill_(0, index, value)
-    elif index.numel():
-        tensor.index_put_(torch.unravel_index(index, tensor.shape),
-                          torch.tensor(value, dtype=tensor.dtype, device=tensor.device))
-    return tensor
 
 
 def _find_dst_mask(module: nn.Module, name: str) -> DSTMask | None:

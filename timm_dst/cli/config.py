@@ -1,17 +1,23 @@
 """Arguments of the training CLI: every flag of timm's train.py (same name, meaning and default, or refused with a
-reason), the DST flags of :func:`timm_dst.plugin.add_dst_args`, the CLI's own flags, YAML configs (including a timm
-``args.yaml``), and early validation. Every user error is one line naming the flag or key, exit status 2."""
+reason), the DST flags of :func:`timm_dst.integrations.timm.add_dst_args`, the CLI's own flags, YAML configs (including
+a timm ``args.yaml``), and early validation. Every user error is one line naming the flag or key, exit status 2."""
 from __future__ import annotations
 
 import argparse
 import os
-from collections.abc import Callable
+import sys
+from datetime import datetime
 from typing import Any
 
 import yaml
 
-from .plugin import ParseKwargs, add_dst_args, milestone, step_or_fraction, validate_dst_args
-from .plugin import sparsifier_kwargs as dst_kwargs
+from ..integrations.timm.checkpoint import resolve_resume
+from ..integrations.timm.config import _coerce, read_yaml_config, writable_folder_problem
+from ..integrations.timm.flags import ParseKwargs, add_dst_args, validate_dst_args
+from ..integrations.timm.flags import add_dst_args as _add
+from ..integrations.timm.flags import sparsifier_kwargs as dst_kwargs
+from ..methods._registry import DEFAULT_TRAIN_METHOD, get_method_info
+from .data import check_dataset, normalize_dataset_name
 
 __all__ = ['create_parser', 'parse_args', 'args_to_yaml', 'dst_kwargs', 'REFUSED', 'DEFAULTS_DIFFER',
            'MEANING_DIFFERS', 'OWN_FLAGS', 'flag_status']
@@ -349,7 +355,6 @@ def _scheduled_loader_group(p: argparse.ArgumentParser) -> None:
 
 
 def _dst_group(p: argparse.ArgumentParser) -> None:
-    from ._registry import DEFAULT_TRAIN_METHOD
     add_dst_args(p, default_method=DEFAULT_TRAIN_METHOD)  # --dst, the controller flags and the methods' own
 
 
@@ -368,125 +373,6 @@ def create_parser() -> tuple[argparse.ArgumentParser, argparse.ArgumentParser]:
                 _norm_ema_group, _dst_group, _misc_group, _scheduled_loader_group):
         add(parser)
     return config_parser, parser
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# YAML configs
-def _yaml_error(e: yaml.YAMLError) -> str:
-    mark = getattr(e, 'problem_mark', None)
-    where = f'line {mark.line + 1}, column {mark.column + 1}: ' if mark is not None else ''
-    return where + ' '.join(str(getattr(e, 'problem', None) or e).split())
-
-
-class DuplicateKeyError(yaml.YAMLError):
-    """A key given twice in one YAML mapping (``yaml.safe_load`` would keep the last value without a word)."""
-
-    def __init__(self, key: Any, first_line: int, line: int):
-        super().__init__(f'key {key} is given twice (lines {first_line} and {line})')
-        self.key, self.first_line, self.line = key, first_line, line
-
-
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.SafeLoader`` refusing a key given twice in one mapping (merge keys ``<<`` may still be overridden)."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == 'tag:yaml.org,2002:merge':
-                continue
-            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
-            try:
-                if key in seen:
-                    raise DuplicateKeyError(key, seen[key], line)
-                seen[key] = line
-            except TypeError:  # an unhashable key: construct_mapping refuses it
-                continue
-        return super().construct_mapping(node, deep=deep)
-
-
-def read_yaml_config(path: str, error: Callable[[str], Any], flag: str = '-c/--config') -> Any:
-    """A YAML config file, loaded like ``yaml.safe_load`` but refusing a key given twice.
-
-    Args:
-        path: The file.
-        error: Called with one line naming ``flag``, the file and the problem (expected not to return): no such file,
-            unreadable, not valid YAML, a duplicate key.
-        flag: The option that named the file.
-
-    Returns:
-        The loaded value (None for an empty file).
-    """
-    if not os.path.isfile(path):
-        return error(f'{flag} {path!r}: ' + ('a folder, not a YAML file' if os.path.isdir(path) else 'no such file'))
-    try:
-        with open(path) as f:
-            return yaml.load(f, Loader=_UniqueKeyLoader)  # noqa: S506 (a SafeLoader)
-    except DuplicateKeyError as e:
-        return error(f'{flag} {path}: {e}; keep one')
-    except yaml.YAMLError as e:
-        return error(f'{flag} {path}: not valid YAML ({_yaml_error(e)})')
-    except (OSError, UnicodeDecodeError) as e:
-        return error(f'{flag} {path}: cannot be read ({e})')
-
-
-def _type_name(t: Any) -> str:
-    return {int: 'an integer', float: 'a number', str: 'a string', step_or_fraction: 'an integer step or a fraction',
-            milestone: 'FROM_STEP:INTERVAL'}.get(t, getattr(t, '__name__', str(t)))
-
-
-def _convert(t: Any, value: Any) -> Any:
-    """One YAML value to a flag's type, strictly (``2.5`` is not an integer; ``true`` is not a number)."""
-    if t is None:
-        return value
-    if isinstance(value, bool) and t in (int, float, step_or_fraction):
-        raise ValueError
-    if t is int:
-        if isinstance(value, float) and not value.is_integer():
-            raise ValueError
-        return int(value) if isinstance(value, int | float) else int(str(value))
-    if t is float:
-        return float(value) if isinstance(value, int | float) else float(str(value))
-    if t is step_or_fraction:
-        return value if isinstance(value, int | float) else step_or_fraction(str(value))
-    if t is milestone:
-        if isinstance(value, list | tuple) and len(value) == 2:
-            return int(value[0]), int(value[1])
-        return milestone(str(value))
-    if isinstance(value, dict | list):
-        raise ValueError
-    return t(str(value))
-
-
-def _coerce(action: argparse.Action, value: Any) -> Any:
-    """A config value for ``action``, converted and checked like the command line would (ValueError if not)."""
-    if value is None:
-        return None
-    if isinstance(action.default, dict):  # key=value flags (--model-kwargs, --dst-kwargs ...)
-        if not isinstance(value, dict):
-            raise ValueError('a mapping of keyword arguments')
-        return value
-    if action.nargs == 0:  # store_true / store_false / BooleanOptional
-        if not isinstance(value, bool):
-            raise ValueError('true or false')
-        return value
-    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
-        items = value if isinstance(value, list | tuple) else [value]
-        try:
-            out = [_convert(action.type, v) for v in items]
-        except (ValueError, TypeError, argparse.ArgumentTypeError):
-            raise ValueError(f'a list of {_type_name(action.type)} values') from None
-        if isinstance(action.nargs, int) and len(out) != action.nargs:
-            raise ValueError(f'{action.nargs} values')
-    else:
-        try:
-            out = _convert(action.type, value)
-        except (ValueError, TypeError, argparse.ArgumentTypeError):
-            raise ValueError(_type_name(action.type)) from None
-    if action.choices is not None:
-        for v in out if isinstance(out, list) else [out]:
-            if v not in action.choices:
-                raise ValueError(f'one of {", ".join(map(str, action.choices))}')
-    return out
 
 
 def _config_defaults(parser: argparse.ArgumentParser, path: str) -> dict[str, Any]:
@@ -590,29 +476,8 @@ def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f'--lr-base-scale {args.lr_base_scale!r}: accepted: linear, sqrt')
 
 
-def writable_folder_problem(folder: str) -> str | None:
-    """Why ``folder`` cannot be created or written to (a file in its path, a read-only file system, no permission), or
-    None. Tried, not inferred from permission bits (which do not bind root): a file is created in the folder, or in
-    its nearest existing parent, and removed."""
-    import tempfile
-    folder = os.path.abspath(folder)
-    probe = folder
-    while not os.path.exists(probe) and os.path.dirname(probe) != probe:
-        probe = os.path.dirname(probe)
-    if not os.path.isdir(probe):
-        return f'{probe} is a file, not a folder'
-    try:
-        fd, path = tempfile.mkstemp(prefix='.timm_dst_probe', dir=probe)
-        os.close(fd)
-        os.remove(path)
-    except OSError as e:
-        return f'{probe} is not writable ({e.strerror or e})'
-    return None
-
-
 def _check_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from .train import _output_dir
-    folder = _output_dir(args)
+    folder = output_dir(args)
     problem = writable_folder_problem(folder)
     if problem:
         given = f'--output {args.output}' if args.output else '--output (default: beside --resume, else output/train)'
@@ -621,7 +486,6 @@ def _check_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
 
 
 def _check_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from ._registry import get_method_info
     if args.pretrained_path and not os.path.isfile(args.pretrained_path):
         parser.error(f'--pretrained-path {args.pretrained_path!r}: no such file')
     if args.initial_checkpoint and not os.path.isfile(args.initial_checkpoint):
@@ -643,7 +507,6 @@ def _check_files(parser: argparse.ArgumentParser, args: argparse.Namespace) -> N
         if not os.path.exists(args.resume):  # both phases: a run folder or either phase's checkpoint
             parser.error(f'--resume: {args.resume!r}: no such checkpoint file or run folder')
     elif args.resume:
-        from ._checkpoint import resolve_resume
         try:
             args.resume = resolve_resume(args.resume)
         except FileNotFoundError as e:
@@ -677,7 +540,6 @@ def _resolve_aliases(parser: argparse.ArgumentParser, args: argparse.Namespace) 
 
 def _check_data_flags(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     """Flags that cannot act on the chosen data set are refused, not ignored."""
-    from ._data import normalize_dataset_name
     name = normalize_dataset_name(args.dataset)
     if name in ('synthetic', 'fashion_mnist'):
         for dest in ('class_map', 'input_key', 'target_key'):
@@ -696,7 +558,6 @@ def synthetic_ignored(args: argparse.Namespace) -> list[str]:
 
 
 def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
-    from ._data import check_dataset
     _check_refused(parser, args)
     _resolve_aliases(parser, args)
     _check_model_and_opt(parser, args)
@@ -714,7 +575,6 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
 def flag_status(action: argparse.Action) -> str:
     """How a flag relates to timm's train.py: ``as timm``, ``as timm, default ...``, ``DST``, ``timm-dst-train``, or
     ``refused: why`` (docs/cli.md's table)."""
-    from .plugin import add_dst_args as _add
     if action.dest in REFUSED:
         return f'refused: {REFUSED[action.dest]}'
     probe = argparse.ArgumentParser(add_help=False)
@@ -741,3 +601,24 @@ def args_to_yaml(args: argparse.Namespace) -> str:
             v = [list(m) for m in v]
         data[k] = v
     return yaml.safe_dump(data, default_flow_style=False, sort_keys=False)
+
+
+def output_dir(args: argparse.Namespace) -> str:
+    """``--output`` is the run folder itself (timm adds a dated sub-folder; recipes and sweeps name their folders)."""
+    if args.output:
+        out = args.output
+    elif args.resume:
+        out = os.path.dirname(os.path.abspath(args.resume))
+    else:
+        from timm.models import safe_model_name
+        out = os.path.join('output', 'train', f'{datetime.now().strftime("%Y%m%d-%H%M%S")}-'
+                                              f'{safe_model_name(args.model)}')
+    if args.experiment:
+        out = os.path.join(out, args.experiment)
+    return out
+
+
+def user_error(message: str) -> SystemExit:
+    """A user error found while building the run: one line on stderr, exit status 2 (as argparse's)."""
+    print(f'timm-dst-train: error: {message}', file=sys.stderr, flush=True)
+    return SystemExit(2)

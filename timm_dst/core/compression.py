@@ -9,12 +9,12 @@ layer's structure (declared by the sparsifier's ``structure`` option, or found i
 structure           representation and kernel
 ==================  ==================================================================================================
 ``'RxC'`` blocks    BSR (``R * C >= 64``): the active blocks, one ``torch.bmm`` over them per call
-                    (:func:`timm_dst._sparse_linear.block_matmul`)
+                    (:func:`timm_dst.kernels.sparse_linear.block_matmul`)
 ``'2:4'``           on CUDA: ``torch.sparse.to_sparse_semi_structured`` (sparse tensor cores); on CPU as unstructured
 ``'fan-in'``        CSR (constant row length), the same kernels as unstructured: measured fastest of the candidates
 unstructured        CSR: ``torch.mv`` per row for up to 2 rows, ``torch.sparse.mm`` below 32 rows, ``F.embedding_bag``
-                    from 32 rows (:func:`timm_dst._sparse_linear.csr_matmul`), ``F.linear`` on the rebuilt dense weight
-                    from 1024 rows
+                    from 32 rows (:func:`timm_dst.kernels.sparse_linear.csr_matmul`), ``F.linear`` on the rebuilt dense
+                    weight from 1024 rows
 ==================  ==================================================================================================
 
 Layers denser than the representation's limit (:data:`MAX_DENSITY`, from the measurements in docs/structured.md),
@@ -41,8 +41,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ._sparse_linear import BLOCK_CANDIDATES, BLOCK_MIN_AREA, BlockStructure, block_matmul, csr_matmul
-from .reparam import DSTMask, fold_masks, unwrap_model
+from ..kernels.sparse_linear import BLOCK_CANDIDATES, BLOCK_MIN_AREA, BlockStructure, block_matmul, csr_matmul
+from .masks import DSTMask, fold_masks, unwrap_model
 
 __all__ = [
     'compress', 'save_compressed', 'load_compressed', 'detect_structure', 'CompressedLinear', 'LayerReport',
@@ -113,11 +113,11 @@ def detect_structure(active: torch.Tensor, declared: str | None = None, from_val
     """The structure of a 2-D bool mask of active weights: ``'RxC'`` blocks, ``'N:M'``, ``'fan-in'`` or None.
 
     ``declared`` (the sparsifier's ``structure`` spec of the layer) is checked first and returned when the mask obeys
-    it; otherwise blocks of :data:`~timm_dst._sparse_linear.BLOCK_CANDIDATES`, then ``'2:4'``, then a constant number
-    of active inputs per output (``'fan-in'``) are looked for. All-active and all-inactive masks have no structure.
-    ``from_values``: ``active`` is ``weight != 0`` of a plain model, where a trained weight may be exactly zero inside
-    an active block: blocks are then found when their zeros are at most :data:`BLOCK_ZERO_TOLERANCE` of them (the
-    zeros are stored in the blocks; outputs are unchanged).
+    it; otherwise blocks of :data:`~timm_dst.kernels.sparse_linear.BLOCK_CANDIDATES`, then ``'2:4'``, then a constant
+    number of active inputs per output (``'fan-in'``) are looked for. All-active and all-inactive masks have no
+    structure. ``from_values``: ``active`` is ``weight != 0`` of a plain model, where a trained weight may be exactly
+    zero inside an active block: blocks are then found when their zeros are at most :data:`BLOCK_ZERO_TOLERANCE` of
+    them (the zeros are stored in the blocks; outputs are unchanged).
     """
     if active.dim() != 2:
         return None

@@ -8,7 +8,9 @@ import logging
 import os
 from typing import Any
 
-from ._checkpoint import LAST
+from ..integrations.timm.checkpoint import DST_KEY, LAST, read_checkpoint
+from ..integrations.timm.outputs import DENSE_PHASE_DIR, REWIND_FILE, fmt_flops, write_json_atomic
+from ..methods._registry import get_method_info, method_arguments
 
 __all__ = ['train_two_phases']
 
@@ -25,7 +27,6 @@ _DENSE_PHASE_RESET = (
 
 
 def _two_phase_root(args: argparse.Namespace, output_dir: Any) -> str:
-    from .train import DENSE_PHASE_DIR
     if args.output or not args.resume:
         return output_dir(args)
     root = os.path.abspath(args.resume)
@@ -34,7 +35,6 @@ def _two_phase_root(args: argparse.Namespace, output_dir: Any) -> str:
 
 
 def _dense_steps(path: str) -> int:
-    from .plugin import DST_KEY, read_checkpoint
     return int(read_checkpoint(path, mmap=False)[DST_KEY]['run']['num_updates'])
 
 
@@ -64,9 +64,6 @@ def train_two_phases(args: argparse.Namespace, run_cls: Any, output_dir: Any) ->
         run_cls: The class of one run (``train._Run``).
         output_dir: The function resolving a run's output folder.
     """
-    from ._registry import get_method_info, method_arguments
-    from ._train_outputs import fmt_flops, write_json_atomic
-    from .train import DENSE_PHASE_DIR, REWIND_FILE
     phase = get_method_info(args.dst).dense_phase
     out = _two_phase_root(args, output_dir)
     dense_dir = os.path.join(out, DENSE_PHASE_DIR)

@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from ._seeding import derived_generator
+from ..core._seeding import derived_generator
 
 __all__ = [
     'DATASETS', 'FASHION_MNIST_DIR', 'DataInfo', 'DataSplits', 'SplitView', 'read_idx', 'check_dataset', 'collate',

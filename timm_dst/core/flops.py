@@ -22,8 +22,8 @@ import torch
 import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
-from ._sparse_linear import dense_kernels
-from .reparam import unwrap_model
+from ..kernels.sparse_linear import dense_kernels
+from .masks import unwrap_model
 
 __all__ = ['layer_flops', 'inference_flops', 'TrainingFlops']
 

@@ -14,13 +14,14 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
-from . import _fsdp
+from ..distributed import fsdp as _fsdp
+from ..distributed.fsdp import flat_fill_
+from ..kernels.sparse_linear import DEFAULT_MAX_DENSITY
 from ._seeding import derived_generator
-from ._sparse_linear import DEFAULT_MAX_DENSITY
 from ._validate import check_bool, check_choice, check_float, check_int, check_patterns
 from .distributions import DISTRIBUTIONS, layer_counts
-from .methods._base import SparseMethod
-from .reparam import DSTMask, attach_masks, effective_weight, flat_fill_, has_mask, refresh_weight, unwrap_model
+from .masks import DSTMask, attach_masks, effective_weight, has_mask, refresh_weight, unwrap_model
+from .method import ShardedMethodError, SparseMethod
 from .schedules import PRUNE_RATE_SCHEDULES, UpdateSchedule, prune_rate_at, resolve_step
 from .structure import Layout, Structure, check_mask, parse_structure, per_group_topk, quantize_counts, topk_mask
 from .targets import SparseTarget, find_targets
@@ -216,7 +217,7 @@ class Sparsifier:
             known to keep zeros at zero (anything but SGD / Adam / AdamW / RMSprop / Adagrad).
         seed: Seed of the sparsifier's own generator (identical on all ranks).
         sparse_kernel_density: Plain ``nn.Linear`` layers at or below this density run CSR kernels on CPU in float32
-            (forward, input and weight gradients; see :mod:`timm_dst._sparse_linear`); 0 keeps every layer on the
+            (forward, input and weight gradients; see :mod:`timm_dst.kernels.sparse_linear`); 0 keeps every layer on the
             dense kernels.
         structure: Structured sparsity kept by every update (docs/structured.md): None (unstructured), ``'N:M'``
             (at most N active in every M consecutive inputs; fixes the sparsity at 1 - N/M), ``'fan-in'`` (every
@@ -453,8 +454,8 @@ class Sparsifier:
     def generator(self, device: torch.device | str) -> torch.Generator:
         """The sparsifier's generator on ``device``, seeded identically on every rank.
 
-        Its seed is mixed from :attr:`seed` (:func:`~timm_dst._seeding.derive_seed`), never :attr:`seed` itself: the
-        user seeds torch's global generator with the same integer before building the model, and a replay of that
+        Its seed is mixed from :attr:`seed` (:func:`~timm_dst.core._seeding.derive_seed`), never :attr:`seed` itself:
+        the user seeds torch's global generator with the same integer before building the model, and a replay of that
         stream would select the masks from the initial weights.
         """
         device = torch.device(device)
@@ -501,7 +502,7 @@ class Sparsifier:
     def layer_budgets(self, sparsity: float) -> list[int]:
         """Active count of each sparse tensor at ``sparsity`` under this sparsifier's distribution and structure.
 
-        Unstructured, these are :func:`~timm_dst.distributions.layer_counts` (exact total). With a structure, each
+        Unstructured, these are :func:`~timm_dst.core.distributions.layer_counts` (exact total). With a structure, each
         tensor's count is rounded to whole units of its layout (blocks, or one weight per group), at least one unit
         where the distribution gives any, with the total as close to ``(1 - sparsity) * N`` as the units allow; an N:M
         structure gives every tensor the same density (the distribution does not apply) and its fitting tensors
@@ -1262,13 +1263,10 @@ class Sparsifier:
 
     def _check_sharded_method(self) -> None:
         """Refuse, on an FSDP2-sharded model, what is not supported there (before anything is touched)."""
-        from ._registry import get_method_info, list_methods
         if type(self.method).init_masks is not SparseMethod.init_masks:
-            supported = [n for n in list_methods() if get_method_info(n).cls.init_masks is SparseMethod.init_masks]
-            raise ValueError(
+            raise ShardedMethodError(
                 f'method: {self.method_name!r} chooses its initial topology itself (init_masks), which is not '
-                'supported on a model sharded with fully_shard (FSDP2); the methods starting from mask_init are: '
-                f'{", ".join(supported)}')
+                'supported on a model sharded with fully_shard (FSDP2)')
 
     def _check_targets(self) -> None:
         """Refuse, before anything is touched, targets that already carry a mask and (for methods that attach

@@ -2,7 +2,7 @@
 
 A :class:`Structure` is parsed once from the ``structure=`` argument (:func:`parse_structure`); for each sparse
 tensor that fits it, :meth:`Structure.layout` gives a :class:`Layout`, which maps the tensor to the structure's units
-and back. The controller (:class:`~timm_dst.sparsifier.Sparsifier`) uses the helpers here to pool the methods'
+and back. The controller (:class:`~timm_dst.core.controller.Sparsifier`) uses the helpers here to pool the methods'
 element scores to units, to take the top-k per unit group and to expand unit masks to element masks, so no method's
 score or budget code knows about structure (docs/structured.md).
 

@@ -24,13 +24,12 @@ import typing
 import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch.nn as nn
 
-if TYPE_CHECKING:
-    from .methods._base import DensePhase
-    from .sparsifier import Sparsifier
+from ..core.controller import Sparsifier
+from ..core.method import DensePhase, ShardedMethodError, SparseMethod
 
 __all__ = [
     'MethodInfo', 'MethodArgument', 'ENTRY_POINT_GROUP', 'DEFAULT_METHOD', 'DEFAULT_TRAIN_METHOD', 'register_method',
@@ -52,7 +51,7 @@ class MethodInfo:
         name: The public name (``'rigl-itop'``).
         cls: The :class:`~timm_dst.methods.SparseMethod` subclass.
         description: One line for listings and ``--help``.
-        defaults: Defaults of :class:`~timm_dst.sparsifier.Sparsifier` keywords and of the method's own keywords
+        defaults: Defaults of :class:`~timm_dst.core.controller.Sparsifier` keywords and of the method's own keywords
             (read-only); the user's arguments override them.
         arguments: The method's own constructor keywords.
         attaches: Masks are attached (False only for a dense baseline).
@@ -123,7 +122,6 @@ _ctrl_params: frozenset[str] | None = None
 def _controller_params() -> frozenset[str]:
     global _ctrl_params
     if _ctrl_params is None:
-        from .sparsifier import Sparsifier
         names = set(inspect.signature(Sparsifier.__init__).parameters) - {'self', 'model', 'optimizer', 'method'}
         _ctrl_params = frozenset(names)
     return _ctrl_params
@@ -146,7 +144,7 @@ def register_method(name: str, cls: type, *, description: str | None = None, **d
         name: Public method name (``'rigl-itop'``): lower case, digits, ``-``, ``_`` or ``.``.
         cls: A :class:`~timm_dst.methods.SparseMethod` subclass; its class attributes are its capabilities.
         description: One line for listings and ``--help``; None = the first line of the class docstring.
-        **defaults: Defaults for :class:`~timm_dst.sparsifier.Sparsifier` keywords (``update_interval``, ...) and
+        **defaults: Defaults for :class:`~timm_dst.core.controller.Sparsifier` keywords (``update_interval``, ...) and
             for the method's own constructor keywords; the user's arguments override them.
 
     Returns:
@@ -156,7 +154,6 @@ def register_method(name: str, cls: type, *, description: str | None = None, **d
         ValueError: When ``name`` is taken or malformed, ``cls`` is not a ``SparseMethod`` subclass, or a default
             names a keyword neither the controller nor the method takes.
     """
-    from .methods._base import SparseMethod
     if not isinstance(name, str) or not re.fullmatch(r'[a-z0-9][a-z0-9_.\-]*', name):
         raise ValueError(f'method name {name!r}: use lower-case letters, digits, "-", "_" or "."')
     if name in _method_infos:
@@ -191,7 +188,6 @@ def _load_plugins() -> None:
     _plugins_loaded = True  # before loading: a plugin may call list_methods() itself
     from importlib.metadata import entry_points
 
-    from .methods._base import SparseMethod
     for ep in entry_points(group=ENTRY_POINT_GROUP):
         dist = getattr(getattr(ep, 'dist', None), 'name', None) or '?'
         try:
@@ -338,17 +334,20 @@ def create_sparsifier(model: nn.Module, optimizer: Any, method: str = DEFAULT_ME
         model: Any model (timm or not). Call before ``accelerator.prepare`` / ``torch.compile`` / EMA creation.
         optimizer: Its optimizer (plain torch or wrapped, e.g. by Accelerate).
         method: A registered name, see :func:`list_methods`.
-        **kwargs: :class:`~timm_dst.sparsifier.Sparsifier` keywords (``sparsity``, ``distribution``, ``mask_init``,
+        **kwargs: :class:`~timm_dst.core.controller.Sparsifier` keywords (``sparsity``, ``distribution``, ``mask_init``,
             ``update_interval``, ``total_steps``, ``prune_rate``, ``prune_rate_schedule``, ``update_end``,
             ``grow_unexplored_first``, ``include``, ``exclude``, ``seed``, ...) and the method's own
             (``dsr_np``, ``snfs_momentum``, ...). Values left out take the method's registered defaults.
 
     Returns:
-        The :class:`~timm_dst.sparsifier.Sparsifier`, already attached.
+        The :class:`~timm_dst.core.controller.Sparsifier`, already attached.
     """
-    from .sparsifier import Sparsifier
     if not isinstance(method, str):
         raise ValueError(f'method={method!r} must be a name; accepted: {", ".join(list_methods())}')
     info = get_method_info(method)
     ctrl, meth = _split_kwargs(info, {**info.defaults, **kwargs})
-    return Sparsifier(model, optimizer, info.cls(**meth), method_name=method, **ctrl)
+    try:
+        return Sparsifier(model, optimizer, info.cls(**meth), method_name=method, **ctrl)
+    except ShardedMethodError as e:
+        supported = [n for n in list_methods() if get_method_info(n).cls.init_masks is SparseMethod.init_masks]
+        raise ValueError(f'{e}; the methods starting from mask_init are: {", ".join(supported)}') from None

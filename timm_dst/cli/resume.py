@@ -8,25 +8,31 @@ from typing import Any
 
 import torch
 
-from ._checkpoint import CheckpointError
-from ._train_outputs import SUMMARY_CSV, truncate_summary
+from ..integrations.timm.checkpoint import (
+    CheckpointError,
+    check_resume_compatible,
+    check_resume_source,
+    load_dense_weights,
+    load_plain_state_dict,
+    model_state,
+    read_checkpoint_file,
+    restore_dst_state,
+)
+from ..integrations.timm.flags import dst_options, option_changes
+from ..integrations.timm.outputs import SUMMARY_CSV
+from .config import user_error
+from .outputs import truncate_summary
 
 __all__ = ['load_resume', 'resume_run']
 
 _logger = logging.getLogger('timm_dst.train')
 
 
-def _user_error(message: str) -> SystemExit:
-    from .train import _user_error as error
-    return error(message)
-
-
 def load_resume(run: Any) -> bool:
     """Read the ``--resume`` checkpoint (kept in ``run.resume_ckpt``) before the sparsifier is created; returns whether
     it is dense (a timm checkpoint without DST state). A dense one's weights (and, unless ``--no-resume-opt``, its
     optimizer state) are loaded into the model now, so the initial topology (``--mask-init``) is chosen from them,
-    as timm's train.py under the launcher does (:func:`timm_dst.plugin.create_sparsifier_from_args`)."""
-    from ._checkpoint import check_resume_source, load_dense_weights, read_checkpoint_file
+    as timm's train.py under the launcher does (:func:`timm_dst.integrations.timm.create_sparsifier_from_args`)."""
     args = run.args
     try:
         run.resume_ckpt = ckpt = read_checkpoint_file(args.resume, '--resume')
@@ -36,7 +42,7 @@ def load_resume(run: Any) -> bool:
             if not args.no_resume_opt:
                 _load_optimizer(run, ckpt)
     except CheckpointError as e:
-        raise _user_error(str(e)) from None
+        raise user_error(str(e)) from None
     return dense
 
 
@@ -55,7 +61,6 @@ def _load_optimizer(run: Any, ckpt: dict[str, Any]) -> None:
 def _option_changes(old_args: Any, args: Any) -> str:
     """The DST options the resumed run changes (``--update-interval 500 (the checkpoint was trained with 1000)``),
     from the checkpoint's ``args``; '' when none, or when the checkpoint's arguments cannot say."""
-    from .plugin import dst_options, option_changes
     if getattr(old_args, 'dst', None) != args.dst:
         return ''
     try:
@@ -74,8 +79,6 @@ def dense_start_epoch(ckpt: dict[str, Any]) -> int:
 def resume_run(run: Any) -> None:
     """Restore a ``--resume`` checkpoint into a built run (weights, optimizer, sparsifier, EMA, schedule, position,
     meters, random states); every user error is one line, exit status 2."""
-    from ._checkpoint import check_resume_compatible, model_state
-    from .plugin import load_plain_state_dict, restore_dst_state
     args, acc = run.args, run.accelerator
     ckpt = run.resume_ckpt
     if run.dense_resume:
@@ -93,15 +96,15 @@ def resume_run(run: Any) -> None:
                 raise CheckpointError(f'--resume {args.resume}: its optimizer state does not fit --opt '
                                       f'{args.opt} ({e}); add --no-resume-opt to start a fresh one') from None
     except CheckpointError as e:
-        raise _user_error(str(e)) from None
+        raise user_error(str(e)) from None
     except ValueError as e:  # the sparsifier's own check (method, sparsity, distribution, tensors)
-        raise _user_error(f'--resume {args.resume}: {e}') from None
+        raise user_error(f'--resume {args.resume}: {e}') from None
     changes = _option_changes(ckpt.get('args'), args)
     if changes:
         _logger.warning(f'resuming with {changes}')
     if run.ema is not None:
         if ckpt.get('state_dict_ema') is None:
-            raise _user_error(f'--resume {args.resume}: no EMA in the checkpoint (trained without --model-ema)')
+            raise user_error(f'--resume {args.resume}: no EMA in the checkpoint (trained without --model-ema)')
         _restore_ema(run, model_state(ckpt, use_ema=True), pos.get('ema_orig') or state.get('ema_orig'))
     if pos['num_epochs'] == run.num_epochs and ckpt.get('scheduler') is not None and run.scheduler is not None:
         run.scheduler.load_state_dict(ckpt['scheduler'])
@@ -127,11 +130,10 @@ def resume_run(run: Any) -> None:
 def _resume_dense(run: Any, ckpt: dict[str, Any]) -> None:
     """The rest of a dense ``--resume`` (weights, optimizer state and masks are in place): position, lr schedule,
     EMA and AMP scaler; the run continues at the checkpoint's next epoch with fresh meters and random states."""
-    from ._checkpoint import model_state
     args, sp = run.args, run.sparsifier
     start = dense_start_epoch(ckpt)
     if start >= run.num_epochs:
-        raise _user_error(f'--resume {args.resume}: the dense checkpoint is at epoch {start}, at or past the end of '
+        raise user_error(f'--resume {args.resume}: the dense checkpoint is at epoch {start}, at or past the end of '
                           f'--epochs {args.epochs}')
     run.start_epoch, run.start_batch, run.num_updates = start, 0, start * run.updates_per_epoch
     if run.scheduler is not None and start > 0:
@@ -155,7 +157,7 @@ def _extend(run: Any, pos: dict[str, Any]) -> None:
     schedule is rebuilt for it and stepped to the checkpoint's position; the sparsifier already counts the new
     total), or the run is refused when the checkpoint is past the new end."""
     if pos['num_updates'] > run.total_steps:
-        raise _user_error(f'--resume {run.args.resume}: the run is at optimizer step {pos["num_updates"]}, past '
+        raise user_error(f'--resume {run.args.resume}: the run is at optimizer step {pos["num_updates"]}, past '
                           f'the end of --epochs {run.args.epochs} ({run.total_steps} steps)')
     if run.scheduler is not None:
         if run.args.sched_on_updates:
@@ -168,7 +170,6 @@ def _extend(run: Any, pos: dict[str, Any]) -> None:
 
 @torch.no_grad()
 def _restore_ema(run: Any, plain: dict[str, torch.Tensor], orig: dict[str, torch.Tensor] | None) -> None:
-    from .plugin import load_plain_state_dict
     load_plain_state_dict(run.ema.module, plain)
     own = dict(run.ema.module.named_buffers())
     for name, buf in run.model.named_buffers():  # the EMA's masks are the model's

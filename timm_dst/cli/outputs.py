@@ -1,10 +1,10 @@
 """What a ``timm-dst-train`` run writes: checkpoints (timm's ``CheckpointSaver`` with the timm-dst layout of
-:mod:`timm_dst.plugin`), ``summary.csv`` in timm's column names, the per-epoch PNG, the log lines, JSON summaries."""
+:mod:`timm_dst.integrations.timm`), ``summary.csv`` in timm's column names, the per-epoch PNG, the log lines, JSON
+summaries."""
 from __future__ import annotations
 
 import contextlib
 import csv
-import json
 import logging
 import os
 import sys
@@ -14,15 +14,21 @@ from typing import Any
 import torch
 from timm.utils import CheckpointSaver
 
-from ._checkpoint import OutputWriteError, is_write_failure, write_failure_cause
+from ..core.masks import unwrap_model
+from ..integrations.timm.checkpoint import pack_checkpoint
+from ..integrations.timm.outputs import (  # noqa: F401  (re-exported)
+    OutputWriteError,
+    dst_summary,
+    flops_line,
+    is_write_failure,
+    write_failure_cause,
+    write_json_atomic,
+)
 
 __all__ = ['DstCheckpointSaver', 'write_summary_row', 'read_summary', 'truncate_summary', 'plot_summary',
            'write_json_atomic', 'dst_summary', 'flops_line', 'setup_logging', 'train_log_line']
 
 _logger = logging.getLogger('timm_dst.train')
-
-SUMMARY_CSV = 'summary.csv'
-SUMMARY_PNG = 'summary.png'
 
 
 class DstCheckpointSaver(CheckpointSaver):
@@ -50,8 +56,6 @@ class DstCheckpointSaver(CheckpointSaver):
         self._replace(tmp, os.path.join(self.checkpoint_dir, 'last' + self.extension))
 
     def _save(self, save_path: str, epoch: int, metric: float | None = None) -> None:
-        from .plugin import pack_checkpoint
-        from .reparam import unwrap_model
         state: dict[str, Any] = {
             'epoch': epoch, 'arch': self.args.model, 'args': self.args, 'version': 2,
             'optimizer': self.optimizer.state_dict(),
@@ -155,43 +159,6 @@ def plot_summary(csv_path: str, png_path: str, title: str = '') -> None:
     fig.savefig(tmp, dpi=80)
     plt.close(fig)
     os.replace(tmp, png_path)
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# JSON summaries and log lines
-def write_json_atomic(obj: Any, path: str) -> None:
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
-
-
-def dst_summary(sparsifier: Any, flops: Any | None = None) -> dict[str, Any]:
-    """The ``dst_summary.json`` content: per-tensor density and explored fraction, final R_s, update history, and
-    with ``flops`` (a :class:`timm_dst.flops.TrainingFlops`) inference and training FLOPs (docs/flops.md)."""
-    out = {
-        'method': sparsifier.method_name, 'sparsity': sparsifier.sparsity, 'distribution': sparsifier.distribution,
-        'density': sparsifier.density, 'itop_rate': sparsifier.itop_rate, 'step': sparsifier.step,
-        'total_steps': sparsifier.total_steps, 'updates': max(len(sparsifier.history) - 1, 0),
-    }
-    if flops is not None:
-        out.update(flops.summary())
-    out.update({'tensors': sparsifier.summary(), 'history': sparsifier.history})
-    return out
-
-
-def fmt_flops(x: float) -> str:
-    for unit, scale in (('P', 1e15), ('T', 1e12), ('G', 1e9), ('M', 1e6), ('K', 1e3)):
-        if abs(x) >= scale:
-            return f'{x / scale:.3g}{unit}'
-    return f'{x:.3g}'
-
-
-def flops_line(summary: dict[str, Any]) -> str:
-    """``inference FLOPs ... | training FLOPs ...`` of a :meth:`TrainingFlops.summary`."""
-    return (f'inference FLOPs/sample {fmt_flops(summary["inference_flops"])} '
-            f'(dense {fmt_flops(summary["inference_flops_dense"])}, {summary["inference_flops_ratio"]:.4f}x) | '
-            f'training FLOPs {fmt_flops(summary["train_flops"])} ({summary["train_flops_ratio"]:.4f}x dense)')
 
 
 def train_log_line(epoch: int, update_idx: int, updates_per_epoch: int, loss_now: float, loss_avg: float,

@@ -1,7 +1,7 @@
 """The method interface: a DST method says only which weights to drop, which to grow, and how many per tensor.
 
-The contract between a method and the controller (:class:`~timm_dst.sparsifier.Sparsifier`) is closed: a method reads
-and calls only the controller's public surface (``targets``, ``counts``, ``step``, ``schedule``, ``sparsity``,
+The contract between a method and the controller (:class:`~timm_dst.core.controller.Sparsifier`) is closed: a method
+reads and calls only the controller's public surface (``targets``, ``counts``, ``step``, ``schedule``, ``sparsity``,
 ``distribution``, ``structure``, ``model``, ``optimizer``, ``generator()``, ``global_topk_masks()``,
 ``layer_budgets()``, ``topk_masks()``, ``has_dense_grads``,
 ``dense_grads()``, ``clear_dense_grads()``) and is called only through the hooks below, in this order:
@@ -20,14 +20,57 @@ See ``docs/design.md`` for the whole contract and the invariants the controller 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any, Protocol
 
 import torch
+import torch.nn as nn
 
-if TYPE_CHECKING:
-    from ..sparsifier import Sparsifier
+__all__ = ['SparseMethod', 'DensePhase', 'SparsifierView', 'ShardedMethodError']
 
-__all__ = ['SparseMethod', 'DensePhase']
+
+class ShardedMethodError(ValueError):
+    """A method that cannot run on a model sharded with ``fully_shard`` (FSDP2); :func:`timm_dst.create_sparsifier`
+    adds the methods that can."""
+
+
+class SparsifierView(Protocol):
+    """What a method may read and call on the controller, and nothing else (docs/design.md, "The method contract").
+
+    :class:`~timm_dst.core.controller.Sparsifier` implements it; the hooks of :class:`SparseMethod` receive it.
+    """
+
+    model: nn.Module
+    optimizer: Any
+    targets: list  # SparseTarget per sparse tensor: name, module, param, mask, shape, numel
+    counts: list[int]
+    step: int
+    schedule: Any  # UpdateSchedule
+    sparsity: float
+    distribution: str
+    structure: Any  # Structure or None
+
+    @property
+    def prune_rate(self) -> float: ...
+
+    @property
+    def has_dense_grads(self) -> bool: ...
+
+    def generator(self, device: torch.device | str) -> torch.Generator: ...
+
+    def layer_budgets(self, sparsity: float) -> list[int]: ...
+
+    def topk_masks(self, scores: list[torch.Tensor], counts: list[int]) -> list[torch.Tensor]: ...
+
+    def global_topk_masks(self, scores: list[torch.Tensor], k: int) -> list[torch.Tensor]: ...
+
+    def dense_grads(self) -> list[torch.Tensor]: ...
+
+    def clear_dense_grads(self) -> None: ...
+
+    def _bounds(self, i: int) -> tuple[int, int]: ...
+
+
+Sparsifier = SparsifierView  # the hooks' annotation: the controller as a method sees it
 
 
 def _count_slack(sp: Sparsifier) -> int:
@@ -61,7 +104,7 @@ class DensePhase:
 class SparseMethod:
     """Base method: magnitude drop, uniform-random growth, the same count per tensor (this is SET).
 
-    Subclasses override the scores and budgets; the controller (:class:`~timm_dst.sparsifier.Sparsifier`) owns the
+    Subclasses override the scores and budgets; the controller (:class:`~timm_dst.core.controller.Sparsifier`) owns the
     masks, the exact counts, optimizer-state surgery, the schedule, R_s, rank sync and checkpointing.
 
     The class attributes are the method's capabilities; the registry copies them into its

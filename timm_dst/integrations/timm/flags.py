@@ -22,30 +22,28 @@ timm_dst), and the DST state beside them under :data:`DST_KEY`, readable with ``
 from __future__ import annotations
 
 import argparse
-import contextlib
 import copy
 import os
-import random
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
+from ...core.controller import Sparsifier
+from ...core.masks import _detach, _find_dst_mask
+from ...core.structure import STRUCTURE_FORMS, parse_structure
+from ...methods._registry import DEFAULT_METHOD, create_sparsifier, get_method_info, list_methods, method_arguments
+from .checkpoint import fill_outside_mask, read_dst_state, restore_dst_state, set_rng_state
+
 __all__ = [
-    'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'ParseKwargs', 'add_dst_args',
-    'validate_dst_args', 'sparsifier_kwargs', 'create_sparsifier_from_args', 'pack_checkpoint', 'dst_state',
-    'read_dst_state', 'check_checkpoint_weights', 'restore_dst_state', 'load_plain_state_dict', 'rng_state',
-    'set_rng_state', 'read_checkpoint',
-    'outside_mask', 'fill_outside_mask', 'begin_training', 'accept_plain_weights', 'packing_torch_save', 'pack_saver',
-    'dst_options', 'option_changes',
+    'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'ParseKwargs', 'step_or_fraction', 'milestone',
+    'add_dst_args', 'dst_option_strings', 'validate_dst_args', 'sparsifier_kwargs', 'dst_options', 'option_changes',
+    'create_sparsifier_from_args', 'begin_training', 'accept_plain_weights',
 ]
 
-DST_KEY = 'timm_dst'  # the checkpoint key of the DST state
-_FORMAT = 1
 DISTRIBUTIONS = ('erk', 'er', 'uniform')
 MASK_INITS = ('random', 'magnitude', 'global-magnitude')
 PRUNE_RATE_SCHEDULES = ('cosine', 'constant', 'linear')
@@ -113,7 +111,6 @@ def add_dst_args(
         default_method: The ``--dst`` default (None: the registry's ``DEFAULT_METHOD``).
         title: Title of the argument group in ``--help``.
     """
-    from ._registry import DEFAULT_METHOD, get_method_info, list_methods, method_arguments
     g = parser.add_argument_group(title)
     methods = '; '.join(f'{n}: {get_method_info(n).description}' for n in list_methods())
     g.add_argument('--dst', type=str, default=default_method or DEFAULT_METHOD, metavar='METHOD',
@@ -188,13 +185,11 @@ def validate_dst_args(args: argparse.Namespace, error: Callable[[str], Any]) -> 
         args: Parsed arguments holding the :func:`add_dst_args` flags.
         error: Called with the message of the first problem found (expected not to return).
     """
-    from ._registry import list_methods, method_arguments
     if args.dst not in list_methods():
         return error(f'--dst {args.dst!r} is not a known method; accepted: {", ".join(list_methods())}')
     if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
         return error(f'--sparsity {args.sparsity!r} is out of range: give a float in [0, 1)')
     if getattr(args, 'structure', None) is not None:
-        from .structure import STRUCTURE_FORMS, parse_structure
         try:
             structure = parse_structure(args.structure)
         except ValueError:
@@ -229,7 +224,6 @@ def sparsifier_kwargs(args: argparse.Namespace, seed: int | None = None) -> dict
     """Keyword arguments for :func:`timm_dst.create_sparsifier` from the DST flags: only what the user set (the
     method's defaults apply to the rest), plus the seed (``--dst-seed``, else ``seed``, else ``args.seed``, else 0).
     """
-    from ._registry import method_arguments
     kw = {key: getattr(args, dest) for dest, key in _FLAG_TO_KWARG.items() if getattr(args, dest, None) is not None}
     for arg in method_arguments():
         if not arg.cli_only and getattr(args, arg.dest, None) is not None:
@@ -274,8 +268,6 @@ def dst_options(args: argparse.Namespace) -> dict[str, Any]:
     """
     import inspect
 
-    from ._registry import get_method_info, method_arguments
-    from .sparsifier import Sparsifier
     info = get_method_info(args.dst)
     own = {a.dest for a in method_arguments()
            if args.dst in a.methods and not a.path and not a.cli_only and a.dest != info.init_data_arg}
@@ -346,7 +338,6 @@ def create_sparsifier_from_args(model: nn.Module, optimizer: Any, args: argparse
     Raises:
         ValueError: Bad DST settings, or a checkpoint whose DST state does not match them.
     """
-    from ._registry import create_sparsifier
     kw = sparsifier_kwargs(args)
     kw.update(overrides)
     if total_steps is not None:
@@ -379,7 +370,6 @@ def create_sparsifier_from_args(model: nn.Module, optimizer: Any, args: argparse
 def _undo_attach(sp: Any, model: nn.Module, optimizer: Any, snapshot: tuple) -> None:
     """Take a just-created sparsifier off ``model`` again: its hooks and masks removed (not folded), parameters in
     their order with the ``snapshot`` values, the optimizer state as it was. The sparsifier is detached."""
-    from .reparam import _detach
     sp.remove()
     for t, dst_mask in zip(sp.targets, sp._dst_masks):
         dst_mask.install_sparse_kernels(t.module, 0.0, 0)  # 0: the module's own forward back
@@ -449,7 +439,6 @@ class _PlainLoadHook:
         return _PlainLoadHook(self.names, self.full_names, self.outside)
 
     def __call__(self, module: nn.Module, state_dict: dict, prefix: str, *args: Any) -> None:
-        from .reparam import _find_dst_mask
         for name, full in zip(self.names, self.full_names):
             key = prefix + name
             if key in state_dict and key + '_orig' not in state_dict and hasattr(module, name + '_orig'):
@@ -461,267 +450,3 @@ class _PlainLoadHook:
                 state_dict.setdefault(key + '_mask', getattr(module, name + '_mask'))
 
 
-@contextlib.contextmanager
-def packing_torch_save(sparsifier: Any, flops: Any | None = None,
-                       extra: Mapping[str, Any] | None = None) -> Iterator[None]:
-    """Within the block, the first dict handed to ``torch.save`` is packed (:func:`pack_checkpoint`, with ``extra``
-    entries in the DST state) first: wrap a call that writes one timm checkpoint (``CheckpointSaver._save``).
-
-    Raises:
-        RuntimeError: When the block saved no dict through ``torch.save`` (the checkpoint would lack the DST state).
-    """
-    real_save = torch.save
-    seen = []
-
-    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(obj, dict) and not seen:
-            seen.append(True)
-            pack_checkpoint(obj, sparsifier, flops=flops, extra=extra)
-        return real_save(obj, f, *args, **kwargs)
-
-    torch.save = save
-    try:
-        yield
-    finally:
-        torch.save = real_save
-    if not seen:
-        raise RuntimeError('timm_dst: the checkpoint write saved no dict through torch.save; the checkpoint lacks the '
-                           'DST state (this timm version saves differently)')
-
-
-def pack_saver(saver: Any, sparsifier: Any, flops: Any | None = None) -> Any:
-    """Make a timm ``CheckpointSaver`` write every checkpoint (``checkpoint-N``, ``last``, ``model_best``,
-    recovery) in the :func:`pack_checkpoint` layout; returns the saver."""
-    orig = saver._save
-
-    def _save(*args: Any, **kwargs: Any) -> Any:
-        with packing_torch_save(sparsifier, flops):
-            return orig(*args, **kwargs)
-
-    saver._save = _save
-    return saver
-
-
-# --------------------------------------------------------------------------------------------------------------------
-# checkpoint layout
-def rng_state() -> dict[str, Any]:
-    """Python, NumPy and torch (and CUDA) generator states of this process, as tensors and plain types only (loadable
-    with ``torch.load(weights_only=True)``)."""
-    np_state = np.random.get_state(legacy=True)
-    state = {
-        'python': [random.getstate()[0], list(random.getstate()[1]), random.getstate()[2]],
-        'numpy': {'keys': torch.from_numpy(np.asarray(np_state[1], dtype=np.int64)), 'pos': int(np_state[2]),
-                  'has_gauss': int(np_state[3]), 'cached_gaussian': float(np_state[4])},
-        'torch': torch.get_rng_state(),
-    }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state['cuda'] = torch.cuda.get_rng_state()
-    return state
-
-
-def set_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`rng_state` returned."""
-    version, internal, gauss = state['python']
-    random.setstate((version, tuple(internal), gauss))
-    n = state['numpy']
-    np.random.set_state(('MT19937', n['keys'].numpy().astype(np.uint32), n['pos'], n['has_gauss'],
-                         n['cached_gaussian']))
-    torch.set_rng_state(state['torch'])
-    if 'cuda' in state and torch.cuda.is_available():
-        torch.cuda.set_rng_state(state['cuda'])
-
-
-def dst_state(sparsifier: Any, flops: Any | None = None, rng: bool = True,
-              extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """The value stored under :data:`DST_KEY`: the sparsifier's state (masks, explored masks, step, generators, method
-    state), a summary (method, density, R_s), the training-FLOPs count and this process's random states.
-
-    Args:
-        sparsifier: The run's :class:`~timm_dst.Sparsifier`.
-        flops: Its :class:`~timm_dst.flops.TrainingFlops`, if counted.
-        rng: Store the Python / NumPy / torch random states (an exact continuation also restores them).
-        extra: Further plain entries (tensors, numbers, strings, lists, dicts).
-    """
-    out = {
-        'format': _FORMAT,
-        'method': sparsifier.method_name, 'sparsity': sparsifier.sparsity, 'density': sparsifier.density,
-        'itop_rate': sparsifier.itop_rate, 'step': sparsifier.step, 'total_steps': sparsifier.total_steps,
-        'sparsifier': sparsifier.state_dict(),
-        'flops': flops.state_dict() if flops is not None else None,
-        'rng': rng_state() if rng else None,
-    }
-    out.update(extra or {})
-    return out
-
-
-def _plain(state: Any) -> Any:
-    from .reparam import export_state_dict
-    if isinstance(state, Mapping) and any(str(k).endswith('_orig') for k in state):
-        return export_state_dict(state)
-    return state
-
-
-def outside_mask(state: Mapping[str, torch.Tensor]) -> dict[str, dict[str, torch.Tensor]]:
-    """The non-zero ``x_orig`` values where ``x_mask`` is off, per plain key: ``{'index': flat indices, 'value': ...}``.
-
-    The controlled model is zero there, but a copy that averages it (timm's EMA) is not: its values at dropped
-    positions decay towards zero and count again when the position grows back. The plain weights hold
-    ``x_orig * x_mask``; these entries complete the EMA for an exact continuation (:func:`fill_outside_mask`).
-    """
-    from .reparam import _strip_prefix
-    out = {}
-    for key, value in state.items():
-        base = key[:-5]
-        if key.endswith('_orig') and base + '_mask' in state:
-            flat = value.detach().reshape(-1)
-            index = ((flat != 0) & ~state[base + '_mask'].reshape(-1).bool()).nonzero().squeeze(1)
-            out[_strip_prefix(base)] = {'index': index.cpu(), 'value': flat[index].cpu().clone()}
-    return out
-
-
-def fill_outside_mask(value: torch.Tensor, entry: Mapping[str, torch.Tensor]) -> torch.Tensor:
-    """A plain weight with the :func:`outside_mask` entries written back (a new tensor)."""
-    out = value.detach().clone()
-    out.view(-1)[entry['index'].to(out.device)] = entry['value'].to(out.device, out.dtype)
-    return out
-
-
-def pack_checkpoint(checkpoint: dict[str, Any], sparsifier: Any, flops: Any | None = None, rng: bool = True,
-                    extra: Mapping[str, Any] | None = None) -> dict[str, Any]:
-    """Turn a timm training checkpoint dict into the timm-dst layout, in place (and return it).
-
-    ``state_dict``, ``state_dict_ema`` (and the older ``model`` / ``model_ema``) become plain timm weights: masked
-    tensors folded (``x = x_orig * x_mask``, zeros included), masks dropped, DDP / compile prefixes stripped. The DST
-    state (:func:`dst_state`) goes under :data:`DST_KEY`, with the EMA's values outside the masks
-    (``ema_outside_mask``, see :func:`outside_mask`). Every other key is left as it is.
-
-    Args:
-        checkpoint: The dict about to be saved (``epoch``, ``state_dict``, ``optimizer``, ...).
-        sparsifier: The run's sparsifier.
-        flops: The run's :class:`~timm_dst.flops.TrainingFlops`, if any.
-        rng: Store this process's random states.
-        extra: Further entries of the DST state.
-    """
-    extra = dict(extra or {})
-    for key in ('state_dict_ema', 'model_ema'):
-        if isinstance(checkpoint.get(key), Mapping) and any(str(k).endswith('_orig') for k in checkpoint[key]):
-            extra.setdefault('ema_outside_mask', outside_mask(checkpoint[key]))
-    for key in ('state_dict', 'state_dict_ema', 'model', 'model_ema'):
-        if key in checkpoint and checkpoint[key] is not None:
-            checkpoint[key] = _plain(checkpoint[key])
-    checkpoint[DST_KEY] = dst_state(sparsifier, flops=flops, rng=rng, extra=extra)
-    return checkpoint
-
-
-def read_checkpoint(path: str, mmap: bool = True) -> Any:
-    """``torch.load(path, weights_only=True)`` on the CPU (timm's ``args`` Namespace allowed), memory-mapped where
-    the file format allows."""
-    kw: dict[str, Any] = {'map_location': 'cpu', 'weights_only': True}
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        if mmap:
-            try:
-                return torch.load(path, mmap=True, **kw)
-            except RuntimeError:  # legacy (non-zip) files cannot be memory-mapped
-                pass
-        return torch.load(path, **kw)
-
-
-def read_dst_state(checkpoint: str | Mapping[str, Any]) -> dict[str, Any] | None:
-    """The DST state of a checkpoint (a path or a loaded dict), or None for a plain (dense) timm checkpoint.
-
-    Raises:
-        ValueError: The DST entry is not a timm_dst state, or the checkpoint's sparse weights are damaged
-            (:func:`check_checkpoint_weights`).
-    """
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, str) else checkpoint
-    if not isinstance(ckpt, Mapping):
-        return None
-    state = ckpt.get(DST_KEY)
-    if state is None:
-        return None
-    if not isinstance(state, Mapping) or 'sparsifier' not in state:
-        raise ValueError(f'checkpoint: the {DST_KEY!r} entry is not a timm_dst state (no "sparsifier")')
-    check_checkpoint_weights(ckpt, state)
-    return dict(state)
-
-
-def check_checkpoint_weights(ckpt: Mapping[str, Any], state: Mapping[str, Any]) -> None:
-    """Refuse a checkpoint whose sparse weights are damaged, before anything is loaded from it: a sparse tensor of
-    ``state_dict`` / ``model`` or of the EMA (``state_dict_ema`` / ``model_ema``, ``ema_outside_mask``, ``ema_orig``)
-    holding NaN / inf, or a plain sparse weight that is not zero where the DST state's mask is off (the layout stores
-    ``x_orig * x_mask``). NaN at a masked position would stay NaN (NaN * 0 is NaN) and train on as NaN.
-
-    Args:
-        ckpt: The checkpoint dict.
-        state: Its DST state (:func:`read_dst_state`).
-
-    Raises:
-        ValueError: Naming the entry, the tensor and how many values are wrong.
-    """
-    from ._checkpoint import model_state
-    masks = state.get('sparsifier', {}).get('masks') if isinstance(state.get('sparsifier'), Mapping) else None
-    if not isinstance(masks, Mapping):
-        return  # no masks: the sparsifier's own check refuses the state
-    for key in ('state_dict', 'model', 'state_dict_ema', 'model_ema'):
-        if not isinstance(ckpt.get(key), Mapping):
-            continue
-        weights = model_state({'state_dict': ckpt[key]})
-        for name, mask in masks.items():
-            w = weights.get(name)
-            if not torch.is_tensor(w) or not w.is_floating_point():
-                continue  # absent or of another kind: loading the weights says so
-            bad = int((~torch.isfinite(w)).sum())
-            if bad:
-                raise ValueError(f'checkpoint: {key} {name} holds {bad} non-finite value(s) (NaN / inf): the weights '
-                                 'are damaged; resume from an earlier checkpoint')
-            if key in ('state_dict', 'model') and torch.is_tensor(mask) and tuple(mask.shape) == tuple(w.shape):
-                outside = int(((w != 0) & ~mask.to(torch.bool)).sum())
-                if outside:
-                    raise ValueError(f'checkpoint: {key} {name} holds {outside} non-zero value(s) where its mask is '
-                                     'off (the checkpoint stores zeros there): the weights or the masks are damaged; '
-                                     'resume from an earlier checkpoint')
-    run = state.get('run') if isinstance(state.get('run'), Mapping) else {}
-    ema_values = [('ema_outside_mask', name, entry.get('value') if isinstance(entry, Mapping) else None)
-                  for name, entry in (state.get('ema_outside_mask') or {}).items()]
-    for source in (state.get('ema_orig'), run.get('ema_orig')):  # timm-dst-train: the EMA's values under its masks
-        ema_values += [('ema_orig', name, value) for name, value in (source or {}).items()]
-    for key, name, value in ema_values:
-        if torch.is_tensor(value) and value.is_floating_point() and not bool(torch.isfinite(value).all()):
-            raise ValueError(f'checkpoint: {key} {name} holds non-finite values (NaN / inf): the EMA is damaged; '
-                             'resume from an earlier checkpoint')
-
-
-def restore_dst_state(sparsifier: Any, state: Mapping[str, Any], flops: Any | None = None, rng: bool = True) -> None:
-    """Restore a :func:`dst_state` into a sparsifier of the same configuration (and its FLOPs count and, with
-    ``rng``, the random states).
-
-    Raises:
-        ValueError: When the state comes from another method, sparsity, distribution or set of sparse tensors.
-    """
-    sparsifier.load_state_dict(state['sparsifier'])
-    if flops is not None and state.get('flops') is not None:
-        flops.load_state_dict(state['flops'])
-    if rng and state.get('rng') is not None:
-        set_rng_state(state['rng'])
-
-
-@torch.no_grad()
-def load_plain_state_dict(model: nn.Module, state_dict: Mapping[str, torch.Tensor], strict: bool = True):
-    """Load a plain timm state_dict (``x``, not ``x_orig`` / ``x_mask``) into a model with masks attached: each
-    masked tensor's value goes into ``x_orig``; the masks are kept as they are, so restore the DST state (the masks)
-    first: the sparsifier zeroes the weights outside its current masks after a load.
-
-    Returns:
-        ``model.load_state_dict``'s incompatible keys.
-    """
-    from .reparam import unwrap_model
-    model = unwrap_model(model)
-    own = model.state_dict()
-    mapped = dict(state_dict)
-    for key in own:
-        if key.endswith('_orig') and key[:-5] + '_mask' in own:
-            base = key[:-5]
-            if base in mapped and key not in mapped:
-                mapped[key] = mapped.pop(base)
-                mapped.setdefault(base + '_mask', own[base + '_mask'])
-    return model.load_state_dict(mapped, strict=strict)

@@ -9,17 +9,20 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._train_build import pretrained_overlay
-from ._train_outputs import dst_summary, flops_line, write_json_atomic
+from ..integrations.timm.outputs import (
+    DST_SUMMARY,
+    EXPORT_BEST,
+    EXPORT_LAST,
+    RESULTS,
+    dst_summary,
+    flops_line,
+    write_json_atomic,
+)
+from .build import pretrained_overlay
 
 __all__ = ['evaluate', 'finish_run', 'DST_SUMMARY', 'RESULTS', 'EXPORT_BEST', 'EXPORT_LAST']
 
 _logger = logging.getLogger('timm_dst.train')
-
-DST_SUMMARY = 'dst_summary.json'
-RESULTS = 'results.json'
-EXPORT_BEST = 'model_best.safetensors'
-EXPORT_LAST = 'model_last.safetensors'
 
 
 @torch.no_grad()

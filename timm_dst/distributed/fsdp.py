@@ -23,15 +23,11 @@ from __future__ import annotations
 import functools
 import math
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-
-if TYPE_CHECKING:
-    from .sparsifier import Sparsifier
-    from .targets import SparseTarget
 
 __all__ = ['is_dtensor', 'full', 'shard_like', 'check_sharded_targets', 'adopt_renamed_params', 'rename_fsdp_params',
            'flat_fill_sharded_',
@@ -86,7 +82,6 @@ def _local_index(like: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
 
 def flat_fill_sharded_(tensor: torch.Tensor, index: torch.Tensor, value: float | bool) -> torch.Tensor:
     """``flat_fill_`` for a ``Shard(0)`` DTensor: the positions of the global flat ``index`` held by this rank."""
-    from .reparam import flat_fill_
     flat_fill_(tensor.to_local(), _local_index(tensor, index), value)
     return tensor
 
@@ -109,7 +104,7 @@ def copy_into_(dst: torch.Tensor, src: torch.Tensor) -> torch.Tensor:
     return dst
 
 
-def check_sharded_targets(targets: list[SparseTarget]) -> bool:
+def check_sharded_targets(targets: list[Any]) -> bool:
     """Whether the sparse tensors are FSDP2 shards (all or none), refusing placements this module cannot update.
 
     Raises:
@@ -143,7 +138,7 @@ def fsdp_modules(model: nn.Module) -> list[nn.Module]:
     return [m for m in model.modules() if isinstance(m, FSDPModule)]
 
 
-def adopt_renamed_params(model: nn.Module, targets: list[SparseTarget], check_only: bool = False) -> None:
+def adopt_renamed_params(model: nn.Module, targets: list[Any], check_only: bool = False) -> None:
     """Tell FSDP2 that each sparse parameter ``<name>`` now lives on its module as ``<name>_orig``.
 
     ``torch.nn.utils.prune`` renames the parameter; FSDP2 sets the unsharded parameter on the module by its name
@@ -180,7 +175,7 @@ def rename_fsdp_params(model: nn.Module, items: list[tuple[nn.Module, str]], suf
 
 
 class ShardedCapture:
-    """The dense-gradient capture of one sharded tensor: called by its :class:`~timm_dst.reparam.DSTMask` around the
+    """The dense-gradient capture of one sharded tensor: called by its :class:`~timm_dst.core.masks.DSTMask` around the
     masking of the reduce-scattered gradient shard (already averaged over the ranks).
 
     The capture window is the lifetime of the ``.grad`` object: when FSDP2 added this backward's shard to the
@@ -192,7 +187,7 @@ class ShardedCapture:
     per group whose version counter every parameter of the group bumps.
     """
 
-    def __init__(self, sp: Sparsifier, i: int):
+    def __init__(self, sp: Any, i: int):
         self.sp, self.i = weakref.ref(sp), i
         self.mark: weakref.ref | None = None
 
@@ -226,3 +221,19 @@ class CaptureHandle:
 
     def remove(self) -> None:
         self.dst_mask.capture = None
+
+
+def flat_fill_(tensor: torch.Tensor, index: torch.Tensor, value: float | bool) -> torch.Tensor:
+    """``tensor.view(-1)[index] = value`` for any memory layout (``channels_last`` included), in place, O(k).
+
+    Flat indices are in the logical (row-major) order of ``tensor.shape``; for an FSDP2 shard (a ``DTensor``) the
+    positions this rank holds are written.
+    """
+    if is_dtensor(tensor):
+        return flat_fill_sharded_(tensor, index, value)
+    if tensor.is_contiguous():
+        tensor.view(-1).index_fill_(0, index, value)
+    elif index.numel():
+        tensor.index_put_(torch.unravel_index(index, tensor.shape),
+                          torch.tensor(value, dtype=tensor.dtype, device=tensor.device))
+    return tensor

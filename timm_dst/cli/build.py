@@ -12,8 +12,9 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from ._data import DataInfo
-from ._seeding import derive_seed
+from ..core._seeding import derive_seed
+from ..integrations.timm.checkpoint import load_initial_checkpoint
+from .data import DataInfo
 
 __all__ = ['create_accelerator', 'fsdp_refusal', 'fsdp_ignored', 'model_kwargs', 'create_train_model', 'scale_lr',
            'create_losses', 'pretrained_overlay', 'is_own_model']
@@ -114,7 +115,6 @@ def create_train_model(args: argparse.Namespace, info: DataInfo, device: torch.d
     overlay = dict(file=os.path.abspath(args.pretrained_path), num_classes=-1) if args.pretrained_path else None
     model = timm.create_model(args.model, pretrained=args.pretrained, pretrained_cfg_overlay=overlay, **kwargs)
     if args.initial_checkpoint:
-        from ._checkpoint import load_initial_checkpoint
         load_initial_checkpoint(model, args.initial_checkpoint)
     if args.head_init_scale is not None:
         with torch.no_grad():

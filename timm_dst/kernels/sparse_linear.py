@@ -288,7 +288,7 @@ _dense_only = 0  # > 0 inside dense_kernels()
 @contextlib.contextmanager
 def dense_kernels() -> Iterator[None]:
     """Run masked linear layers on the dense kernels inside this block: whatever measures the dense operations
-    (``torch.utils.flop_counter`` in :mod:`timm_dst.flops`) must see ``F.linear``, not the CSR products it has no
+    (``torch.utils.flop_counter`` in :mod:`timm_dst.core.flops`) must see ``F.linear``, not the CSR products it has no
     formula for."""
     global _dense_only
     _dense_only += 1
@@ -314,7 +314,7 @@ class SparseLinearForward:
     """Instance ``forward`` of a masked ``nn.Linear``: block kernels for block-sparse masks up to
     :data:`DEFAULT_BLOCK_MAX_DENSITY`, CSR kernels up to ``max_density`` (CPU, float32), ``F.linear`` otherwise.
 
-    Installed by :meth:`timm_dst.reparam.DSTMask.install_sparse_kernels`; ``method`` is that :class:`DSTMask`.
+    Installed by :meth:`timm_dst.core.masks.DSTMask.install_sparse_kernels`; ``method`` is that :class:`DSTMask`.
     """
 
     def __init__(self, module: nn.Linear, method: Any, max_density: float = DEFAULT_MAX_DENSITY):

@@ -37,7 +37,7 @@ from torch.nn.utils import parametrize
 from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
-from ._fsdp import is_dtensor
+from ..distributed.fsdp import is_dtensor
 
 __all__ = ['SparseTarget', 'find_targets', 'DEFAULT_MODULE_TYPES', 'POSITION_MODULE_PATTERNS']
 

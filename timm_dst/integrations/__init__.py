@@ -1,0 +1,1 @@
+"""Integrations of the engine with training programs. Layer 3."""
