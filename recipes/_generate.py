@@ -51,11 +51,11 @@ EXPLORE = dict(prune_rate=0.5, prune_rate_schedule='cosine')
 # ITOP Table 3 (Section 3.2 typical training; the ΔT column is the extended-training ΔT of Figure 4)
 TABLE3 = {
     'mlp_cifar10': dict(model='itop_mlp', dataset='torch/cifar10', lr=0.01, batch_size=128, epochs=200,
-                        weight_decay=5.0e-4, sparse_init='er', update_interval=1500, **every_iters(24000, 128)),
+                        weight_decay=5.0e-4, distribution='er', update_interval=1500, **every_iters(24000, 128)),
     'vgg16_cifar10': dict(model='vgg16c_cifar', dataset='torch/cifar10', lr=0.1, batch_size=128, epochs=250,
-                          weight_decay=5.0e-4, sparse_init='erk', update_interval=2000, **every_iters(30000, 128)),
+                          weight_decay=5.0e-4, distribution='erk', update_interval=2000, **every_iters(30000, 128)),
     'resnet34_cifar100': dict(model='resnet34_cifar', dataset='torch/cifar100', lr=0.1, batch_size=128, epochs=200,
-                              weight_decay=1.0e-4, sparse_init='erk', update_interval=1000, sched='multistep',
+                              weight_decay=1.0e-4, distribution='erk', update_interval=1000, sched='multistep',
                               decay_milestones=milestones(100, 150), decay_rate=0.1),
 }
 EXTEND = (2, 5, 10, 20)  # Figure 4 / 5 extended training: epochs and lr anchors x k (Table 4: 200 -> 4000 is x20)
@@ -90,7 +90,7 @@ def itop_recipes() -> dict[str, tuple[str, dict]]:
         add(f'fig3_{setting}_static', f'ITOP Figure 3-4, {setting}: "Static" (no exploration)',
             {k: v for k, v in dict(base, dst='static', sparsity=sparsity).items() if k != 'update_interval'})
         add(f'fig3_{setting}_dense', f'ITOP Figure 3-4, {setting}: dense baseline',
-            {k: v for k, v in dict(base, dst='dense').items() if k not in ('update_interval', 'sparse_init')})
+            {k: v for k, v in dict(base, dst='dense').items() if k not in ('update_interval', 'distribution')})
         for k in EXTEND:
             add(f'fig4_{setting}_set_x{k}', f'ITOP Figure 4, {setting}: SET-ITOP, extended training x{k} (epochs and '
                 f'lr anchors x{k}, ΔT {base["update_interval"]})', _scaled(cfg, k))
@@ -106,7 +106,7 @@ def itop_recipes() -> dict[str, tuple[str, dict]]:
         for dst, dt in (('set-itop', 1500), ('rigl-itop', 4000), ('dense', None)):
             cfg = dict(TABLE3['mlp_cifar10'], batch_size=bs, dst=dst, **sched)
             if dst == 'dense':
-                cfg = {k: v for k, v in cfg.items() if k not in ('update_interval', 'sparse_init')}
+                cfg = {k: v for k, v in cfg.items() if k not in ('update_interval', 'distribution')}
             else:
                 cfg.update(sparsity=sparsity, update_interval=dt, **EXPLORE)
             tag = {'set-itop': 'set', 'rigl-itop': 'rigl', 'dense': 'dense'}[dst]
@@ -132,12 +132,12 @@ def itop_recipes() -> dict[str, tuple[str, dict]]:
             dict(model='resnet50', dataset='folder', data_dir='data/imagenet', val_fraction=0.0,
                  batch_size=64, epochs=100, opt='momentum', momentum=0.9, lr=0.1, weight_decay=1.0e-4,
                  sched='multistep', decay_milestones=milestones(30, 60, 90), decay_rate=0.1, warmup_epochs=5,
-                 warmup_lr=1.0e-4, warmup_prefix=False, dst='rigl-itop', sparsity=s, sparse_init='erk',
+                 warmup_lr=1.0e-4, warmup_prefix=False, dst='rigl-itop', sparsity=s, distribution='erk',
                  update_interval=4000, **EXPLORE, workers=8, pin_mem=True, amp=True, seed=42))
     # Tables 1 and 5: ResNet-18 on CIFAR-10, 250 epochs, lr 0.1 with 10x drops at 125 / 187, batch 128
     r18 = dict(model='resnet18_cifar', dataset='torch/cifar10', lr=0.1, batch_size=128, epochs=250,
                weight_decay=5.0e-4, sched='multistep', decay_milestones=milestones(125, 187), decay_rate=0.1,
-               sparse_init='erk', dst='set-itop', update_interval=5000, **EXPLORE)
+               distribution='erk', dst='set-itop', update_interval=5000, **EXPLORE)
     add('table1_resnet18_cifar10_set', 'ITOP Table 1, ResNet-18 CIFAR-10: SET at sparsity 0.95; sweep the pruning '
         'rate P and ΔT', dict(r18, sparsity=0.95))
     add('table5_resnet18_cifar10_set', 'ITOP Table 5, ResNet-18 CIFAR-10: SET (P 0.5); sweep sparsity and ΔT',
@@ -158,7 +158,7 @@ def dsr_recipes() -> dict[str, tuple[str, dict]]:
     wrn = dict(model='wrn28_2', dataset='torch/cifar10', val_fraction=0.0, crop_padding=4, hflip=0.5,
                color_jitter=0.0, batch_size=128, epochs=200, opt='nesterov', momentum=0.9, lr=0.1, weight_decay=5.0e-4,
                sched='multistep', decay_milestones=milestones(60, 120, 160), decay_rate=0.2, warmup_epochs=0, dst='dsr',
-               sparse_init='uniform', update_interval=100,
+               distribution='uniform', update_interval=100,
                update_milestones=[[0, 100], [25 * spe, 200], [80 * spe, 400], [140 * spe, 800]],
                update_end=190 * spe, dsr_np=20000, dsr_threshold=1.0e-3, dsr_tolerance=0.1,
                dense_first_layer=True, seed=42, output='output/dsr')
@@ -171,7 +171,7 @@ def dsr_recipes() -> dict[str, tuple[str, dict]]:
     r50 = dict(model='resnet50', dataset='folder', data_dir='data/imagenet', val_fraction=0.0,
                batch_size=256, epochs=100, opt='nesterov', momentum=0.9, lr=0.1, weight_decay=1.0e-4,
                sched='multistep', decay_milestones=milestones(30, 60, 90), decay_rate=0.1, warmup_epochs=0, dst='dsr',
-               sparse_init='uniform', update_interval=1000,
+               distribution='uniform', update_interval=1000,
                update_milestones=[[0, 1000], [25 * spe, 2000], [50 * spe, 4000], [75 * spe, 8000]],
                update_end=95 * spe, dsr_np=400000, dsr_threshold=1.0e-3, dsr_tolerance=0.1,
                dense_first_layer=True, exclude=['*downsample*'], workers=8, pin_mem=True, amp=True, seed=42,

@@ -20,6 +20,59 @@ TINY_MODELS = {
 }
 
 
+# Test tiers (README, "Contributing"): every test is in the fast unit tier unless listed here. `pytest` alone runs the
+# unit tier (pyproject's addopts); `pytest -m "not slow"` runs what CI runs; `-m integration`, `-m distributed` and
+# `-m slow` run one tier. Keys: a test module, or a module's test name (all its parametrisations).
+INTEGRATION = 'integration'  # the CLI or the launcher run in process, or any subprocess
+DISTRIBUTED = 'distributed'  # two or more processes (mp.spawn, torchrun, accelerate launch)
+TIERS: dict[str, str] = {
+    'test_cli_errors': INTEGRATION,
+    'test_reliability_launcher': INTEGRATION,
+    'test_timm_run': INTEGRATION,
+    'test_distributed': DISTRIBUTED,
+    'test_timm_run::test_split_argv': '',
+    'test_timm_run::test_torchrun_two_processes': DISTRIBUTED,
+    'test_cli_data::test_cnn_with_img_size_mixup_cutmix': INTEGRATION,
+    'test_cli_data::test_fmnist_resnet_checkpoint_loads_in_plain_timm': INTEGRATION,
+    'test_cli_data::test_image_folder_with_its_validation_split': INTEGRATION,
+    'test_plugins::test_example_plugin_trains_through_the_cli': INTEGRATION,
+    'test_recipes::test_generated_recipes_up_to_date': INTEGRATION,
+    'test_recipes::test_recipe_runs': INTEGRATION,
+    'test_reliability_state::test_cli_resume_of_a_damaged_checkpoint_is_one_line': INTEGRATION,
+    'test_reliability_state::test_launcher_resume_of_damaged_checkpoints_is_one_line': INTEGRATION,
+    'test_seeding::test_cli_masks_without_bias': INTEGRATION,
+    'test_structure::test_cli_structure': INTEGRATION,
+    'test_structure::test_launcher_structure': INTEGRATION,
+    'test_zoo::test_zoo_suite': INTEGRATION,
+    'test_sweep::test_sweep_end_to_end_and_resume': INTEGRATION,
+    'test_zoo::test_cli_table': INTEGRATION,
+    'test_zoo::test_sweep_replaces_a_grown_worker_and_skips_what_does_not_fit': INTEGRATION,
+    'test_train': INTEGRATION,
+    'test_train::test_bad_input': '',
+    'test_train::test_bad_config_key': '',
+    'test_train::test_config_keys_are_flag_names': '',
+    'test_train::test_docs_cover_every_flag': '',
+    'test_train::test_two_processes_agree': DISTRIBUTED,
+    'test_fsdp': DISTRIBUTED,
+    'test_fsdp::test_cli_refuses_accelerate_fsdp_in_one_line': '',
+    'test_deprecated_paths::test_package_itself_uses_no_old_path': INTEGRATION,
+    'test_deprecated_paths::test_python_m_on_the_old_zoo_path_runs': INTEGRATION,
+}
+
+
+def tier_of(module: str, name: str) -> str:
+    """The tier of test ``name`` (without parametrisation) of test module ``module``: '' (unit) or a marker name."""
+    return TIERS.get(f'{module}::{name}', TIERS.get(module, ''))
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        module = item.module.__name__.rpartition('.')[2]
+        tier = tier_of(module, item.originalname)
+        if tier:
+            item.add_marker(getattr(pytest.mark, tier))
+
+
 def make_tiny(kind: str, seed: int = 0):
     """A tiny model of ``kind`` and a fixed batch for it."""
     name, kwargs, shape = TINY_MODELS[kind]

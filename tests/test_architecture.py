@@ -195,3 +195,34 @@ def test_the_checks_catch_what_they_look_for():
     assert any('timm_dst.methods.m imports the package facade' in v for v in violations), violations
     assert circles(graph) == [['timm_dst.core.a', 'timm_dst.core.b']]
     assert oversized(fake) == ['function timm_dst.core.b.f: 122 lines']
+
+
+def test_tier_table_names_real_tests():
+    """A new test module is unit-tier unless conftest's TIERS says otherwise: every TIERS key names a real test."""
+    import conftest
+    tests = os.path.dirname(os.path.abspath(__file__))
+    modules = {f[:-3] for f in os.listdir(tests) if f.startswith('test_') and f.endswith('.py')}
+    for key in conftest.TIERS:
+        module, _, name = key.partition('::')
+        assert module in modules, key
+        if name:
+            with open(os.path.join(tests, module + '.py'), encoding='utf-8') as f:
+                assert f'def {name}(' in f.read(), key
+
+
+def test_design_doc_names_every_module(sources):
+    """docs/design.md's layout (section 1) names every module of the package (methods/ and models/ as folders: one
+    file per method / architecture), so that the map cannot fall behind the code."""
+    import re
+    with open(os.path.join(os.path.dirname(PKG), 'docs', 'design.md'), encoding='utf-8') as f:
+        doc = f.read()
+    missing = []
+    for path, _ in sources.values():
+        rel = os.path.relpath(path, PKG).replace(os.sep, '/')
+        if rel.endswith('__init__.py') or rel.split('/')[0] in ('methods', 'models'):
+            continue
+        stem = rel.rsplit('/', 1)[-1][:-3]
+        if rel not in doc and not re.search(r'[`/ ]' + re.escape(stem) + r'[`.\s,)]', doc):
+            missing.append(rel)
+    assert not missing, f'docs/design.md does not name {missing}'
+    assert '`methods/`' in doc and '`models/`' in doc

@@ -141,3 +141,30 @@ def test_docs_table_is_generated():
     from timm_dst.cli.doc import flag_table
     doc = (Path(__file__).resolve().parents[1] / 'docs' / 'cli.md').read_text()
     assert flag_table() in doc, 'docs/cli.md is out of date: run python -m timm_dst.cli.doc'
+
+
+@pytest.mark.parametrize('value', ['None', 'True', '3', '0.5', '1e-3', '[20, 16]', "'a'", '(1, 2)', 'gelu', 'x.y'])
+def test_kwargs_values_read_as_timm_reads_them(value):
+    """``--model-kwargs k=V`` gives the value timm's train.py gives (its ``ParseKwargs``: a Python literal, else the
+    string), so a timm user's command line builds the same model (``a=None`` was the string 'None' before)."""
+    import argparse
+
+    from timm.utils import ParseKwargs as TimmParseKwargs
+
+    from timm_dst.integrations.timm import ParseKwargs
+    ours, theirs = argparse.ArgumentParser(), argparse.ArgumentParser()
+    ours.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs)
+    theirs.add_argument('--model-kwargs', nargs='*', default={}, action=TimmParseKwargs)
+    argv = ['--model-kwargs', f'k={value}']
+    assert ours.parse_args(argv).model_kwargs == theirs.parse_args(argv).model_kwargs
+
+
+def test_kwargs_yaml_words_beyond_timm():
+    """What timm would keep as a string and YAML reads as a value: ``true`` / ``null`` (a bool method argument given
+    as ``--dst-kwargs flag=true`` works)."""
+    import argparse
+
+    from timm_dst.integrations.timm import ParseKwargs
+    p = argparse.ArgumentParser()
+    p.add_argument('--kw', nargs='*', default={}, action=ParseKwargs)
+    assert p.parse_args(['--kw', 'a=true', 'b=null', 'c=[a, b]']).kw == {'a': True, 'b': None, 'c': ['a', 'b']}

@@ -128,15 +128,35 @@ def test_recipe_parses(path):
         assert getattr(args, dest) is not None, (path, key, value)
 
 
+def test_recipe_dst_keys_are_current_names():
+    """Every DST key of every recipe is a declared controller option (timm_dst.core.options), the method (``dst``)
+    or a method's own argument, spelled as its ``dest``: no alias such as the old ``sparse_init``."""
+    from timm_dst import method_arguments
+    from timm_dst.core.options import cli_options
+    from timm_dst.integrations.timm import add_dst_args
+
+    names = {o.dest for o in cli_options()} | {a.dest for a in method_arguments()} | {'dst', 'dst_kwargs'}
+    dst_dests = {a.dest for a in add_dst_args(argparse.ArgumentParser())._group_actions}
+    assert dst_dests == names
+    _, parser = create_parser()
+    bad = []
+    for path in RECIPES:
+        for key in _load(path):
+            action = parser._option_string_actions.get('--' + key.replace('_', '-'))
+            if action is not None and action.dest in dst_dests and key not in names:
+                bad.append(f'{path}: {key} (use {action.dest})')
+    assert not bad, bad
+
+
 def test_paper_hyperparameters():
     """Spot checks against ITOP Tables 3-5 and DSR's official settings."""
     r = {os.path.splitext(os.path.basename(p))[0]: _load(p) for p in RECIPES}
     mlp = r['fig3_mlp_cifar10_set']
-    assert (mlp['lr'], mlp['batch_size'], mlp['epochs'], mlp['weight_decay'], mlp['sparse_init']) == \
+    assert (mlp['lr'], mlp['batch_size'], mlp['epochs'], mlp['weight_decay'], mlp['distribution']) == \
         (0.01, 128, 200, 5.0e-4, 'er')
     assert round(mlp['decay_epochs'] * 352) == 24000  # 10x every 24000 iterations, 352 steps per epoch
     vgg = r['fig3_vgg16_cifar10_set']
-    assert (vgg['lr'], vgg['epochs'], vgg['update_interval'], vgg['sparse_init']) == (0.1, 250, 2000, 'erk')
+    assert (vgg['lr'], vgg['epochs'], vgg['update_interval'], vgg['distribution']) == (0.1, 250, 2000, 'erk')
     r34 = r['fig3_resnet34_cifar100_set']
     # timm's milestones are the paper's + 1 (recipes/README.md, "How timm counts milestones")
     assert (r34['weight_decay'], r34['decay_milestones'], r34['update_interval']) == (1.0e-4, [101, 151], 1000)
@@ -275,7 +295,7 @@ def _signature(path: str) -> tuple:
     """What decides the code a run goes through: recipes that differ only in sparsity, ΔT, batch size, epochs or lr
     anchors share one."""
     c = _load(path)
-    return (c.get('model'), c.get('dataset'), c.get('dst'), c.get('sparse_init'), bool(c.get('grow_unexplored_first')),
+    return (c.get('model'), c.get('dataset'), c.get('dst'), c.get('distribution'), bool(c.get('grow_unexplored_first')),
             bool(c.get('update_milestones')), c.get('sched'), bool(c.get('dense_first_layer')), bool(c.get('exclude')))
 
 

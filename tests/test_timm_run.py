@@ -333,18 +333,19 @@ def test_dense_checkpoint_starts_sparse_training(legacy, tmp_path):
 # --------------------------------------------------------------------------------------------------------------------
 # longer checks (pytest -m slow)
 _EDITS = [  # docs/timm-train.md: the lines a user adds to the shared train.py
-    ('from timm.utils import NativeScaler\n', 'from timm.utils import NativeScaler\nfrom timm_dst import plugin\n'),
-    ('\n\ndef _parse_args():', '\nplugin.add_dst_args(parser)\n\n\ndef _parse_args():'),
+    ('from timm.utils import NativeScaler\n',
+     'from timm.utils import NativeScaler\nfrom timm_dst.integrations import timm as dst_timm\n'),
+    ('\n\ndef _parse_args():', '\ndst_timm.add_dst_args(parser)\n\n\ndef _parse_args():'),
     ('            log_info=utils.is_primary(args),\n        )\n\n    # setup exponential moving average',
      '            log_info=utils.is_primary(args),\n        )\n'
-     '    sparsifier = plugin.create_sparsifier_from_args(model, optimizer, args, resume=args.resume)\n\n'
+     '    sparsifier = dst_timm.create_sparsifier_from_args(model, optimizer, args, resume=args.resume)\n\n'
      '    # setup exponential moving average'),
     ("            task=task,\n        )\n        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:",
-     "            task=task,\n        )\n        plugin.pack_saver(saver, sparsifier)\n"
+     "            task=task,\n        )\n        dst_timm.pack_saver(saver, sparsifier)\n"
      "        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:"),
     ('        updates_per_epoch=updates_per_epoch,\n    )\n    start_epoch = 0',
      '        updates_per_epoch=updates_per_epoch,\n    )\n'
-     '    plugin.begin_training(sparsifier, num_epochs * updates_per_epoch, '
+     '    dst_timm.begin_training(sparsifier, num_epochs * updates_per_epoch, '
      'start_step=(resume_epoch or 0) * updates_per_epoch)\n    start_epoch = 0'),
 ]
 

@@ -10,8 +10,10 @@ from . import methods as _methods  # noqa: F401  (registers the built-in methods
 from . import models as _models  # noqa: F401  (registers the papers' architectures with timm)
 from .core.compression import compress, load_compressed, save_compressed
 from .core.controller import Sparsifier
-from .core.distributions import layer_counts
+from .core.distributions import layer_counts, register_distribution
 from .core.masks import export_state_dict, fold_masks
+from .core.schedules import register_prune_rate_schedule
+from .core.structure import register_structure
 from .core.targets import find_targets
 from .methods import SparseMethod
 from .methods._registry import (
@@ -31,7 +33,8 @@ _compat.install()  # the old module paths, as deprecated aliases
 
 __all__ = [
     'create_sparsifier', 'list_methods', 'register_method', 'get_method_info', 'method_arguments', 'MethodInfo',
-    'MethodArgument', 'ENTRY_POINT_GROUP',
+    'MethodArgument', 'ENTRY_POINT_GROUP', 'register_distribution', 'register_prune_rate_schedule',
+    'register_structure',
     'Sparsifier', 'SparseMethod', 'export_state_dict', 'fold_masks', 'find_targets', 'layer_counts', '__version__',
     'compress', 'save_compressed', 'load_compressed',
 ]

@@ -119,13 +119,18 @@ class _AliasFinder(importlib.abc.MetaPathFinder, importlib.abc.Loader):
 
 
 def _importer_level() -> int:
-    """The stack level of the first frame outside the import machinery and this module (for the warning)."""
+    """The ``stacklevel`` (as seen from this function's caller) of the first frame outside the import machinery and
+    this module: the code that imported the old path. ``warnings`` does not count ``importlib._bootstrap`` frames."""
     frame = sys._getframe(1)
     level = 1
-    while frame is not None and (frame.f_code.co_filename.startswith('<frozen importlib')
-                                 or frame.f_code.co_filename == __file__):
+    while frame is not None:
+        name = frame.f_code.co_filename
+        if not ('importlib' in name or name == __file__):
+            return level
         frame = frame.f_back
-        level += 1
+        if frame is not None and not ('importlib' in frame.f_code.co_filename
+                                      and '_bootstrap' in frame.f_code.co_filename):
+            level += 1
     return level
 
 

@@ -15,9 +15,9 @@ METHODS = ('lth', 'snip', 'set-itop', 'snip-set-itop', 'lth-set-itop')
 # recipes write 101 / 151 (recipes/README.md, "How timm counts milestones").
 LR_DROPS = (100, 150)  # the paper's epochs
 SETTINGS = {
-    'mlp_cifar10': dict(model='itop_mlp', dataset='torch/cifar10', lr=0.01, weight_decay=5.0e-4, sparse_init='er'),
+    'mlp_cifar10': dict(model='itop_mlp', dataset='torch/cifar10', lr=0.01, weight_decay=5.0e-4, distribution='er'),
     'resnet34_cifar100': dict(model='resnet34_cifar', dataset='torch/cifar100', lr=0.1, weight_decay=1.0e-4,
-                              sparse_init='erk'),
+                              distribution='erk'),
 }
 COMMON = dict(val_fraction=0.1, crop_padding=4, hflip=0.5, color_jitter=0.0, epochs=200, batch_size=32,
               opt='nesterov', momentum=0.9, sched='multistep', decay_milestones=[m + 1 for m in LR_DROPS],
@@ -27,14 +27,14 @@ EXPLORE = dict(update_interval=1500, prune_rate=0.5, prune_rate_schedule='cosine
 
 def recipe(setting: str, method: str, sparsity: float | None) -> tuple[str, dict]:
     tag = f'{setting}_{method.replace("-", "_")}' + (f'_s{round(sparsity * 100)}' if sparsity is not None else '')
-    cfg = {k: v for k, v in SETTINGS[setting].items() if k != 'sparse_init'}
+    cfg = {k: v for k, v in SETTINGS[setting].items() if k != 'distribution'}
     cfg.update(COMMON)
     cfg['experiment'] = tag
     cfg['dst'] = method
     if sparsity is not None:
         cfg['sparsity'] = sparsity
     if method == 'set-itop':
-        cfg['sparse_init'] = SETTINGS[setting]['sparse_init']  # SNIP / LTH masks are global: no distribution
+        cfg['distribution'] = SETTINGS[setting]['distribution']  # SNIP / LTH masks are global: no distribution
     if method.endswith('set-itop'):
         cfg.update(EXPLORE)
     if method.startswith('snip'):

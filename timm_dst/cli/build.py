@@ -1,6 +1,12 @@
-"""Building a ``timm-dst-train`` run: the Accelerator, the model (inputs resolved as timm resolves them), the data
-config and loaders, the optimizer with timm's lr scaling, the schedule, the losses. Each is one function of the
-parsed arguments."""
+"""Building a ``timm-dst-train`` run.
+
+:func:`build_run` builds a :class:`~timm_dst.cli.state.RunState` in the order docs/design.md section 5 requires:
+:func:`build_setup` (the Accelerator, the output folder, logging), :func:`build_data` (data, model, loaders),
+:func:`build_training` (optimizer, schedule, sparsifier, EMA), the restore of a ``--resume`` checkpoint, then
+:func:`prepare` (Accelerate's wrapping, the checkpoint saver). The parts it is made of (the Accelerator, the model with
+its inputs resolved as timm resolves them, the optimizer's lr scaling, the losses) are functions of the parsed
+arguments.
+"""
 from __future__ import annotations
 
 import argparse
@@ -13,13 +19,24 @@ import torch
 import torch.nn as nn
 
 from ..core._seeding import derive_seed
-from ..integrations.timm.checkpoint import load_initial_checkpoint
-from .data import DataInfo
+from ..core.flops import TrainingFlops
+from ..integrations import timm as dst_timm
+from ..integrations.timm.checkpoint import CheckpointError, load_initial_checkpoint, set_rng_state
+from ..integrations.timm.outputs import CONFIG_YAML, atomic_write
+from ..methods._registry import get_method_info
+from .config import args_to_yaml, output_dir, synthetic_ignored, user_error
+from .data import DataInfo, create_loaders, create_mixup, data_config_args, describe_sizes, open_datasets
+from .outputs import DstCheckpointSaver, setup_logging
+from .resume import dense_start_epoch, load_resume, resume_run
+from .state import RunData, RunResume, RunSetup, RunState, RunTraining, checkpoint_entries
 
-__all__ = ['create_accelerator', 'fsdp_refusal', 'fsdp_ignored', 'model_kwargs', 'create_train_model', 'scale_lr',
-           'create_losses', 'pretrained_overlay', 'is_own_model']
+__all__ = ['build_run', 'build_setup', 'build_data', 'build_training', 'prepare', 'create_accelerator',
+           'fsdp_refusal', 'fsdp_ignored', 'model_kwargs', 'create_train_model', 'scale_lr', 'create_losses',
+           'pretrained_overlay', 'is_own_model']
 
 _logger = logging.getLogger('timm_dst.train')
+
+_EVAL_BATCH_IN_MEMORY = 1024  # evaluation batch of in-memory data (unless --validation-batch-size)
 
 
 def create_accelerator(args: argparse.Namespace):
@@ -157,3 +174,196 @@ def create_losses(args: argparse.Namespace, mixup_active: bool) -> tuple[nn.Modu
     else:
         train_loss = nn.CrossEntropyLoss()
     return train_loss, nn.CrossEntropyLoss()
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# one run, built in order
+def build_run(args: argparse.Namespace, rewind: tuple[int, str] | None = None) -> RunState:
+    """Build one run: setup, data and model, training, the ``--resume`` restore, Accelerate's ``prepare``; the random
+    states for training (``--seed`` per rank, or the checkpoint's); ``args.yaml``; the trackers.
+
+    Args:
+        args: The parsed flags.
+        rewind: ``(optimizer step, file)``: the dense phase of a method with one saves the weights there.
+    """
+    from accelerate.utils import set_seed
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    setup = build_setup(args, rewind)
+    # the same seed on every rank while the model, masks and EMA are built; seed + rank for training
+    set_seed(args.seed)
+    data, model, kwargs = build_data(setup)
+    training, resume = build_training(setup, data, model, kwargs)
+    state = RunState(setup, data, training, resume=resume)
+    if args.resume:
+        resume_run(state)
+    prepare(state)
+    set_seed(args.seed, device_specific=True)
+    if state.resume.rng is not None:
+        set_rng_state(state.resume.rng)
+    if setup.is_main:
+        with atomic_write(os.path.join(setup.output_dir, CONFIG_YAML), 'w') as f:
+            f.write(args_to_yaml(args))
+    init_trackers(state)
+    return state
+
+
+def build_setup(args: argparse.Namespace, rewind: tuple[int, str] | None = None) -> RunSetup:
+    """The Accelerator (FSDP refused), the output folder (the main process's choice, on every rank) and logging."""
+    from accelerate.utils import broadcast_object_list
+    acc = create_accelerator(args)
+    refusal = fsdp_refusal(acc)
+    if refusal:
+        raise user_error(refusal)
+    is_main = acc.is_main_process
+    out = [output_dir(args)]
+    broadcast_object_list(out)
+    if is_main:
+        os.makedirs(out[0], exist_ok=True)
+    acc.wait_for_everyone()
+    setup_logging(is_main, out[0])
+    ignored = fsdp_ignored(acc)
+    if ignored:
+        _logger.warning(ignored)
+    return RunSetup(args=args, accelerator=acc, output_dir=out[0], is_main=is_main,
+                    progress=is_main and not args.no_progress, rewind=rewind)
+
+
+def build_data(setup: RunSetup) -> tuple[RunData, nn.Module, dict[str, Any]]:
+    """The data sets, the model (built for them; its inputs decide the data config), the loaders and mixup.
+
+    Returns:
+        The data, the model and its ``timm.create_model`` keywords.
+    """
+    from timm.data import resolve_data_config
+    args, acc = setup.args, setup.accelerator
+    try:
+        splits = open_datasets(args)
+        info = splits.info
+        model, kwargs = create_train_model(args, info, acc.device)
+    except CheckpointError as e:
+        raise user_error(str(e)) from None
+    if args.sync_bn and acc.num_processes > 1 and acc.device.type == 'cpu':
+        raise user_error('--sync-bn: torch\'s SyncBatchNorm runs on GPUs only; on CPU processes use --dist-bn '
+                         'reduce (the default) instead')
+    if args.sync_bn and acc.num_processes > 1:
+        from timm.layers import convert_sync_batchnorm
+        model = convert_sync_batchnorm(model)
+    data_config = resolve_data_config(data_config_args(args, info), model=model)
+    _logger.info(f'{describe_sizes(info)} | input {tuple(data_config["input_size"])} | '
+                 f'{acc.num_processes} process(es) on {acc.device} | output {setup.output_dir}')
+    _logger.info(f'model {args.model}: {sum(p.numel() for p in model.parameters()):,} parameters')
+    if info.name == 'synthetic':
+        if ignored := synthetic_ignored(args):
+            _logger.warning(f'{", ".join(ignored)}: not applied: the synthetic data set is tensors, image '
+                            'transforms do not apply to it (mixup / cutmix do)')
+    in_memory = splits.train.tensors or hasattr(splits.train.base, 'gather')
+    bs_eval = args.validation_batch_size or (max(args.batch_size, _EVAL_BATCH_IN_MEMORY) if in_memory
+                                             else args.batch_size)
+    train_loader, val_loader, test_loader = create_loaders(splits, data_config, args, bs_eval)
+    mixup = create_mixup(args, info.num_classes)
+    # timm's create_loader drops the last partial training batch; Accelerate then shards the batches, dropping
+    # the batches that would not reach every process (its BatchSamplerShard with drop_last)
+    n, p = len(train_loader), acc.num_processes
+    batches_per_epoch = n // p if train_loader.drop_last else math.ceil(n / p)
+    data = RunData(splits=splits, info=info, data_config=data_config, train_loader=train_loader,
+                   val_loader=val_loader, test_loader=test_loader, mixup=mixup,
+                   batches_per_epoch=batches_per_epoch,
+                   updates_per_epoch=math.ceil(batches_per_epoch / args.grad_accum_steps))
+    if batches_per_epoch < 1:
+        raise user_error(f'-b/--batch-size {args.batch_size} is larger than the {info.train_size} training '
+                         'samples: no full batch to train on')
+    return data, model, kwargs
+
+
+def build_training(setup: RunSetup, data: RunData, model: nn.Module,
+                   kwargs: dict[str, Any]) -> tuple[RunTraining, RunResume]:
+    """The losses, the optimizer (timm's lr scaling), the schedule, the ``--resume`` checkpoint read (a dense one's
+    weights loaded, so that the topology is drawn from them), the sparsifier, the FLOPs counter and the EMA.
+
+    Returns:
+        The training parts and what the ``--resume`` checkpoint hands on (empty without one).
+    """
+    from timm.optim import create_optimizer_v2, optimizer_kwargs
+    from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+    from timm.utils import ModelEmaV3
+
+    args, acc = setup.args, setup.accelerator
+    train_loss, eval_loss = create_losses(args, data.mixup is not None)
+    scale_lr(args, args.batch_size * acc.num_processes * args.grad_accum_steps)
+    optimizer = create_optimizer_v2(model, **optimizer_kwargs(cfg=args), **(args.opt_kwargs or {}))
+    decreasing = args.eval_metric == 'loss' or data.val_loader is None
+    scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing), updates_per_epoch=data.updates_per_epoch)
+    if scheduler is None or not num_epochs:
+        num_epochs = args.epochs
+    total_steps = num_epochs * data.updates_per_epoch
+    overrides: dict[str, Any] = {}
+    data_arg = get_method_info(args.dst).init_data_arg
+    if data_arg is not None and not getattr(args, data_arg, None):
+        # score on the first training batch(es), from the unprepared loader (every rank scores the same batches;
+        # on a resume the scores are computed again, then the checkpoint's masks replace them)
+        overrides = {data_arg: data.train_loader}
+    # a dense --resume checkpoint: its weights (and optimizer state) go in first, the topology is drawn from them
+    resume = load_resume(args, model, optimizer) if args.resume else RunResume()
+    try:
+        sparsifier = dst_timm.create_sparsifier_from_args(model, optimizer, args, total_steps=total_steps,
+                                                          **overrides)
+    except ValueError as e:
+        raise user_error(str(e)) from None
+    if resume.dense:  # topology updates follow the count of steps already done, as under the launcher
+        dst_timm.begin_training(sparsifier, total_steps,
+                                start_step=dense_start_epoch(resume.ckpt) * data.updates_per_epoch, restore_rng=False)
+    _logger.info(f'{sparsifier!r} | {data.updates_per_epoch} optimizer steps per epoch, {total_steps} in all')
+    flops = TrainingFlops(model, tuple(data.data_config['input_size']), sparsifier)
+    ema = None
+    if args.model_ema:
+        ema = ModelEmaV3(model, decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                         device='cpu' if args.model_ema_force_cpu else None)
+    training = RunTraining(model=model, model_kwargs=kwargs, train_loss=train_loss, eval_loss=eval_loss,
+                           optimizer=optimizer, scheduler=scheduler, num_epochs=num_epochs, total_steps=total_steps,
+                           decreasing=decreasing, sparsifier=sparsifier, flops=flops, ema=ema)
+    return training, resume
+
+
+def prepare(state: RunState) -> None:
+    """Accelerate's ``prepare`` (``--torchcompile`` first), the AMP scaler of a resume, the checkpoint saver (main
+    process; its history and best metric of a resume)."""
+    setup, data, tr = state.setup, state.data, state.training
+    args, acc = setup.args, setup.accelerator
+    train_model = tr.model
+    if args.torchcompile:
+        train_model = torch.compile(tr.model, backend=args.torchcompile, mode=args.torchcompile_mode)
+    loaders = [x for x in (data.val_loader, data.test_loader) if x is not None]
+    prepared = acc.prepare(train_model, tr.optimizer, data.train_loader, *loaders)
+    tr.train_model, tr.optimizer_p, data.train_loader = prepared[:3]
+    rest = list(prepared[3:])
+    data.val_loader = rest.pop(0) if data.val_loader is not None else None
+    data.test_loader = rest.pop(0) if data.test_loader is not None else None
+    if len(data.train_loader) != data.batches_per_epoch:
+        raise RuntimeError(f'expected {data.batches_per_epoch} batches per process, the loader has '
+                           f'{len(data.train_loader)}')
+    if state.resume.scaler is not None and acc.scaler is not None:
+        acc.scaler.load_state_dict(state.resume.scaler)
+    state.outputs.saver = None
+    if setup.is_main:
+        state.outputs.saver = DstCheckpointSaver(
+            lambda: checkpoint_entries(state), tr.sparsifier, tr.flops, tr.scheduler, model=tr.model,
+            optimizer=tr.optimizer, args=args, model_ema=tr.ema.module if tr.ema is not None else None,
+            amp_scaler=acc.scaler, checkpoint_dir=setup.output_dir, recovery_dir=setup.output_dir,
+            decreasing=tr.decreasing, max_history=args.checkpoint_hist)
+        if state.resume.saver:
+            state.outputs.saver.load_state_dict(state.resume.saver)
+
+
+def init_trackers(state: RunState) -> None:
+    """Accelerate's trackers: Weights & Biases with ``--log-wandb``."""
+    args, setup = state.setup.args, state.setup
+    if not args.log_wandb:
+        return
+    from timm.models import safe_model_name
+    init = {'wandb': {'tags': args.wandb_tags or None, 'name': os.path.basename(setup.output_dir)}}
+    if args.wandb_resume_id:
+        init['wandb'].update(id=args.wandb_resume_id, resume='must')
+    setup.accelerator.init_trackers(args.wandb_project or safe_model_name(args.model), config=vars(args),
+                                    init_kwargs=init)

@@ -151,7 +151,7 @@ def _model_group(p: argparse.ArgumentParser) -> None:
     g.add_argument('--grad-checkpointing', action='store_true', default=False, help='gradient checkpointing')
     g.add_argument('--fast-norm', action='store_true', default=False, help='timm\'s fast norm layers')
     g.add_argument('--model-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                   help='extra keyword arguments for timm.create_model (values read as YAML)')
+                   help='extra keyword arguments for timm.create_model (Python literals as in timm, else YAML)')
     g.add_argument('--head-init-scale', default=None, type=float, help='scale the classifier\'s initial weights')
     g.add_argument('--head-init-bias', default=None, type=float, help='initial classifier bias')
     g.add_argument('--torchcompile-mode', type=str, default=None, metavar='MODE', help='torch.compile mode')
@@ -190,7 +190,7 @@ def _optimizer_group(p: argparse.ArgumentParser) -> None:
     g.add_argument('--layer-decay-no-opt-scale', type=float, default=None,
                    help='layers whose layer-decay scale falls below this are frozen')
     g.add_argument('--opt-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
-                   help='extra optimizer keyword arguments (values read as YAML)')
+                   help='extra optimizer keyword arguments (Python literals as in timm, else YAML)')
 
 
 def _schedule_group(p: argparse.ArgumentParser) -> None:

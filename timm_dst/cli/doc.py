@@ -62,5 +62,6 @@ def update_doc(path: str) -> bool:
 
 
 if __name__ == '__main__':
-    doc = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), '..', '..', 'docs', 'cli.md')
+    default = os.path.join(os.path.dirname(__file__), '..', '..', 'docs', 'cli.md')
+    doc = sys.argv[1] if len(sys.argv) > 1 else os.path.normpath(default)
     print(f'{doc}: {"updated" if update_doc(doc) else "up to date"}')

@@ -6,17 +6,16 @@ import argparse
 import json
 import logging
 import os
+from collections.abc import Callable
 from typing import Any
 
 from ..integrations.timm.checkpoint import DST_KEY, LAST, read_checkpoint
-from ..integrations.timm.outputs import DENSE_PHASE_DIR, REWIND_FILE, fmt_flops, write_json_atomic
+from ..integrations.timm.outputs import DENSE_PHASE_DIR, RESULTS, REWIND_FILE, fmt_flops, write_json_atomic
 from ..methods._registry import get_method_info, method_arguments
 
 __all__ = ['train_two_phases']
 
 _logger = logging.getLogger('timm_dst.train')
-
-RESULTS = 'results.json'
 
 # DST flags that mean nothing to the dense phase (reset to their defaults there; the method flags too)
 _DENSE_PHASE_RESET = (
@@ -26,7 +25,7 @@ _DENSE_PHASE_RESET = (
 )
 
 
-def _two_phase_root(args: argparse.Namespace, output_dir: Any) -> str:
+def _two_phase_root(args: argparse.Namespace, output_dir: Callable[[argparse.Namespace], str]) -> str:
     if args.output or not args.resume:
         return output_dir(args)
     root = os.path.abspath(args.resume)
@@ -45,7 +44,8 @@ def _reset_accelerate_state() -> None:
     GradientState._reset_state()
 
 
-def train_two_phases(args: argparse.Namespace, run_cls: Any, output_dir: Any) -> dict[str, Any]:
+def train_two_phases(args: argparse.Namespace, run_cls: Callable[..., Any],
+                     output_dir: Callable[[argparse.Namespace], str]) -> dict[str, Any]:
     """Both phases of a method with a dense phase (the Lottery Ticket Hypothesis) in one command.
 
     The method's :class:`~timm_dst.methods.DensePhase` names its arguments. Phase 1 trains the model dense (its
@@ -61,7 +61,7 @@ def train_two_phases(args: argparse.Namespace, run_cls: Any, output_dir: Any) ->
 
     Args:
         args: The parsed flags.
-        run_cls: The class of one run (``train._Run``).
+        run_cls: The class of one run (``train._Run``): ``run_cls(args, rewind=...)`` builds it, ``.fit()`` trains it.
         output_dir: The function resolving a run's output folder.
     """
     phase = get_method_info(args.dst).dense_phase

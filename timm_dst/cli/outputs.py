@@ -1,29 +1,25 @@
-"""What a ``timm-dst-train`` run writes: checkpoints (timm's ``CheckpointSaver`` with the timm-dst layout of
-:mod:`timm_dst.integrations.timm`), ``summary.csv`` in timm's column names, the per-epoch PNG, the log lines, JSON
-summaries."""
+"""What a ``timm-dst-train`` run writes: checkpoints (:class:`~timm_dst.integrations.timm.saver.DstCheckpointSaver`,
+the saver of every front end), ``summary.csv`` in timm's column names, the per-epoch PNG, the log lines, JSON
+summaries; every file through the one atomic write (:func:`~timm_dst.integrations.timm.outputs.atomic_write`)."""
 from __future__ import annotations
 
-import contextlib
 import csv
+import io
 import logging
 import os
 import sys
-from collections.abc import Callable
 from typing import Any
 
-import torch
-from timm.utils import CheckpointSaver
-
-from ..core.masks import unwrap_model
-from ..integrations.timm.checkpoint import pack_checkpoint
 from ..integrations.timm.outputs import (  # noqa: F401  (re-exported)
     OutputWriteError,
+    atomic_write,
     dst_summary,
     flops_line,
     is_write_failure,
     write_failure_cause,
     write_json_atomic,
 )
+from ..integrations.timm.saver import DstCheckpointSaver
 
 __all__ = ['DstCheckpointSaver', 'write_summary_row', 'read_summary', 'truncate_summary', 'plot_summary',
            'write_json_atomic', 'dst_summary', 'flops_line', 'setup_logging', 'train_log_line']
@@ -31,77 +27,23 @@ __all__ = ['DstCheckpointSaver', 'write_summary_row', 'read_summary', 'truncate_
 _logger = logging.getLogger('timm_dst.train')
 
 
-class DstCheckpointSaver(CheckpointSaver):
-    """timm's ``CheckpointSaver`` (``last``, ``model_best``, ``checkpoint-N`` history of ``--checkpoint-hist``,
-    ``recovery-E-B`` files that never overwrite ``last``) writing the timm-dst layout: ``state_dict`` /
-    ``state_dict_ema`` plain timm weights, the DST state and the run's position under ``timm_dst``.
-
-    Args:
-        state_fn: Returns the extra entries of the DST state (position, meters, every rank's random states ...).
-        sparsifier: The run's sparsifier.
-        flops: Its training-FLOPs counter.
-        scheduler: The lr scheduler (its state is saved too).
-        kwargs: timm's ``CheckpointSaver`` arguments.
-    """
-
-    def __init__(self, state_fn: Callable[[], dict[str, Any]], sparsifier: Any, flops: Any, scheduler: Any,
-                 **kwargs: Any):
-        super().__init__(**kwargs)
-        self.state_fn, self.sparsifier, self.flops, self.scheduler = state_fn, sparsifier, flops, scheduler
-
-    def save_last(self, epoch: int) -> None:
-        """Write ``last`` only (a mid-epoch stop of ``--stop-after-updates``: not ranked, no history entry)."""
-        tmp = os.path.join(self.checkpoint_dir, 'tmp' + self.extension)
-        self._save(tmp, epoch)
-        self._replace(tmp, os.path.join(self.checkpoint_dir, 'last' + self.extension))
-
-    def _save(self, save_path: str, epoch: int, metric: float | None = None) -> None:
-        state: dict[str, Any] = {
-            'epoch': epoch, 'arch': self.args.model, 'args': self.args, 'version': 2,
-            'optimizer': self.optimizer.state_dict(),
-            'state_dict': unwrap_model(self.model).state_dict(),
-        }
-        if self.model_ema is not None:
-            state['state_dict_ema'] = unwrap_model(self.model_ema).state_dict()
-        if self.amp_scaler is not None:
-            state['amp_scaler'] = self.amp_scaler.state_dict()
-        if self.scheduler is not None:
-            state['scheduler'] = self.scheduler.state_dict()
-        if metric is not None:
-            state['metric'] = metric
-        state['saver'] = self.state_dict(epoch, metric)
-        extra = self.state_fn()
-        if self.model_ema is not None:  # the EMA's values under its masks too (the plain EMA weights hold zeros)
-            extra['ema_orig'] = {k: v for k, v in unwrap_model(self.model_ema).state_dict().items()
-                                 if k.endswith('_orig')}
-        pack_checkpoint(state, self.sparsifier, flops=self.flops, rng=False, extra=extra)
-        tmp = save_path + '.part'
-        try:
-            with open(tmp, 'wb') as f:
-                torch.save(state, f)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, save_path)
-        except (OSError, RuntimeError) as e:
-            if not is_write_failure(e):
-                raise
-            with contextlib.suppress(OSError):
-                os.remove(tmp)
-            raise OutputWriteError(f'checkpoint of epoch {epoch} not written: {save_path} ({write_failure_cause(e)}); '
-                                   'the checkpoints written before are unchanged') from e
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # summary.csv and its plot
 def write_summary_row(path: str, row: dict[str, Any]) -> None:
-    """Append one epoch to ``summary.csv`` (timm's ``update_summary`` columns ``epoch, train_*, eval_*, lr``, then
-    ``density, itop_rate`` and the run's extra columns); the header is written when the file is new."""
-    write_header = not os.path.isfile(path) or os.path.getsize(path) == 0
-    with open(path, 'a', newline='') as f:
-        writer = csv.DictWriter(f, fieldnames=list(row))
-        if write_header:
-            writer.writeheader()
-        writer.writerow(row)
+    """Add one epoch to ``summary.csv`` (timm's ``update_summary`` columns ``epoch, train_*, eval_*, lr``, then
+    ``density, itop_rate`` and the run's extra columns); the header is written when the file is new. The file is
+    rewritten atomically: a failed write leaves the rows before."""
+    old = ''
+    if os.path.isfile(path):
+        with open(path, newline='') as f:
+            old = f.read()
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(row))
+    if not old:
+        writer.writeheader()
+    writer.writerow(row)
+    with atomic_write(path, 'w', newline='') as f:
+        f.write(old + text.getvalue())
 
 
 def read_summary(path: str) -> list[dict[str, str]]:
@@ -116,7 +58,7 @@ def truncate_summary(path: str, next_epoch: int) -> None:
     rows = read_summary(path)
     keep = [r for r in rows if int(r['epoch']) < next_epoch]
     if rows and len(keep) != len(rows):
-        with open(path, 'w', newline='') as f:
+        with atomic_write(path, 'w', newline='') as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(keep)
@@ -155,10 +97,11 @@ def plot_summary(csv_path: str, png_path: str, title: str = '') -> None:
     if title:
         fig.suptitle(title)
     fig.tight_layout()
-    tmp = png_path + '.part.png'
-    fig.savefig(tmp, dpi=80)
-    plt.close(fig)
-    os.replace(tmp, png_path)
+    try:
+        with atomic_write(png_path) as f:
+            fig.savefig(f, format='png', dpi=80)
+    finally:
+        plt.close(fig)
 
 
 def train_log_line(epoch: int, update_idx: int, updates_per_epoch: int, loss_now: float, loss_avg: float,

@@ -1,21 +1,91 @@
-"""Per-tensor densities with exact integer counts: ``uniform``, ``er`` (Erdős-Rényi) and ``erk`` (ER-Kernel)."""
+"""Per-tensor densities with exact integer counts, from a registry of distributions: ``erk`` (ER-Kernel), ``er``
+(Erdős-Rényi) and ``uniform`` are built in; :func:`register_distribution` (or an entry point of the group
+``timm_dst.distributions``) adds one.
+
+A distribution is a score per tensor shape: each tensor's density is proportional to its score (the same constant
+for all tensors, solved so that the total is exact; a tensor whose density would exceed 1 is made dense and the
+constant solved again). Uniform scores every tensor 1, ER ``(n_in + n_out) / (n_in * n_out)``, ERK the sum of the
+dimensions over their product.
+"""
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
-__all__ = ['DISTRIBUTIONS', 'layer_counts', 'round_exact']
+from .registry import Registry
 
-DISTRIBUTIONS = ('erk', 'er', 'uniform')
+__all__ = ['DISTRIBUTIONS', 'DISTRIBUTION_ENTRY_POINT_GROUP', 'Distribution', 'register_distribution',
+           'get_distribution', 'layer_counts', 'round_exact']
+
+DISTRIBUTION_ENTRY_POINT_GROUP = 'timm_dst.distributions'
 
 
-def _raw_score(shape: Sequence[int], distribution: str) -> float:
-    if distribution == 'erk':
-        return sum(shape) / math.prod(shape)
-    if distribution == 'er':
-        n_out, n_in = shape[0], shape[1]
-        return (n_in + n_out) / (n_in * n_out)
+@dataclass(frozen=True)
+class Distribution:
+    """A registered distribution.
+
+    Attributes:
+        name: The name (``distribution=`` value, ``--distribution`` choice).
+        score: ``score(shape) -> float``: the tensor's density is proportional to it (>= 0).
+        description: One line for listings.
+    """
+
+    name: str
+    score: Callable[[Sequence[int]], float]
+    description: str = ''
+
+
+_registry: Registry[Distribution] = Registry('distribution', DISTRIBUTION_ENTRY_POINT_GROUP)
+#: The registered names (a live view: later registrations and plugins are in it).
+DISTRIBUTIONS = _registry.view()
+
+
+def register_distribution(name: str, score: Callable[[Sequence[int]], float], *, description: str = '') -> Distribution:
+    """Register a per-tensor density distribution.
+
+    Args:
+        name: Its name: lower-case letters, digits, ``-``, ``_``, ``.``.
+        score: ``score(shape) -> float``, the tensor's relative density (>= 0); the densities are the scores times one
+            constant chosen so that the active weights total exactly ``(1 - sparsity) * N`` (capped at 1 per tensor).
+        description: One line for listings.
+
+    Returns:
+        The registry entry.
+
+    Raises:
+        ValueError: When ``name`` is malformed or taken, or ``score`` is not callable.
+    """
+    if not callable(score):
+        raise ValueError(f'distribution {name!r}: score={score!r} is not callable')
+    return _registry.register(name, Distribution(name, score, description))
+
+
+def get_distribution(name: str) -> Distribution:
+    """The entry of a registered distribution.
+
+    Raises:
+        ValueError: ``distribution=<name> is not known; accepted: ...``.
+    """
+    return _registry.get(name)
+
+
+def _erk(shape: Sequence[int]) -> float:
+    return sum(shape) / math.prod(shape)
+
+
+def _er(shape: Sequence[int]) -> float:
+    n_out, n_in = shape[0], shape[1]
+    return (n_in + n_out) / (n_in * n_out)
+
+
+def _uniform(shape: Sequence[int]) -> float:
     return 1.0
+
+
+register_distribution('erk', _erk, description='Erdős-Rényi-Kernel: density proportional to sum(shape) / numel')
+register_distribution('er', _er, description='Erdős-Rényi: density proportional to (n_in + n_out) / (n_in * n_out)')
+register_distribution('uniform', _uniform, description='the same density for every tensor')
 
 
 def round_exact(values: Sequence[float], total: int, capacity: Sequence[int]) -> list[int]:
@@ -75,19 +145,18 @@ def layer_counts(shapes: Sequence[Sequence[int]], sparsity: float, distribution:
     Args:
         shapes: Shapes of the sparse tensors.
         sparsity: Global target sparsity in [0, 1).
-        distribution: One of ``'erk'``, ``'er'``, ``'uniform'``.
+        distribution: A registered distribution (``'erk'``, ``'er'``, ``'uniform'``, ...).
 
     Returns:
         Active counts, one per tensor.
     """
-    if distribution not in DISTRIBUTIONS:
-        raise ValueError(f'distribution={distribution!r} is not known; accepted: {", ".join(DISTRIBUTIONS)}')
+    score = get_distribution(distribution).score
     if not 0.0 <= sparsity < 1.0:
         raise ValueError(f'sparsity={sparsity!r} is outside [0, 1)')
     numels = [math.prod(s) for s in shapes]
     total_n = sum(numels)
     target = int(round((1.0 - sparsity) * total_n))
-    raw = [_raw_score(s, distribution) for s in shapes]
+    raw = [float(score(s)) for s in shapes]
     dense: set[int] = set()
     while True:
         budget = target - sum(numels[i] for i in dense)

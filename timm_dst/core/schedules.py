@@ -1,31 +1,112 @@
-"""Prune-rate schedules and topology-update timing (ΔT, start, end, ΔT milestones)."""
+"""Prune-rate schedules (a registry: ``cosine``, ``constant`` and ``linear`` built in, more through
+:func:`register_prune_rate_schedule` or an entry point of the group ``timm_dst.prune_rate_schedules``) and
+topology-update timing (ΔT, start, end, ΔT milestones)."""
 from __future__ import annotations
 
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 from ._validate import check_int
+from .registry import Registry
 
-__all__ = ['PRUNE_RATE_SCHEDULES', 'prune_rate_at', 'resolve_step', 'UpdateSchedule']
+__all__ = ['PRUNE_RATE_SCHEDULES', 'PRUNE_RATE_SCHEDULE_ENTRY_POINT_GROUP', 'PruneRateSchedule',
+           'register_prune_rate_schedule', 'get_prune_rate_schedule', 'schedule_decays', 'prune_rate_at',
+           'resolve_step', 'UpdateSchedule']
 
-PRUNE_RATE_SCHEDULES = ('cosine', 'constant', 'linear')
+PRUNE_RATE_SCHEDULE_ENTRY_POINT_GROUP = 'timm_dst.prune_rate_schedules'
+
+
+@dataclass(frozen=True)
+class PruneRateSchedule:
+    """A registered prune-rate schedule.
+
+    Attributes:
+        name: The name (``prune_rate_schedule=`` value, ``--prune-rate-schedule`` choice).
+        rate: ``rate(fraction, initial, minimum) -> float``: the prune rate at ``fraction`` in [0, 1] of the span
+            from step 0 to the schedule's end (``update_end``, else ``total_steps``), from the initial rate P and the
+            final rate ``prune_rate_min``.
+        decays: The rate changes over training, so the controller needs the span's end (``total_steps`` or
+            ``update_end``); False: ``rate`` is never called and the rate stays P.
+        description: One line for listings.
+    """
+
+    name: str
+    rate: Callable[[float, float, float], float]
+    decays: bool = True
+    description: str = ''
+
+
+_registry: Registry[PruneRateSchedule] = Registry('prune_rate_schedule', PRUNE_RATE_SCHEDULE_ENTRY_POINT_GROUP)
+#: The registered names (a live view: later registrations and plugins are in it).
+PRUNE_RATE_SCHEDULES = _registry.view()
+
+
+def register_prune_rate_schedule(name: str, rate: Callable[[float, float, float], float], *, decays: bool = True,
+                                 description: str = '') -> PruneRateSchedule:
+    """Register a prune-rate schedule.
+
+    Args:
+        name: Its name: lower-case letters, digits, ``-``, ``_``, ``.``.
+        rate: ``rate(fraction, initial, minimum) -> float``, the prune rate at ``fraction`` (in [0, 1]) of the span
+            to the schedule's end, given the initial rate P and ``prune_rate_min``.
+        decays: The rate changes over training (the controller then needs ``total_steps`` or ``update_end``).
+        description: One line for listings.
+
+    Returns:
+        The registry entry.
+
+    Raises:
+        ValueError: When ``name`` is malformed or taken, or ``rate`` is not callable.
+    """
+    if not callable(rate):
+        raise ValueError(f'prune_rate_schedule {name!r}: rate={rate!r} is not callable')
+    return _registry.register(name, PruneRateSchedule(name, rate, bool(decays), description))
+
+
+def get_prune_rate_schedule(name: str) -> PruneRateSchedule:
+    """The entry of a registered prune-rate schedule.
+
+    Raises:
+        ValueError: ``prune_rate_schedule=<name> is not known; accepted: ...``.
+    """
+    return _registry.get(name)
+
+
+def schedule_decays(name: str) -> bool:
+    """Whether the prune-rate schedule ``name`` changes the rate over training (and so needs the span's end)."""
+    return get_prune_rate_schedule(name).decays
+
+
+def _cosine(frac: float, initial: float, minimum: float) -> float:
+    return minimum + (initial - minimum) * (1.0 + math.cos(math.pi * frac)) / 2.0
+
+
+def _linear(frac: float, initial: float, minimum: float) -> float:
+    return initial + (minimum - initial) * frac
+
+
+def _constant(frac: float, initial: float, minimum: float) -> float:
+    return initial
+
+
+register_prune_rate_schedule('cosine', _cosine, description='cosine decay from P to prune_rate_min (RigL)')
+register_prune_rate_schedule('constant', _constant, decays=False, description='P throughout')
+register_prune_rate_schedule('linear', _linear, description='linear decay from P to prune_rate_min')
 
 
 def prune_rate_at(step: int, initial: float, end_step: int, schedule: str = 'cosine', minimum: float = 0.0) -> float:
     """Fraction of each tensor's active weights replaced at ``step``.
 
     cosine: ``p_min + (P - p_min) * (1 + cos(pi * t / T_end)) / 2``; linear: from P to p_min over ``[0, T_end]``;
-    constant: P.
+    constant: P; a registered schedule: its ``rate(min(t / T_end, 1), P, p_min)``.
     """
-    if schedule not in PRUNE_RATE_SCHEDULES:
-        raise ValueError(f'prune_rate_schedule={schedule!r} is not known; accepted: {", ".join(PRUNE_RATE_SCHEDULES)}')
-    if schedule == 'constant' or end_step <= 0:
+    entry = get_prune_rate_schedule(schedule)
+    if not entry.decays or end_step <= 0:
         return initial
     frac = min(max(step / end_step, 0.0), 1.0)
-    if schedule == 'cosine':
-        return minimum + (initial - minimum) * (1.0 + math.cos(math.pi * frac)) / 2.0
-    return initial + (minimum - initial) * frac
+    return entry.rate(frac, initial, minimum)
 
 
 def resolve_step(value: int | float | None, total_steps: int | None, arg: str) -> int | None:

@@ -16,21 +16,28 @@ NVIDIA's 2:4 sparse tensor cores prune along). A linear weight ``[out, in]`` is 
 * ``'fan-in'``: every row (output neuron) has the same number of active inputs; fits every tensor.
 * ``'RxC'``: whole R x C blocks of the matrix are active or inactive; fits when the rows are a multiple of R and the
   input channels a multiple of C.
+
+The spellings are a registry: :func:`register_structure` (or an entry point of the group ``timm_dst.structures``) adds
+a parser that turns a spelling into a :class:`Structure` (a subclass may lay tensors out its own way through
+:meth:`Structure.layout`, for instance as per-tensor blocks); :func:`parse_structure` tries every registered parser.
 """
 from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
-__all__ = ['Structure', 'Layout', 'parse_structure', 'STRUCTURE_FORMS', 'per_group_topk', 'topk_mask', 'check_mask',
-           'quantize_counts']
+from .registry import Registry
 
-STRUCTURE_FORMS = ("None or 'none' (unstructured), 'N:M' with 1 <= N < M (e.g. '2:4', '1:4', '2:8'), 'fan-in' "
-                   "(constant fan-in), or 'RxC' blocks (e.g. '1x4', '16x16', '32x32')")
+__all__ = ['Structure', 'Layout', 'parse_structure', 'STRUCTURE_ENTRY_POINT_GROUP',
+           'StructureForm', 'register_structure', 'list_structures', 'structure_forms', 'structure_help',
+           'per_group_topk', 'topk_mask', 'check_mask', 'quantize_counts']
+
+STRUCTURE_ENTRY_POINT_GROUP = 'timm_dst.structures'
 
 _NM = re.compile(r'^\s*(\d+)\s*:\s*(\d+)\s*$')
 _BLOCK = re.compile(r'^\s*(\d+)\s*[xX]\s*(\d+)\s*$')
@@ -95,8 +102,78 @@ class Structure:
         return self.spec
 
 
+@dataclass(frozen=True)
+class StructureForm:
+    """A registered spelling of ``structure=``.
+
+    Attributes:
+        name: The registry name (``'n:m'``, ``'fan-in'``, ``'block'``).
+        parse: ``parse(text) -> Structure | None`` of the stripped, lower-cased spelling: None when the text is not
+            this form; raises ``ValueError`` with the reason when it is this form but malformed (``'N:M needs 1 <= N <
+            M'``).
+        form: The accepted spelling(s), for messages (``"'fan-in' (constant fan-in)"``).
+        help: The same for ``--structure``'s help (default: ``form``).
+    """
+
+    name: str
+    parse: Callable[[str], Structure | None]
+    form: str
+    help: str = ''
+
+
+_registry: Registry[StructureForm] = Registry('structure', STRUCTURE_ENTRY_POINT_GROUP)
+
+
+def register_structure(name: str, parse: Callable[[str], Structure | None], *, form: str,
+                       help: str | None = None) -> StructureForm:
+    """Register a spelling of ``structure=`` (and ``--structure``).
+
+    Args:
+        name: The registry name: lower-case letters, digits, ``-``, ``_``, ``.``, ``:``.
+        parse: ``parse(text) -> Structure | None`` of the stripped, lower-cased text: a :class:`Structure` (or an
+            instance of a subclass that lays tensors out its own way), None when the text is not this form; a
+            ``ValueError`` with the reason when the text is this form but malformed.
+        form: The accepted spelling(s), listed in the messages of refused values.
+        help: The same for ``--structure``'s help (default: ``form``).
+
+    Returns:
+        The registry entry.
+
+    Raises:
+        ValueError: When ``name`` is malformed or taken, or ``parse`` is not callable.
+    """
+    if not callable(parse):
+        raise ValueError(f'structure {name!r}: parse={parse!r} is not callable')
+    return _registry.register(name, StructureForm(name, parse, form, help or form))
+
+
+def list_structures() -> list[str]:
+    """The registered structure names, in registration order (built-in first)."""
+    return list(_registry.names())
+
+
+def _join(parts: Sequence[str]) -> str:
+    return ', '.join(parts[:-1]) + ', or ' + parts[-1] if len(parts) > 1 else ''.join(parts)
+
+
+def structure_forms() -> str:
+    """The accepted values of ``structure=``, for messages (every registered form)."""
+    return _join(["None or 'none' (unstructured)", *(e.form for e in _registry.entries())])
+
+
+def structure_help() -> str:
+    """The accepted values of ``--structure``, for its help (every registered form)."""
+    return ', '.join(e.help for e in _registry.entries()) + " or 'none' (default: unstructured)"
+
+
+def __getattr__(name: str) -> Any:
+    if name == 'STRUCTURE_FORMS':  # deprecated: structure_forms(); the accepted forms as of this access
+        return structure_forms()
+    raise AttributeError(f'module {__name__!r} has no attribute {name!r}')
+
+
 def parse_structure(spec: str | Structure | None) -> Structure | None:
-    """``structure=`` as a :class:`Structure` (None: unstructured).
+    """``structure=`` as a :class:`Structure` (None: unstructured): the first registered form that takes it.
 
     Raises:
         ValueError: naming ``structure`` and the accepted forms.
@@ -108,26 +185,50 @@ def parse_structure(spec: str | Structure | None) -> Structure | None:
         hint = (' (an integer: YAML 1.1 reads an unquoted N:M such as 2:4 as a base-60 number; quote it: '
                 "structure: '2:4')")
     if not isinstance(spec, str):
-        raise ValueError(f'structure={spec!r} is not accepted{hint}; accepted: {STRUCTURE_FORMS}')
+        raise ValueError(f'structure={spec!r} is not accepted{hint}; accepted: {structure_forms()}')
     text = spec.strip().lower()
     if text in ('none', 'unstructured', ''):
         return None
-    if text in ('fan-in', 'fanin', 'fan_in'):
-        return Structure('fan-in')
+    for entry in _registry.entries():
+        try:
+            structure = entry.parse(text)
+        except ValueError as e:
+            raise ValueError(f'structure={spec!r}: {e}; accepted: {structure_forms()}') from None
+        if structure is not None:
+            return structure
+    raise ValueError(f'structure={spec!r} is not accepted; accepted: {structure_forms()}')
+
+
+def _parse_nm(text: str) -> Structure | None:
     m = _NM.match(text)
-    if m:
-        n, mm = int(m.group(1)), int(m.group(2))
-        if not 1 <= n < mm:
-            raise ValueError(f'structure={spec!r}: N:M needs 1 <= N < M; accepted: {STRUCTURE_FORMS}')
-        return Structure('n:m', n=n, m=mm)
+    if not m:
+        return None
+    n, mm = int(m.group(1)), int(m.group(2))
+    if not 1 <= n < mm:
+        raise ValueError('N:M needs 1 <= N < M')
+    return Structure('n:m', n=n, m=mm)
+
+
+def _parse_fan_in(text: str) -> Structure | None:
+    return Structure('fan-in') if text in ('fan-in', 'fanin', 'fan_in') else None
+
+
+def _parse_block(text: str) -> Structure | None:
     m = _BLOCK.match(text)
-    if m:
-        r, c = int(m.group(1)), int(m.group(2))
-        if r < 1 or c < 1 or r * c < 2:
-            raise ValueError(f'structure={spec!r}: a block needs R, C >= 1 and more than one weight; '
-                             f'accepted: {STRUCTURE_FORMS}')
-        return Structure('block', rows=r, cols=c)
-    raise ValueError(f'structure={spec!r} is not accepted; accepted: {STRUCTURE_FORMS}')
+    if not m:
+        return None
+    r, c = int(m.group(1)), int(m.group(2))
+    if r < 1 or c < 1 or r * c < 2:
+        raise ValueError('a block needs R, C >= 1 and more than one weight')
+    return Structure('block', rows=r, cols=c)
+
+
+register_structure('n:m', _parse_nm, form="'N:M' with 1 <= N < M (e.g. '2:4', '1:4', '2:8')",
+                   help="'N:M' (at most N active in every M consecutive inputs, e.g. 2:4; quote it in YAML)")
+register_structure('fan-in', _parse_fan_in, form="'fan-in' (constant fan-in)",
+                   help="'fan-in' (the same number of active inputs per output neuron)")
+register_structure('block', _parse_block, form="'RxC' blocks (e.g. '1x4', '16x16', '32x32')",
+                   help="'RxC' blocks (e.g. 16x16)")
 
 
 @dataclass(frozen=True)

@@ -31,6 +31,7 @@ import fnmatch
 import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch.nn as nn
 from torch.nn.utils import parametrize
@@ -38,8 +39,10 @@ from torch.nn.utils.spectral_norm import SpectralNorm
 from torch.nn.utils.weight_norm import WeightNorm
 
 from ..distributed.fsdp import is_dtensor
+from .masks import has_mask
 
-__all__ = ['SparseTarget', 'find_targets', 'DEFAULT_MODULE_TYPES', 'POSITION_MODULE_PATTERNS']
+__all__ = ['SparseTarget', 'find_targets', 'DEFAULT_MODULE_TYPES', 'POSITION_MODULE_PATTERNS', 'check_unmasked',
+           'check_trained', 'check_materialized']
 
 DEFAULT_MODULE_TYPES: tuple[type[nn.Module], ...] = (nn.Linear, nn.modules.conv._ConvNd)
 
@@ -258,3 +261,46 @@ def find_targets(
                       'are not sparse whatever the masks: merge the adapters into the weights first (peft: '
                       'merge_and_unload()) to sparsify the merged weights, or exclude= them', stacklevel=4)
     return targets
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# checks before anything is attached (the controller calls them; each refuses with a one-line ValueError)
+def check_unmasked(targets: list[SparseTarget]) -> None:
+    """Refuse targets that already carry a mask (the model was sparsified before)."""
+    carrying = [t.name for t in targets if has_mask(t.module, t.param_name)]
+    if carrying:
+        raise ValueError(
+            f'model: {", ".join(carrying[:5])}{" ..." if len(carrying) > 5 else ""} already carr'
+            f'{"ies" if len(carrying) == 1 else "y"} a mask (the model was sparsified before): continue with that '
+            'sparsifier (sp.load_state_dict restores a saved one), or call timm_dst.fold_masks(model) first '
+            '(it detaches a live sparsifier and keeps the zeros) to sparsify it again')
+
+
+def check_trained(targets: list[SparseTarget], optimizer: Any) -> None:
+    """Refuse sparse weights the optimizer does not train."""
+    held = {id(p) for group in optimizer.param_groups for p in group['params']}
+    missing = [t.name for t in targets if id(t.param) not in held]
+    if missing:
+        hint = (' (under FSDP2, build the optimizer after fully_shard: sharding replaces the parameters)'
+                if is_dtensor(targets[0].param) else '')
+        raise ValueError(
+            f'optimizer: does not hold the sparse weight(s) {", ".join(missing[:5])}'
+            f'{" ..." if len(missing) > 5 else ""} ({len(missing)} of {len(targets)}), so they would never '
+            f'train: pass the optimizer of this model, or leave them out with exclude={hint}')
+
+
+def check_materialized(targets: list[SparseTarget]) -> None:
+    """Refuse sparse weights on the meta device (a model built under ``torch.device('meta')``, e.g. for FSDP2
+    initialisation).
+
+    Not supported: initial masks are chosen from (magnitude) or written into real tensors, counts are read back,
+    and ``to_empty`` would later replace the mask buffers by uninitialised memory and the weights by values that
+    are not zero where masked. Materialise the model first, then attach.
+    """
+    on_meta = [t.name for t in targets if t.param.device.type == 'meta']
+    if on_meta:
+        raise ValueError(
+            f'model: {len(on_meta)} sparse weight(s) are on the meta device ({", ".join(on_meta[:5])}'
+            f'{" ..." if len(on_meta) > 5 else ""}) and have no values to mask: materialise the model first '
+            '(model.to_empty(device=...), then initialise or load its weights), then build the optimizer and call '
+            'create_sparsifier')

@@ -175,8 +175,11 @@ def rename_fsdp_params(model: nn.Module, items: list[tuple[nn.Module, str]], suf
 
 
 class ShardedCapture:
-    """The dense-gradient capture of one sharded tensor: called by its :class:`~timm_dst.core.masks.DSTMask` around the
-    masking of the reduce-scattered gradient shard (already averaged over the ranks).
+    """The dense-gradient capture of sharded weights (FSDP2), an implementation of
+    :class:`~timm_dst.core.capture.GradCapture`: it owns one buffer per sparse tensor (``grads``, ``DTensor`` shards
+    placed like the gradients) and, while capturing, gives each tensor's :class:`~timm_dst.core.masks.DSTMask` a
+    :class:`_ShardHook` that the mask calls around the masking of the reduce-scattered gradient shard (already averaged
+    over the ranks, so no further collective).
 
     The capture window is the lifetime of the ``.grad`` object: when FSDP2 added this backward's shard to the
     ``.grad`` the capture saw last (gradient accumulation with a reduce-scatter per micro-step: FSDP2 adds in place
@@ -187,26 +190,55 @@ class ShardedCapture:
     per group whose version counter every parameter of the group bumps.
     """
 
-    def __init__(self, sp: Any, i: int):
-        self.sp, self.i = weakref.ref(sp), i
+    def __init__(self, n: int):
+        self.grads: list[torch.Tensor | None] = [None] * n
+        self.handles: list[Any] = []
+
+    @property
+    def active(self) -> bool:
+        return bool(self.handles)
+
+    def start(self, targets: list[Any], dst_masks: list[Any]) -> None:
+        self.stop()
+        for i, (t, dst_mask) in enumerate(zip(targets, dst_masks)):
+            dst_mask.capture = _ShardHook(self, t, i)
+            self.handles.append(CaptureHandle(dst_mask))
+
+    def stop(self) -> None:
+        for h in self.handles:
+            h.remove()
+        self.handles = []
+
+    def clear(self) -> None:
+        self.grads = [None] * len(self.grads)
+
+    def load(self, grads: list[torch.Tensor | None]) -> None:
+        self.grads = list(grads)
+
+
+class _ShardHook:
+    """One sharded tensor's part of a :class:`ShardedCapture`, called by its mask before and after masking."""
+
+    def __init__(self, capture: ShardedCapture, target: Any, i: int):
+        self.capture, self.target, self.i = weakref.ref(capture), target, i
         self.mark: weakref.ref | None = None
 
     @torch.no_grad()
     def before(self, param: torch.Tensor) -> None:
-        sp = self.sp()
-        if sp is None or param.grad is None:
+        capture = self.capture()
+        if capture is None or param.grad is None:
             return
         from torch.distributed.tensor import DTensor
         grad = param.grad.to_local()
-        held, mark = sp._dense_grads[self.i], self.mark
+        held, mark = capture.grads[self.i], self.mark
         if held is not None and mark is not None and mark() is grad:
             local = held.to_local()
-            mask = sp.targets[self.i].mask.to_local()
+            mask = self.target.mask.to_local()
             local.copy_(torch.where(mask, grad.float(), local + grad.float()))
         else:
             g = param.grad
-            sp._dense_grads[self.i] = DTensor.from_local(grad.detach().float().clone(), g.device_mesh, g.placements,
-                                                         run_check=False, shape=g.shape, stride=g.stride())
+            capture.grads[self.i] = DTensor.from_local(grad.detach().float().clone(), g.device_mesh, g.placements,
+                                                       run_check=False, shape=g.shape, stride=g.stride())
 
     @torch.no_grad()  # to_local() with grad mode on returns a new view each call; without, the local tensor itself
     def after(self, param: torch.Tensor) -> None:
@@ -214,7 +246,7 @@ class ShardedCapture:
 
 
 class CaptureHandle:
-    """Removable handle of a :class:`ShardedCapture` installed on a mask."""
+    """Removable handle of a :class:`_ShardHook` installed on a mask."""
 
     def __init__(self, dst_mask: Any):
         self.dst_mask = dst_mask

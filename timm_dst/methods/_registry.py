@@ -30,6 +30,7 @@ import torch.nn as nn
 
 from ..core.controller import Sparsifier
 from ..core.method import DensePhase, ShardedMethodError, SparseMethod
+from ..core.options import option_names
 
 __all__ = [
     'MethodInfo', 'MethodArgument', 'ENTRY_POINT_GROUP', 'DEFAULT_METHOD', 'DEFAULT_TRAIN_METHOD', 'register_method',
@@ -116,15 +117,11 @@ class MethodArgument:
 
 _method_infos: dict[str, MethodInfo] = {}
 _plugins_loaded = False
-_ctrl_params: frozenset[str] | None = None
 
 
 def _controller_params() -> frozenset[str]:
-    global _ctrl_params
-    if _ctrl_params is None:
-        names = set(inspect.signature(Sparsifier.__init__).parameters) - {'self', 'model', 'optimizer', 'method'}
-        _ctrl_params = frozenset(names)
-    return _ctrl_params
+    """The controller keywords a user (or a method's registered defaults) may set: the declared options."""
+    return option_names()
 
 
 def _constructor_params(cls: type) -> dict[str, inspect.Parameter]:

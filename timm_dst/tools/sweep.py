@@ -36,12 +36,16 @@ from typing import Any
 
 import yaml
 
+from ..integrations.timm.outputs import LAST, RESULTS, atomic_write, write_json_atomic
+
 __all__ = ['parse_grid', 'grid_points', 'point_name', 'run_command', 'run_state', 'collect', 'aggregate',
            'write_csv', 'read_reference', 'plot', 'main']
 
-RESULTS = 'results.json'
-LAST = 'last.pth.tar'
-MANIFEST = 'sweep.json'
+MANIFEST = 'sweep.json'  # the sweep's own files (each run's are named in timm_dst.integrations.timm.outputs)
+RUNS_CSV = 'runs.csv'
+SWEEP_CSV = 'sweep.csv'
+SWEEP_PNG = 'sweep.png'
+RUN_LOG = 'sweep_run.log'
 RUN_FIELDS = ('val_top1', 'test_top1', 'test_top1_last', 'itop_rate', 'density', 'optimizer_steps', 'train_wall_s')
 STAT_FIELDS = ('val_top1', 'test_top1', 'test_top1_last', 'itop_rate')
 
@@ -142,7 +146,7 @@ def _run_one(cmd: list[str], run_dir: str, threads: int | None) -> tuple[int, fl
     if threads:
         env['OMP_NUM_THREADS'] = env['MKL_NUM_THREADS'] = str(threads)
     t0 = time.time()
-    with open(os.path.join(run_dir, 'sweep_run.log'), 'a') as log:
+    with open(os.path.join(run_dir, RUN_LOG), 'a') as log:
         log.write('$ ' + ' '.join(cmd) + '\n')
         log.flush()
         rc = subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
@@ -203,11 +207,11 @@ def aggregate(rows: list[dict[str, Any]], keys: Sequence[str]) -> list[dict[str,
 
 
 def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
-    """Write dict rows (columns: the union of keys, first-seen order) to ``path``."""
+    """Write dict rows (columns: the union of keys, first-seen order) to ``path``, atomically."""
     cols: list[str] = []
     for r in rows:
         cols += [k for k in r if k not in cols]
-    with open(path, 'w', newline='') as f:
+    with atomic_write(path, 'w', newline='') as f:
         w = csv.DictWriter(f, fieldnames=cols)
         w.writeheader()
         for r in rows:
@@ -217,9 +221,9 @@ def write_csv(path: str, rows: list[dict[str, Any]]) -> None:
 def read_reference(spec: str) -> tuple[str, float, float]:
     """``LABEL=SWEEP_DIR`` -> (label, mean test top-1, its std) of the first point of that sweep's sweep.csv."""
     label, _, folder = spec.partition('=')
-    path = os.path.join(folder, 'sweep.csv')
+    path = os.path.join(folder, SWEEP_CSV)
     if not label or not os.path.isfile(path):
-        raise ValueError(f'--ref {spec!r}: expected LABEL=SWEEP_DIR with a SWEEP_DIR/sweep.csv')
+        raise ValueError(f'--ref {spec!r}: expected LABEL=SWEEP_DIR with a SWEEP_DIR/{SWEEP_CSV}')
     with open(path) as f:
         row = next(csv.DictReader(f))
     return label, float(row['test_top1_mean']), float(row.get('test_top1_std') or 0.0)
@@ -264,8 +268,11 @@ def plot(stats: list[dict[str, Any]], x: str, lines: str | None, path: str, titl
     fig.suptitle(f'{title} (mean ± std over {"/".join(map(str, n))} seeds)'.strip(), fontsize=10)
     fig.tight_layout()
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    try:
+        with atomic_write(path) as f:
+            fig.savefig(f, format=os.path.splitext(path)[1][1:] or 'png', dpi=110)
+    finally:
+        plt.close(fig)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -329,8 +336,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 print(' '.join(cmd))
             return 0
         os.makedirs(out, exist_ok=True)
-        with open(os.path.join(out, MANIFEST), 'w') as f:
-            json.dump({'recipe': args.recipe, 'grid': grid, 'seeds': seeds, 'train_args': extra}, f, indent=2)
+        write_json_atomic({'recipe': args.recipe, 'grid': grid, 'seeds': seeds, 'train_args': extra},
+                          os.path.join(out, MANIFEST))
 
         def job(item: tuple[list[str], str]) -> int:
             cmd, run_dir = item
@@ -347,12 +354,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         print('timm-dst-sweep: no finished runs to collect')
         return failed
     os.makedirs(out, exist_ok=True)
-    write_csv(os.path.join(out, 'runs.csv'), rows)
+    write_csv(os.path.join(out, RUNS_CSV), rows)
     stats = aggregate(rows, keys)
-    write_csv(os.path.join(out, 'sweep.csv'), stats)
-    print(f'timm-dst-sweep: {len(rows)} run(s) in {out}/runs.csv, {len(stats)} point(s) in {out}/sweep.csv')
+    write_csv(os.path.join(out, SWEEP_CSV), stats)
+    print(f'timm-dst-sweep: {len(rows)} run(s) in {out}/{RUNS_CSV}, {len(stats)} point(s) in {out}/{SWEEP_CSV}')
     if not args.no_plot and x is not None:
-        fig = args.figure or os.path.join(out, 'sweep.png')
+        fig = args.figure or os.path.join(out, SWEEP_PNG)
         try:
             refs = [read_reference(r) for r in args.ref]
         except ValueError as e:

@@ -16,9 +16,10 @@ their own copy of timm's ``train.py`` (docs/timm-train.md shows the diff)::
     dst_timm.begin_training(sparsifier, num_epochs * updates_per_epoch)
 
 Modules: :mod:`.flags` (the flags, their validation, the sparsifier from arguments), :mod:`.checkpoint` (the
-checkpoint layout, reading and resuming), :mod:`.outputs` (the run folder's files and their atomic writes),
-:mod:`.config` (YAML configs), :mod:`.launcher` (``python -m timm_dst.run``). This module re-exports the first two:
-it is the API that ``timm_dst.plugin`` held (a deprecated alias of this module).
+checkpoint layout, reading and resuming), :mod:`.saver` (the one checkpoint saver, :class:`DstCheckpointSaver`),
+:mod:`.outputs` (the run folder's file names and the atomic write), :mod:`.config` (YAML configs), :mod:`.launcher`
+(``python -m timm_dst.run``, with :mod:`.launch`, :mod:`.patches` and :mod:`._report`). This module re-exports the
+first three: it is the API that ``timm_dst.plugin`` held (a deprecated alias of this module).
 """
 from .checkpoint import (
     DST_KEY,
@@ -28,8 +29,6 @@ from .checkpoint import (
     load_plain_state_dict,
     outside_mask,
     pack_checkpoint,
-    pack_saver,
-    packing_torch_save,
     read_checkpoint,
     read_dst_state,
     restore_dst_state,
@@ -53,6 +52,7 @@ from .flags import (
     step_or_fraction,
     validate_dst_args,
 )
+from .saver import DstCheckpointSaver, pack_saver, packing_torch_save
 
 __all__ = [
     'DST_KEY', 'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'ParseKwargs', 'add_dst_args',
@@ -60,5 +60,5 @@ __all__ = [
     'read_dst_state', 'check_checkpoint_weights', 'restore_dst_state', 'load_plain_state_dict', 'rng_state',
     'set_rng_state', 'read_checkpoint',
     'outside_mask', 'fill_outside_mask', 'begin_training', 'accept_plain_weights', 'packing_torch_save', 'pack_saver',
-    'dst_options', 'option_changes', 'dst_option_strings', 'step_or_fraction', 'milestone',
+    'dst_options', 'option_changes', 'dst_option_strings', 'step_or_fraction', 'milestone', 'DstCheckpointSaver',
 ]

@@ -2,16 +2,17 @@
 weights (``x = x_orig * x_mask``, masks dropped: loadable by ``timm.models.load_checkpoint`` and ``validate.py`` without
 timm_dst), and the DST state beside them under :data:`DST_KEY`, readable with ``torch.load(weights_only=True)``
 (:func:`pack_checkpoint`, :func:`restore_dst_state`); reading checkpoint files with a one-line error for anything that
-is not one, the ``--initial-checkpoint`` load, and the resume-compatibility checks."""
+is not one, the ``--initial-checkpoint`` load, and the resume-compatibility checks. The saver that writes the layout is
+:class:`~timm_dst.integrations.timm.saver.DstCheckpointSaver`."""
 from __future__ import annotations
 
 import argparse
-import contextlib
+import glob
 import os
 import pickle
 import random
 import zipfile
-from collections.abc import Iterator, Mapping
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -19,11 +20,11 @@ import torch
 import torch.nn as nn
 
 from ...core.masks import _strip_prefix, export_state_dict, unwrap_model
-from .outputs import BEST, LAST, _short
+from .outputs import BEST, LAST, RECOVERY_GLOB, _short
 
 __all__ = ['LAST', 'BEST', 'DST_KEY', 'CheckpointError', 'read_checkpoint_file', 'load_initial_checkpoint',
            'load_dense_weights', 'resolve_resume', 'check_resume_source', 'check_resume_compatible', 'model_state',
-           'packing_torch_save', 'pack_saver', 'rng_state', 'set_rng_state', 'dst_state', 'outside_mask',
+           'rng_state', 'set_rng_state', 'dst_state', 'outside_mask',
            'fill_outside_mask', 'pack_checkpoint', 'read_checkpoint', 'read_dst_state', 'check_checkpoint_weights',
            'restore_dst_state', 'load_plain_state_dict']
 
@@ -37,11 +38,10 @@ def resolve_resume(path: str) -> str:
     """A checkpoint file from ``--resume``: a file, or a run folder (its newest of ``last.pth.tar`` and the
     ``recovery-*.pth.tar`` files)."""
     if os.path.isdir(path):
-        import glob
-        cands = [c for c in [os.path.join(path, LAST), *glob.glob(os.path.join(path, 'recovery-*.pth.tar'))]
+        cands = [c for c in [os.path.join(path, LAST), *glob.glob(os.path.join(path, RECOVERY_GLOB))]
                  if os.path.isfile(c)]
         if not cands:
-            raise FileNotFoundError(f'{path!r} holds no {LAST} (nor recovery-*.pth.tar)')
+            raise FileNotFoundError(f'{path!r} holds no {LAST} (nor {RECOVERY_GLOB})')
         return max(cands, key=os.path.getmtime)
     if not os.path.isfile(path):
         raise FileNotFoundError(f'{path!r}: no such checkpoint file or run folder')
@@ -172,47 +172,6 @@ DST_KEY = 'timm_dst'  # the checkpoint key of the DST state
 
 
 _FORMAT = 1
-
-
-@contextlib.contextmanager
-def packing_torch_save(sparsifier: Any, flops: Any | None = None,
-                       extra: Mapping[str, Any] | None = None) -> Iterator[None]:
-    """Within the block, the first dict handed to ``torch.save`` is packed (:func:`pack_checkpoint`, with ``extra``
-    entries in the DST state) first: wrap a call that writes one timm checkpoint (``CheckpointSaver._save``).
-
-    Raises:
-        RuntimeError: When the block saved no dict through ``torch.save`` (the checkpoint would lack the DST state).
-    """
-    real_save = torch.save
-    seen = []
-
-    def save(obj: Any, f: Any, *args: Any, **kwargs: Any) -> Any:
-        if isinstance(obj, dict) and not seen:
-            seen.append(True)
-            pack_checkpoint(obj, sparsifier, flops=flops, extra=extra)
-        return real_save(obj, f, *args, **kwargs)
-
-    torch.save = save
-    try:
-        yield
-    finally:
-        torch.save = real_save
-    if not seen:
-        raise RuntimeError('timm_dst: the checkpoint write saved no dict through torch.save; the checkpoint lacks the '
-                           'DST state (this timm version saves differently)')
-
-
-def pack_saver(saver: Any, sparsifier: Any, flops: Any | None = None) -> Any:
-    """Make a timm ``CheckpointSaver`` write every checkpoint (``checkpoint-N``, ``last``, ``model_best``,
-    recovery) in the :func:`pack_checkpoint` layout; returns the saver."""
-    orig = saver._save
-
-    def _save(*args: Any, **kwargs: Any) -> Any:
-        with packing_torch_save(sparsifier, flops):
-            return orig(*args, **kwargs)
-
-    saver._save = _save
-    return saver
 
 
 # --------------------------------------------------------------------------------------------------------------------

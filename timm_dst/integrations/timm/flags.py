@@ -1,27 +1,15 @@
-"""DST for an existing training script: the DST flags, the sparsifier from parsed arguments, the checkpoint layout.
+"""The DST flag group and the sparsifier from parsed arguments, for any timm-style training script.
 
-The same pieces serve ``timm-dst-train``, the launcher (``python -m timm_dst.run train.py ...``) and users who edit
-their own copy of timm's ``train.py`` (docs/timm-train.md shows the diff)::
-
-    from timm_dst import plugin
-
-    plugin.add_dst_args(parser)                   # --dst, --sparsity, --update-interval, ... and the methods' flags
-    ...
-    optimizer = create_optimizer_v2(model, ...)
-    # after the optional resume, before EMA, DDP and torch.compile
-    sparsifier = plugin.create_sparsifier_from_args(model, optimizer, args, resume=args.resume)
-    ...
-    saver = plugin.pack_saver(utils.CheckpointSaver(...), sparsifier)
-    lr_scheduler, num_epochs = create_scheduler_v2(...)
-    plugin.begin_training(sparsifier, num_epochs * updates_per_epoch)
-
-Checkpoint layout (:func:`pack_checkpoint`): timm's own keys, with ``state_dict`` / ``state_dict_ema`` as plain timm
-weights (``x = x_orig * x_mask``, masks dropped: loadable by ``timm.models.load_checkpoint`` and ``validate.py`` without
-timm_dst), and the DST state beside them under :data:`DST_KEY`, readable with ``torch.load(weights_only=True)``.
+:func:`add_dst_args` adds ``--dst``, ``--sparsity``, ... (declared once, in :mod:`timm_dst.core.options`) and every
+registered method's own flags; :func:`validate_dst_args` checks them in one line each; :func:`sparsifier_kwargs`
+turns them into ``create_sparsifier`` keywords; :func:`create_sparsifier_from_args` and :func:`begin_training` attach
+the sparsifier and start its schedule. The checkpoint layout is :mod:`.checkpoint`'s; :mod:`timm_dst.integrations.timm`
+re-exports both (docs/timm-train.md shows the five-line diff of a train.py that uses them).
 """
 from __future__ import annotations
 
 import argparse
+import ast
 import copy
 import os
 from collections.abc import Callable, Mapping
@@ -32,9 +20,11 @@ import torch.distributed as dist
 import torch.nn as nn
 import yaml
 
-from ...core.controller import Sparsifier
+from ...core.distributions import DISTRIBUTIONS as _DISTRIBUTIONS
 from ...core.masks import _detach, _find_dst_mask
-from ...core.structure import STRUCTURE_FORMS, parse_structure
+from ...core.options import MASK_INITS, Option, cli_options, fixed_options, milestone, resume_options, step_or_fraction
+from ...core.schedules import PRUNE_RATE_SCHEDULES as _PRUNE_RATE_SCHEDULES
+from ...core.structure import parse_structure, structure_forms
 from ...methods._registry import DEFAULT_METHOD, create_sparsifier, get_method_info, list_methods, method_arguments
 from .checkpoint import fill_outside_mask, read_dst_state, restore_dst_state, set_rng_state
 
@@ -44,25 +34,19 @@ __all__ = [
     'create_sparsifier_from_args', 'begin_training', 'accept_plain_weights',
 ]
 
-DISTRIBUTIONS = ('erk', 'er', 'uniform')
-MASK_INITS = ('random', 'magnitude', 'global-magnitude')
-PRUNE_RATE_SCHEDULES = ('cosine', 'constant', 'linear')
-# flag dest -> create_sparsifier keyword
-_FLAG_TO_KWARG = {
-    'sparsity': 'sparsity', 'distribution': 'distribution', 'mask_init': 'mask_init',
-    'update_interval': 'update_interval', 'prune_rate': 'prune_rate', 'prune_rate_schedule': 'prune_rate_schedule',
-    'prune_rate_min': 'prune_rate_min', 'update_start': 'update_start', 'update_end': 'update_end',
-    'update_milestones': 'update_milestones', 'grow_unexplored_first': 'grow_unexplored_first',
-    'include': 'include', 'exclude': 'exclude', 'dense_first_layer': 'dense_first_layer',
-    'dense_classifier': 'dense_classifier', 'remask_every_step': 'remask_every_step',
-    'sparse_kernel_density': 'sparse_kernel_density', 'structure': 'structure',
-}
+# The choices of --distribution / --mask-init / --prune-rate-schedule, as they were named here (deprecated: read the
+# registries, timm_dst.core.distributions.DISTRIBUTIONS and timm_dst.core.schedules.PRUNE_RATE_SCHEDULES, or the
+# declarations of timm_dst.core.options). Live views: registered plugins are in them.
+DISTRIBUTIONS = _DISTRIBUTIONS
+PRUNE_RATE_SCHEDULES = _PRUNE_RATE_SCHEDULES
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # flags
 class ParseKwargs(argparse.Action):
-    """``key=value`` pairs into a dict; values are read as YAML scalars (``3``, ``0.5``, ``true``, ``[1, 2]``)."""
+    """``key=value`` pairs into a dict. A value is read as timm's ``ParseKwargs`` reads it, a Python literal (``3``,
+    ``0.5``, ``None``, ``True``, ``[1, 2]``, ``'a'``), so a timm command line means the same here; what is not a
+    literal is read as YAML (``true``, ``null``, ``[a, b]``, a bare word as a string)."""
 
     def __call__(self, parser, namespace, values, option_string=None):
         kw = dict(getattr(namespace, self.dest) or {})
@@ -71,28 +55,16 @@ class ParseKwargs(argparse.Action):
                 parser.error(f'{option_string}: expected key=value, got {item!r}')
             key, value = item.split('=', 1)
             try:
+                kw[key] = ast.literal_eval(value)
+                continue
+            except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError):
+                pass
+            try:
                 kw[key] = yaml.safe_load(value)
             except yaml.YAMLError as e:
                 parser.error(f'{option_string} {item!r}: the value of {key} is not valid YAML '
                              f'({" ".join(str(getattr(e, "problem", "") or e).split())})')
         setattr(namespace, self.dest, kw)
-
-
-def step_or_fraction(value: str) -> int | float:
-    """An int (optimizer step) or a float in [0, 1] (fraction of training)."""
-    try:
-        return int(value)
-    except ValueError:
-        return float(value)
-
-
-def milestone(value: str) -> tuple[int, int]:
-    """``FROM_STEP:INTERVAL`` as a tuple."""
-    try:
-        step, interval = value.split(':')
-        return int(step), int(interval)
-    except ValueError as e:
-        raise argparse.ArgumentTypeError(f'expected FROM_STEP:INTERVAL, got {value!r}') from e
 
 
 def add_dst_args(
@@ -115,45 +87,8 @@ def add_dst_args(
     methods = '; '.join(f'{n}: {get_method_info(n).description}' for n in list_methods())
     g.add_argument('--dst', type=str, default=default_method or DEFAULT_METHOD, metavar='METHOD',
                    help=f'sparse training method, one of: {methods}'.replace('%', '%%'))
-    g.add_argument('--sparsity', type=float, default=None,
-                   help='global sparsity in [0, 1) (default 0.9; with --structure N:M: 1 - N/M, the only value taken)')
-    g.add_argument('--structure', type=str, default=None, metavar='SPEC',
-                   help="structured sparsity kept by every method (docs/structured.md): 'N:M' (at most N active in "
-                        "every M consecutive inputs, e.g. 2:4; quote it in YAML), 'fan-in' (the same number of active "
-                        "inputs per output neuron), 'RxC' blocks (e.g. 16x16) or 'none' (default: unstructured)")
-    g.add_argument('--distribution', '--sparse-init', type=str.lower, default=None, choices=DISTRIBUTIONS,
-                   help='per-tensor density distribution (--sparse-init is the ITOP code\'s name; default erk)')
-    g.add_argument('--mask-init', type=str, default=None, choices=MASK_INITS,
-                   help='how the initial active positions are picked (default random)')
-    g.add_argument('--update-interval', type=int, default=None, metavar='STEPS',
-                   help='ΔT: optimizer steps between topology updates (default: the method\'s)')
-    g.add_argument('--prune-rate', type=float, default=None, help='initial prune rate P (default: the method\'s)')
-    g.add_argument('--prune-rate-schedule', type=str, default=None, choices=PRUNE_RATE_SCHEDULES,
-                   help='prune-rate decay (default: the method\'s)')
-    g.add_argument('--prune-rate-min', type=float, default=None, help='final prune rate of decaying schedules')
-    g.add_argument('--update-start', type=step_or_fraction, default=None, metavar='STEP|FRACTION',
-                   help='the first topology update is at this optimizer step (int) or fraction of training (float), '
-                        'then one every ΔT (default: the first at step ΔT)')
-    g.add_argument('--update-end', type=step_or_fraction, default=None, metavar='STEP|FRACTION',
-                   help='topology freezes after this optimizer step (int) or fraction of training (float)')
-    g.add_argument('--update-milestones', type=milestone, nargs='+', default=None, metavar='FROM_STEP:INTERVAL',
-                   help='ΔT changes during training (DSR): FROM_STEP:INTERVAL updates at FROM_STEP, then every '
-                        'INTERVAL steps, e.g. 0:100 4875:200')
-    g.add_argument('--grow-unexplored-first', action='store_true', default=None,
-                   help='SET+ (ITOP Appendix F): grow never-activated positions first')
-    g.add_argument('--include', type=str, nargs='+', default=None, metavar='GLOB',
-                   help='parameter-name patterns of the sparse tensors (default: conv / linear weights)')
-    g.add_argument('--exclude', type=str, nargs='+', default=None, metavar='GLOB',
-                   help='parameter-name patterns kept dense')
-    g.add_argument('--dense-first-layer', action='store_true', default=None, help='keep the first layer dense')
-    g.add_argument('--dense-classifier', action='store_true', default=None, help='keep the classifier dense')
-    g.add_argument('--remask-every-step', action='store_true', default=None,
-                   help='re-apply masks after every optimizer step (automatic for optimizers that need it)')
-    g.add_argument('--sparse-kernel-density', type=float, default=None, metavar='D',
-                   help='plain nn.Linear layers at or below this density run CSR kernels on CPU in float32 '
-                        '(default 0.05; 0 = dense kernels everywhere)')
-    g.add_argument('--dst-seed', type=int, default=None,
-                   help='seed of the sparsifier\'s generator (default: --seed; the same on every rank)')
+    for option in cli_options():  # the controller's options (timm_dst.core.options)
+        _add_option(g, option)
     g.add_argument('--dst-kwargs', nargs='*', default={}, action=ParseKwargs, metavar='KEY=VALUE',
                    help='further keyword arguments for timm_dst.create_sparsifier')
     for arg in method_arguments():
@@ -164,6 +99,19 @@ def add_dst_args(
             g.add_argument(arg.flag, type=arg.type, default=None, help=help_,
                            metavar='FILE' if arg.path else arg.type.__name__.upper())
     return g
+
+
+def _add_option(group: argparse._ArgumentGroup, option: Option) -> None:
+    """The flag of one controller option, default None (unset); choices are read from their registry now."""
+    kw: dict[str, Any] = dict(default=None, help=option.help_text().replace('%', '%%'))  # argparse formats help with %
+    if option.is_switch:
+        kw['action'] = 'store_true'
+    else:
+        kw['type'] = option.convert or (option.type if isinstance(option.type, type) else str)
+        for key in ('choices', 'metavar', 'nargs'):
+            if getattr(option, key) is not None:
+                kw[key] = tuple(option.choices) if key == 'choices' else getattr(option, key)
+    group.add_argument(*option.option_strings, **kw)
 
 
 def dst_option_strings() -> dict[str, int]:
@@ -187,30 +135,23 @@ def validate_dst_args(args: argparse.Namespace, error: Callable[[str], Any]) -> 
     """
     if args.dst not in list_methods():
         return error(f'--dst {args.dst!r} is not a known method; accepted: {", ".join(list_methods())}')
-    if args.sparsity is not None and not 0.0 <= args.sparsity < 1.0:
-        return error(f'--sparsity {args.sparsity!r} is out of range: give a float in [0, 1)')
+    for option in cli_options():  # the declared range checks, in flag order
+        value = getattr(args, option.dest, None)
+        problem = option.check(value) if option.check is not None and value is not None else None
+        if problem:
+            return error(f'{option.flag} {value!r}{problem}')
     if getattr(args, 'structure', None) is not None:
         try:
             structure = parse_structure(args.structure)
         except ValueError:
             hint = (" (YAML reads an unquoted N:M such as 2:4 as a base-60 number: quote it, structure: '2:4')"
                     if str(args.structure).strip().isdigit() else '')
-            return error(f'--structure {args.structure!r} is not accepted{hint}; accepted: {STRUCTURE_FORMS}')
+            return error(f'--structure {args.structure!r} is not accepted{hint}; accepted: {structure_forms()}')
         nm = structure.density if structure is not None else None
         if nm is not None and args.sparsity is not None and abs(args.sparsity - (1 - nm)) > 1e-9:
             return error(f'--structure {structure.spec} fixes the sparsity at {1 - nm:g} (at most {structure.n} of '
                          f'every {structure.m} weights active): give --sparsity {1 - nm:g} or leave --sparsity out '
                          f'(got {args.sparsity:g})')
-    if args.prune_rate is not None and not 0.0 <= args.prune_rate <= 1.0:
-        return error(f'--prune-rate {args.prune_rate!r} must lie in [0, 1]')
-    for flag in ('update_start', 'update_end'):
-        v = getattr(args, flag)
-        if isinstance(v, float) and not 0.0 <= v <= 1.0:
-            return error(f'--{flag.replace("_", "-")} {v!r}: a float is a fraction of training in [0, 1]')
-    if args.update_interval is not None and args.update_interval < 1:
-        return error(f'--update-interval {args.update_interval!r} must be a positive number of optimizer steps')
-    if args.sparse_kernel_density is not None and not 0.0 <= args.sparse_kernel_density <= 1.0:
-        return error(f'--sparse-kernel-density {args.sparse_kernel_density!r} must lie in [0, 1]')
     for arg in method_arguments():  # a method's own flags: only for a method that takes them; paths must exist
         value = getattr(args, arg.dest, None)
         if value is not None and args.dst not in arg.methods:
@@ -224,7 +165,8 @@ def sparsifier_kwargs(args: argparse.Namespace, seed: int | None = None) -> dict
     """Keyword arguments for :func:`timm_dst.create_sparsifier` from the DST flags: only what the user set (the
     method's defaults apply to the rest), plus the seed (``--dst-seed``, else ``seed``, else ``args.seed``, else 0).
     """
-    kw = {key: getattr(args, dest) for dest, key in _FLAG_TO_KWARG.items() if getattr(args, dest, None) is not None}
+    kw = {o.name: getattr(args, o.dest) for o in cli_options()
+          if o.name != 'seed' and getattr(args, o.dest, None) is not None}
     for arg in method_arguments():
         if not arg.cli_only and getattr(args, arg.dest, None) is not None:
             kw[arg.dest] = getattr(args, arg.dest)
@@ -236,14 +178,12 @@ def sparsifier_kwargs(args: argparse.Namespace, seed: int | None = None) -> dict
     return kw
 
 
-# The DST options a resume may change: the schedule of the updates still to come and the methods' own settings. What
-# else differs is refused when the state is loaded (method, sparsity, distribution, structure, the sparse tensors:
-# --include / --exclude / --dense-*); the initial topology (--mask-init, the seed) is the checkpoint's.
-_RESUME_OPTIONS = ('update_interval', 'prune_rate', 'prune_rate_schedule', 'prune_rate_min', 'update_start',
-                   'update_end', 'update_milestones', 'grow_unexplored_first', 'remask_every_step',
-                   'sparse_kernel_density')
-_NOT_RESUME_OPTIONS = frozenset({'seed', 'mask_init', 'sparsity', 'distribution', 'structure', 'include', 'exclude',
-                                 'dense_first_layer', 'dense_classifier', 'total_steps', 'defer_total_steps'})
+# The DST options a resume may change: the schedule of the updates still to come and the methods' own settings
+# (timm_dst.core.options: Option.resume). What else differs is refused when the state is loaded (method, sparsity,
+# distribution, structure, the sparse tensors: --include / --exclude / --dense-*); the initial topology (--mask-init,
+# the seed) is the checkpoint's.
+_RESUME_OPTIONS = resume_options()
+_NOT_RESUME_OPTIONS = fixed_options()
 
 
 def _plain_value(value: Any) -> Any:
@@ -271,11 +211,10 @@ def dst_options(args: argparse.Namespace) -> dict[str, Any]:
     info = get_method_info(args.dst)
     own = {a.dest for a in method_arguments()
            if args.dst in a.methods and not a.path and not a.cli_only and a.dest != info.init_data_arg}
-    defaults: dict[str, Any] = {}
-    for fn, names in ((Sparsifier.__init__, set(_RESUME_OPTIONS)), (info.cls.__init__, own)):
-        for name, param in inspect.signature(fn).parameters.items():
-            if name in names and param.default is not inspect.Parameter.empty:
-                defaults[name] = param.default
+    defaults: dict[str, Any] = {o.name: o.default for o in cli_options() if o.name in _RESUME_OPTIONS}
+    for name, param in inspect.signature(info.cls.__init__).parameters.items():
+        if name in own and param.default is not inspect.Parameter.empty:
+            defaults[name] = param.default
     schedule = set(_RESUME_OPTIONS) if info.explores else set()  # a fixed topology has no updates to come
     keep = schedule | own | (set(getattr(args, 'dst_kwargs', None) or {}) - _NOT_RESUME_OPTIONS)
     values = {**defaults, **info.defaults, **sparsifier_kwargs(args, seed=0)}
