@@ -103,7 +103,8 @@ def test_outputs(tmp_path):
               'results.json', 'log.txt'):
         assert (tmp_path / f).is_file(), f
     header = (tmp_path / 'summary.csv').read_text().splitlines()[0].split(',')
-    assert header[:8] == ['epoch', 'train_loss', 'train_top1', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'density']
+    assert header[:9] == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr', 'train_top1', 'density',
+                          'model_density']  # timm's columns in timm's order, then timm-dst's
     assert 'itop_rate' in header
     log = (tmp_path / 'log.txt').read_text()
     assert 'Train: 2 [   5/6 (100%)]  Loss: ' in log and 'R_s: ' in log  # timm's progress line, per --log-interval

@@ -19,8 +19,8 @@ from ..integrations.timm.flags import sparsifier_kwargs as dst_kwargs
 from ..methods._registry import DEFAULT_TRAIN_METHOD, get_method_info
 from .data import check_dataset, normalize_dataset_name
 
-__all__ = ['create_parser', 'parse_args', 'args_to_yaml', 'dst_kwargs', 'REFUSED', 'DEFAULTS_DIFFER',
-           'MEANING_DIFFERS', 'OWN_FLAGS', 'flag_status']
+__all__ = ['create_parser', 'parse_args', 'args_to_yaml', 'dst_kwargs', 'REFUSED', 'DEFAULTS_DIFFER', 'TIMM_DEFAULTS',
+           'MEANING_DIFFERS', 'OWN_FLAGS', 'flag_status', 'apply_default_family']
 
 _EVAL_METRICS = ('top1', 'top5', 'loss')
 
@@ -57,17 +57,25 @@ REFUSED: dict[str, str] = {
 # values of refused flags that mean the same as the default
 _REFUSED_OK = {'model_dtype': ('float32',), 'device': ('cuda', 'cpu')}
 
-# timm train.py flags whose default differs here: dest -> (this default, why)
+# timm train.py flags whose built-in default differs from timm's: dest -> (this default, why). It applies only when no
+# data is given (Fashion-MNIST) or the data is Fashion-MNIST / synthetic, or a timm-dst recipe leaves the flag out;
+# with any other data the flag takes timm's default (TIMM_DEFAULTS, :func:`apply_default_family`)
+_WITH_DATA = 'with data (a data folder, or a --dataset other than fashion_mnist / synthetic): timm\'s'
 DEFAULTS_DIFFER: dict[str, str] = {
-    'dataset': 'Fashion-MNIST, the papers\' laptop-sized data set (timm: "" = an image folder)',
-    'model': 'itop_mlp, the ITOP MLP (timm: resnet50)',
-    'opt': 'momentum, plain SGD with momentum as in the DST papers (timm: sgd, which is Nesterov)',
-    'weight_decay': '5e-4 of the DST papers (timm: 2e-5)',
-    'epochs': '10 (timm: 300)',
-    'warmup_epochs': '0 (timm: 5)',
-    'smoothing': '0, no label smoothing as in the DST papers (timm: 0.1)',
-    'workers': '0: in-memory data sets load in the main process (timm: 4)',
+    'dataset': f'fashion_mnist (the papers\' laptop-sized data set) without data; {_WITH_DATA} "" (an image folder)',
+    'model': f'itop_mlp, the ITOP MLP; {_WITH_DATA} resnet50',
+    'opt': f'momentum, plain SGD with momentum as in the DST papers; {_WITH_DATA} sgd, which is Nesterov',
+    'weight_decay': f'5e-4 of the DST papers; {_WITH_DATA} 2e-5',
+    'epochs': f'10; {_WITH_DATA} 300',
+    'warmup_epochs': f'0; {_WITH_DATA} 5',
+    'smoothing': f'0, no label smoothing as in the DST papers; {_WITH_DATA} 0.1',
+    'workers': f'0: in-memory data sets load in the main process; {_WITH_DATA} 4',
 }
+#: timm train.py's own defaults of the flags of :data:`DEFAULTS_DIFFER`, used when data is given.
+TIMM_DEFAULTS: dict[str, Any] = {'dataset': '', 'model': 'resnet50', 'opt': 'sgd', 'weight_decay': 2e-5,
+                                 'epochs': 300, 'warmup_epochs': 5, 'smoothing': 0.1, 'workers': 4}
+# data sets that keep the built-in defaults: Fashion-MNIST (the Debian package's files) and the synthetic smoke set
+_BUILT_IN_DATA = ('fashion_mnist', 'synthetic')
 # timm train.py flags whose meaning differs in a detail: dest -> how
 MEANING_DIFFERS: dict[str, str] = {
     'output': 'the run folder itself (timm: the parent of a dated run folder; --experiment names a sub-folder)',
@@ -407,12 +415,56 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     """Parse flags (and a ``-c`` YAML config, whose values the flags override); unknown flags or keys are errors."""
     config_parser, parser = create_parser()
     args_config, remaining = config_parser.parse_known_args(argv)
-    if args_config.config:
-        parser.set_defaults(**_config_defaults(parser, args_config.config))
+    config = _config_defaults(parser, args_config.config) if args_config.config else {}
+    parser.set_defaults(**config)
     args = parser.parse_args(remaining)
     args.config = args_config.config
+    apply_default_family(args, _given_on_command_line(remaining) | set(config), recipe='dst' in config)
     _validate(parser, args)
     return args
+
+
+def _given_on_command_line(argv: list[str]) -> set[str]:
+    """The dests that ``argv`` itself sets (not a default, not a config): parsed again with every default
+    suppressed."""
+    class Given(argparse.Namespace):
+        def __getattr__(self, name: str) -> None:  # an unset flag reads None (ParseKwargs adds to what is there)
+            if name.startswith('_'):
+                raise AttributeError(name)
+            return None
+
+    _, probe = create_parser()
+    for a in probe._actions:
+        a.default = argparse.SUPPRESS
+    return set(vars(probe.parse_known_args(argv, Given())[0]))
+
+
+def apply_default_family(args: argparse.Namespace, given: set[str], recipe: bool = False) -> bool:
+    """Give the flags of :data:`DEFAULTS_DIFFER` that neither the command line nor the config set timm's defaults
+    (:data:`TIMM_DEFAULTS`) when data is given, as timm's train.py would; else keep the built-in ones.
+
+    Data is given by the positional data folder, ``--data-dir`` or ``--dataset``, unless the data set is one of the
+    built-in ones (Fashion-MNIST, synthetic). A timm-dst recipe (a ``-c`` config that sets ``dst``) keeps the built-in
+    defaults for what it leaves out, so that the papers' recipes run as written whatever data folder is given.
+
+    Args:
+        args: The parsed flags, changed in place.
+        given: The dests set on the command line or by the config.
+        recipe: The config is a timm-dst recipe.
+
+    Returns:
+        Whether timm's defaults were applied.
+    """
+    named = 'dataset' in given
+    if recipe or not (named or args.data or args.data_dir):
+        return False
+    dataset = args.dataset if named else TIMM_DEFAULTS['dataset']
+    if normalize_dataset_name(dataset) in _BUILT_IN_DATA:
+        return False
+    for dest, value in TIMM_DEFAULTS.items():
+        if dest not in given:
+            setattr(args, dest, value)
+    return True
 
 
 # --------------------------------------------------------------------------------------------------------------------

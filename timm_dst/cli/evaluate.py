@@ -23,6 +23,7 @@ from ..integrations.timm.outputs import (
     write_json_atomic,
 )
 from .build import pretrained_overlay
+from .outputs import density_text
 from .state import RunState
 
 __all__ = ['evaluate', 'validate', 'export_weights', 'finish_run', 'DST_SUMMARY', 'RESULTS', 'EXPORT_BEST',
@@ -97,7 +98,8 @@ def finish_run(state: RunState, wall: float) -> dict[str, Any]:
     acc.wait_for_everyone()
     results: dict[str, Any] = {
         'model': args.model, 'dataset': data.info.name, 'method': sp.method_name, 'sparsity': sp.sparsity,
-        'density': sp.density, 'itop_rate': sp.itop_rate, 'optimizer_steps': state.position.num_updates,
+        'density': sp.density, 'model_density': sp.model_density,  # the sparse tensors; all the model's weights
+        'itop_rate': sp.itop_rate, 'optimizer_steps': state.position.num_updates,
         'epochs': tr.num_epochs, 'best_epoch': out.best_epoch,
         f'best_eval_{args.eval_metric}': out.best_metric, 'train_wall_s': wall,
         'load_with': (f'timm.create_model({args.model!r}, pretrained=True, '
@@ -146,5 +148,5 @@ def _log_result(state: RunState, results: dict[str, Any], wall: float, exports: 
     else:
         _logger.info(f'done in {wall:.1f}s | weights {exports["last"]}')
     _logger.info(flops_line(state.training.flops.summary()))
-    _logger.info(f'RESULT {args.model} {sp.method_name} | {test} | density {sp.density:.4f} | '
-                 f'R_s {sp.itop_rate:.4f}')
+    _logger.info(f'RESULT {args.model} {sp.method_name} | {test} | density '
+                 f'{density_text(sp.density, sp.model_density)} | R_s {sp.itop_rate:.4f}')

@@ -24,7 +24,7 @@ from ..integrations.timm.outputs import (
 from ..methods import capture_weights
 from .config import user_error
 from .evaluate import export_weights, finish_run, validate
-from .outputs import plot_summary, train_log_line, write_summary_row
+from .outputs import density_text, plot_summary, train_log_line, write_summary_row
 from .state import RunState, fresh_meters
 
 __all__ = ['TrainingDivergedError', 'fit', 'train_one_epoch', 'save_checkpoint', 'save_rewind']
@@ -95,9 +95,11 @@ def fit(state: RunState) -> dict[str, Any]:
         if (epoch + 1) % args.val_interval == 0 or epoch + 1 == tr.num_epochs:
             eval_metrics = validate(state)
         metric = eval_metrics[args.eval_metric] if eval_metrics is not None else None
-        row: dict[str, Any] = {'epoch': epoch, **{f'train_{k}': v for k, v in train_metrics.items()}}
+        # timm's update_summary columns in timm's order (epoch, train_loss, eval_*, lr), then timm-dst's own
+        row: dict[str, Any] = {'epoch': epoch, 'train_loss': train_metrics['loss']}
         row.update({f'eval_{k}': v for k, v in (eval_metrics or {}).items()})
-        row.update({'lr': _lr(state), 'density': sp.density, 'itop_rate': sp.itop_rate,
+        row.update({'lr': _lr(state), **{f'train_{k}': v for k, v in train_metrics.items() if k != 'loss'},
+                    'density': sp.density, 'model_density': sp.model_density, 'itop_rate': sp.itop_rate,
                     'optimizer_steps': pos.num_updates, 'epoch_time': time.time() - t0})
         if setup.is_main:
             write_summary_row(os.path.join(setup.output_dir, SUMMARY_CSV), row)
@@ -142,7 +144,8 @@ def _log_epoch(state: RunState, row: dict[str, Any]) -> None:
     parts = [f'epoch {row["epoch"]}/{state.training.num_epochs}', f'train loss {row["train_loss"]:.4f}']
     if 'eval_top1' in row:
         parts.append(f'eval loss {row["eval_loss"]:.4f} top1 {row["eval_top1"]:.2f} top5 {row["eval_top5"]:.2f}')
-    parts += [f'lr {row["lr"]:.3e}', f'density {row["density"]:.4f}', f'R_s {row["itop_rate"]:.4f}',
+    parts += [f'lr {row["lr"]:.3e}', f'density {density_text(row["density"], row["model_density"])}',
+              f'R_s {row["itop_rate"]:.4f}',
               f'{row["epoch_time"]:.1f}s']
     _logger.info(' | '.join(parts))
 
@@ -292,7 +295,8 @@ def _log_progress(state: RunState, epoch: int, update_idx: int, loss_d: torch.Te
     up, da = tally.times['update'] or [0.0], tally.times['data'] or [0.0]
     _logger.info(train_log_line(
         epoch, update_idx, state.data.updates_per_epoch, loss_now, loss_avg, (up[-1], sum(up) / len(up)),
-        tally.step_samples * acc.num_processes, _lr(state), (da[-1], sum(da) / len(da)), sp.density, sp.itop_rate))
+        tally.step_samples * acc.num_processes, _lr(state), (da[-1], sum(da) / len(da)), sp.density, sp.itop_rate,
+        sp.model_density))
 
 
 def _fold_meters(state: RunState, sums: torch.Tensor, count: int) -> None:

@@ -21,29 +21,44 @@ from ..integrations.timm.outputs import (  # noqa: F401  (re-exported)
 )
 from ..integrations.timm.saver import DstCheckpointSaver
 
-__all__ = ['DstCheckpointSaver', 'write_summary_row', 'read_summary', 'truncate_summary', 'plot_summary',
-           'write_json_atomic', 'dst_summary', 'flops_line', 'setup_logging', 'train_log_line']
+__all__ = ['DstCheckpointSaver', 'write_summary_row', 'summary_columns', 'TIMM_SUMMARY_COLUMNS', 'read_summary',
+           'truncate_summary', 'plot_summary', 'write_json_atomic', 'dst_summary', 'flops_line', 'setup_logging',
+           'train_log_line', 'density_text']
 
 _logger = logging.getLogger('timm_dst.train')
+
+#: The columns of timm's ``update_summary`` (its train.py: ``epoch``, ``train_loss``, ``eval_*``, ``lr``), in order.
+TIMM_SUMMARY_COLUMNS = ('epoch', 'train_loss', 'eval_loss', 'eval_top1', 'eval_top5', 'lr')
 
 
 # --------------------------------------------------------------------------------------------------------------------
 # summary.csv and its plot
 def write_summary_row(path: str, row: dict[str, Any]) -> None:
-    """Add one epoch to ``summary.csv`` (timm's ``update_summary`` columns ``epoch, train_*, eval_*, lr``, then
-    ``density, itop_rate`` and the run's extra columns); the header is written when the file is new. The file is
-    rewritten atomically: a failed write leaves the rows before."""
-    old = ''
-    if os.path.isfile(path):
-        with open(path, newline='') as f:
-            old = f.read()
+    """Add one epoch to ``summary.csv``: timm's ``update_summary`` columns first, in timm's order (``epoch,
+    train_loss, eval_loss, eval_top1, eval_top5, lr``), then timm-dst's own (``train_top1, density, model_density,
+    itop_rate`` ...). The header is written when the file is new, and the whole file is rewritten under one header
+    when a row brings columns the file lacks (an epoch validated after one that was not) or the file's columns are
+    in another order (a run begun by an older version); atomically: a failed write leaves the rows before."""
+    rows = read_summary(path)
+    old = list(rows[0]) if rows else []
+    fields = summary_columns(old + [k for k in row if k not in old])
     text = io.StringIO()
-    writer = csv.DictWriter(text, fieldnames=list(row))
-    if not old:
+    writer = csv.DictWriter(text, fieldnames=fields, restval='')
+    if fields != old:
         writer.writeheader()
+        writer.writerows(rows)
     writer.writerow(row)
+    prefix = ''
+    if fields == old:  # append: the rows before stay as they are
+        with open(path, newline='') as f:
+            prefix = f.read()
     with atomic_write(path, 'w', newline='') as f:
-        f.write(old + text.getvalue())
+        f.write(prefix + text.getvalue())
+
+
+def summary_columns(names: list[str]) -> list[str]:
+    """``names`` in summary.csv's order: timm's columns (:data:`TIMM_SUMMARY_COLUMNS`) first, then the others."""
+    return [c for c in TIMM_SUMMARY_COLUMNS if c in names] + [c for c in names if c not in TIMM_SUMMARY_COLUMNS]
 
 
 def read_summary(path: str) -> list[dict[str, str]]:
@@ -65,7 +80,7 @@ def truncate_summary(path: str, next_epoch: int) -> None:
 
 
 def plot_summary(csv_path: str, png_path: str, title: str = '') -> None:
-    """Train / eval top-1 accuracy, density and R_s per epoch, from ``summary.csv``, as one PNG."""
+    """Train / eval top-1 accuracy, the two densities and R_s per epoch, from ``summary.csv``, as one PNG."""
     rows = read_summary(csv_path)
     if not rows:
         return
@@ -87,7 +102,8 @@ def plot_summary(csv_path: str, png_path: str, title: str = '') -> None:
     ax1.set_xlabel('epoch')
     ax1.set_ylabel('accuracy (%)')
     ax1.legend()
-    for name, label in (('density', 'density'), ('itop_rate', 'R_s (explored)')):
+    for name, label in (('density', 'density (sparse tensors)'), ('model_density', 'density (all weights)'),
+                        ('itop_rate', 'R_s (explored)')):
         values = col(name)
         if values is not None:
             ax2.plot(epochs, values, marker='.', label=label)
@@ -106,8 +122,9 @@ def plot_summary(csv_path: str, png_path: str, title: str = '') -> None:
 
 def train_log_line(epoch: int, update_idx: int, updates_per_epoch: int, loss_now: float, loss_avg: float,
                    update_time: tuple[float, float], samples: int, lr: float, data_time: tuple[float, float],
-                   density: float, itop_rate: float) -> str:
-    """timm train.py's progress line (``Train: E [ i/N (p%)]  Loss: ...  LR: ...  Data: ...``) plus density and R_s."""
+                   density: float, itop_rate: float, model_density: float | None = None) -> str:
+    """timm train.py's progress line (``Train: E [ i/N (p%)]  Loss: ...  LR: ...  Data: ...``) plus the density of
+    the sparse tensors, that of all the model's weights (:func:`density_text`) and R_s."""
     t_now, t_avg = update_time
     pct = 100. * (update_idx + 1) / updates_per_epoch
     rate_now, rate_avg = samples / max(t_now, 1e-9), samples / max(t_avg, 1e-9)
@@ -115,7 +132,14 @@ def train_log_line(epoch: int, update_idx: int, updates_per_epoch: int, loss_now
             f'Loss: {loss_now:#.3g} ({loss_avg:#.3g})  '
             f'Time: {t_now:.3f}s, {rate_now:>7.2f}/s  ({t_avg:.3f}s, {rate_avg:>7.2f}/s)  '
             f'LR: {lr:.3e}  Data: {data_time[0]:.3f} ({data_time[1]:.3f})  '
-            f'Density: {density:.4f}  R_s: {itop_rate:.4f}')
+            f'Density: {density_text(density, model_density)}  R_s: {itop_rate:.4f}')
+
+
+def density_text(density: float, model_density: float | None = None) -> str:
+    """``0.1000 (sparse tensors), 0.2000 (all weights)``: the density of the sparse tensors and of every weight of
+    the model (dense layers, biases and norms count whole), as every log line of the CLI names them."""
+    text = f'{density:.4f} (sparse tensors)'
+    return text if model_density is None else f'{text}, {model_density:.4f} (all weights)'
 
 
 _file_handler: logging.Handler | None = None

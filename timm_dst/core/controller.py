@@ -200,6 +200,14 @@ class Sparsifier(MethodSurface):
         return sum(self.counts) / self.total_numel
 
     @property
+    def model_density(self) -> float:
+        """Active parameters / all parameters of the model: the sparse tensors count their active weights, every other
+        parameter (excluded and dense layers, biases, norms) counts whole; global sizes (``numel`` of a DTensor)."""
+        sparse = {id(t.param) for t in self.targets}
+        dense = sum(p.numel() for p in self.model.parameters() if id(p) not in sparse)
+        return (sum(self.counts) + dense) / max(self.total_numel + dense, 1)
+
+    @property
     def itop_rate(self) -> float:
         """R_s: |union of all masks ever active| / |all sparse-tensor elements|."""
         return sum(self.explored_counts) / self.total_numel

@@ -28,13 +28,14 @@ from typing import Any
 
 import torch.nn as nn
 
+from ..core import _setup
 from ..core.controller import Sparsifier
 from ..core.method import DensePhase, ShardedMethodError, SparseMethod
 from ..core.options import option_names
 
 __all__ = [
     'MethodInfo', 'MethodArgument', 'ENTRY_POINT_GROUP', 'DEFAULT_METHOD', 'DEFAULT_TRAIN_METHOD', 'register_method',
-    'list_methods',    'get_method_info', 'method_arguments', 'create_sparsifier',
+    'list_methods',    'get_method_info', 'method_arguments', 'create_sparsifier', 'check_sparsifier_args',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -348,3 +349,45 @@ def create_sparsifier(model: nn.Module, optimizer: Any, method: str = DEFAULT_ME
     except ShardedMethodError as e:
         supported = [n for n in list_methods() if get_method_info(n).cls.init_masks is SparseMethod.init_masks]
         raise ValueError(f'{e}; the methods starting from mask_init are: {", ".join(supported)}') from None
+
+
+def check_sparsifier_args(method: str = DEFAULT_METHOD, provided: tuple[str, ...] = (), **kwargs: Any) -> None:
+    """Check :func:`create_sparsifier`'s arguments without a model (a front end's refusal before it builds one).
+
+    Runs the checks of :func:`create_sparsifier` that need no model: the method name, unknown keywords, the method's
+    constructor (its own argument checks and required inputs), the controller's option checks and the update schedule
+    (``update_start`` / ``update_end`` / ``update_milestones``; fractions wait for ``total_steps`` when it is neither
+    given nor ``defer_total_steps``). What needs the model (the sparse tensors, the initial topology, a method's
+    ``init_masks``) is checked when the sparsifier attaches.
+
+    Args:
+        method: A registered name.
+        provided: Method keywords a front end supplies itself later (a placeholder stands for them here).
+        **kwargs: As for :func:`create_sparsifier`.
+
+    Raises:
+        ValueError: The first problem found, in one line.
+    """
+    if not isinstance(method, str):
+        raise ValueError(f'method={method!r} must be a name; accepted: {", ".join(list_methods())}')
+    info = get_method_info(method)
+    ctrl, meth = _split_kwargs(info, {**info.defaults, **kwargs})
+    for name in provided:
+        if name in info.arguments and meth.get(name) is None:
+            meth[name] = os.devnull  # a stand-in: the constructors only keep their inputs
+    try:
+        instance = info.cls(**meth)
+    except TypeError as e:
+        raise ValueError(f'method {method!r}: {e}') from None
+    params = inspect.signature(Sparsifier.__init__).parameters
+    full = {n: p.default for n, p in params.items()
+            if n not in ('self', 'model', 'optimizer', 'method') and p.default is not inspect.Parameter.empty}
+    full.update(ctrl)
+    full.pop('method_name', None)
+    o = _setup.checked_options(nn.Module(), instance, full)
+    pending = bool(o.get('defer_total_steps')) and o['total_steps'] is None
+    _setup.make_schedule(instance, o, o['total_steps'], pending, o.get('update_milestones'))
+    start, end = o['update_start'], o['update_end']
+    if pending and isinstance(start, float) and isinstance(end, float) and end < start:
+        raise ValueError(f'update_end={end!r} comes before update_start={start!r} (fractions of training): no update '
+                         'could ever run')

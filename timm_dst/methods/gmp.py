@@ -62,9 +62,14 @@ class GMP(SparseMethod):
         self.initial_counts: list[int] = []
         self.final_counts: list[int] = []
         self.start = 0
-        self.end = 0
+        self.end: int | None = 0  # None until the run's length is known (a fractional update_end, deferred)
 
     # --- schedule ----------------------------------------------------------------------------------------------
+    def _set_span(self, start: int, end: int) -> None:
+        self.start, self.end = int(start), int(end)
+        if self.end <= self.start:
+            raise ValueError(f'gmp: update_end={self.end} must come after update_start={self.start}')
+
     def decay(self, step: int) -> float:
         """``(1 - (t - t0) / (t1 - t0))^3``, clipped to [0, 1]."""
         return cubic_sparsity(step, 1.0, 0.0, self.start, self.end)
@@ -83,12 +88,13 @@ class GMP(SparseMethod):
 
     # --- hooks ---------------------------------------------------------------------------------------------------
     def init_masks(self, sp: Sparsifier) -> list[torch.Tensor]:
-        if sp.schedule.end is None:
+        deferred = bool(getattr(sp, '_total_steps_pending', False))  # fractions resolved at set_total_steps
+        if sp.schedule.end is None and not deferred:
             raise ValueError('gmp: update_end (t1, the step where pruning reaches sparsity) is required: give a step, '
                              'or a fraction of training with total_steps')
-        self.start, self.end = sp.schedule.start, int(sp.schedule.end)
-        if self.end <= self.start:
-            raise ValueError(f'gmp: update_end={self.end} must come after update_start={self.start}')
+        self.start, self.end = sp.schedule.start, None
+        if sp.schedule.end is not None:
+            self._set_span(sp.schedule.start, sp.schedule.end)
         if self.initial_sparsity > sp.sparsity:
             raise ValueError(f'gmp_initial_sparsity={self.initial_sparsity} must not exceed sparsity={sp.sparsity}')
         self.final_counts = list(sp.counts)
@@ -106,6 +112,8 @@ class GMP(SparseMethod):
         return sp.topk_masks([t.param.detach().abs() for t in sp.targets], self.initial_counts)
 
     def drop_counts(self, sp: Sparsifier, rate: float) -> list[int]:
+        if self.end is None:  # attached before the run's length was known (defer_total_steps): resolved by now
+            self._set_span(sp.schedule.start, sp.schedule.end)
         if not self.global_:
             return [max(0, c - k) for c, k in zip(sp.counts, self.target_counts(sp.step))]
         n_drop = sum(sp.counts) - self.target_total(sp.step)
@@ -133,6 +141,9 @@ class GMP(SparseMethod):
         n = len(self.final_counts) or len(final)
         if not (_int_list(initial, n) and _int_list(final, n)):
             raise ValueError(f'gmp: initial_counts and final_counts must be {n} integers each')
+        if end is None and _int_list([start], 1):  # saved before its first update in a deferred-length run
+            self.initial_counts, self.final_counts, self.start, self.end = initial, final, int(start), None
+            return
         if not (_int_list([start, end], 2) and 0 <= start < end):
             raise ValueError(f'gmp: start {start!r} and end {end!r} must be integers with 0 <= start < end')
         self.initial_counts, self.final_counts, self.start, self.end = initial, final, int(start), int(end)

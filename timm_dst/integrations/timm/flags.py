@@ -25,12 +25,20 @@ from ...core.masks import _detach, _find_dst_mask
 from ...core.options import MASK_INITS, Option, cli_options, fixed_options, milestone, resume_options, step_or_fraction
 from ...core.schedules import PRUNE_RATE_SCHEDULES as _PRUNE_RATE_SCHEDULES
 from ...core.structure import parse_structure, structure_forms
-from ...methods._registry import DEFAULT_METHOD, create_sparsifier, get_method_info, list_methods, method_arguments
+from ...methods._registry import (
+    DEFAULT_METHOD,
+    check_sparsifier_args,
+    create_sparsifier,
+    get_method_info,
+    list_methods,
+    method_arguments,
+)
 from .checkpoint import fill_outside_mask, read_dst_state, restore_dst_state, set_rng_state
 
 __all__ = [
     'DISTRIBUTIONS', 'MASK_INITS', 'PRUNE_RATE_SCHEDULES', 'ParseKwargs', 'step_or_fraction', 'milestone',
-    'add_dst_args', 'dst_option_strings', 'validate_dst_args', 'sparsifier_kwargs', 'dst_options', 'option_changes',
+    'add_dst_args', 'dst_option_strings', 'validate_dst_args', 'check_dst_values', 'sparsifier_kwargs',
+    'dst_options', 'option_changes',
     'create_sparsifier_from_args', 'begin_training', 'accept_plain_weights',
 ]
 
@@ -158,6 +166,30 @@ def validate_dst_args(args: argparse.Namespace, error: Callable[[str], Any]) -> 
             return error(f'{arg.flag} is an option of {", ".join(arg.methods)}, not of --dst {args.dst}')
         if arg.path and isinstance(value, str) and value and not os.path.isfile(value):
             return error(f'{arg.flag} {value!r}: no such file')
+    return None
+
+
+def check_dst_values(args: argparse.Namespace, error: Callable[[str], Any], provided: tuple[str, ...] = (),
+                     total_steps: int | None = None) -> None:
+    """Check the DST values that need no model, before a model is built (after :func:`validate_dst_args`): the
+    ``--dst-kwargs`` keys, the method's own arguments and required inputs, the controller's options and the update
+    schedule, through :func:`timm_dst.methods._registry.check_sparsifier_args` (the checks of ``create_sparsifier``).
+
+    Args:
+        args: Parsed arguments holding the :func:`add_dst_args` flags.
+        error: Called with one message (``--dst METHOD: ...``) for the first problem found (expected not to return).
+        provided: Method keywords the front end supplies itself later (SNIP's batches from its loader, ...).
+        total_steps: The run's optimizer steps when known; None: given later (fractions are resolved then).
+    """
+    kw = sparsifier_kwargs(args)
+    if total_steps is not None:
+        kw.setdefault('total_steps', total_steps)
+    else:
+        kw.setdefault('defer_total_steps', True)
+    try:
+        check_sparsifier_args(args.dst, provided=provided, **kw)
+    except (ValueError, TypeError) as e:
+        return error(f'--dst {args.dst}: {e}')
     return None
 
 

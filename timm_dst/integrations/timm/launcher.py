@@ -50,10 +50,20 @@ import torch.nn as nn
 
 from ...core.controller import NonFiniteGradientError
 from ...core.flops import TrainingFlops
+from ...methods._registry import get_method_info
+from ._lth import rewind_hooks, run_two_phases, two_phases
 from ._report import PROG, LaunchError, fail, is_primary, log, logger, rank, world_size
+from ._snip import init_data
 from .checkpoint import read_dst_state, restore_dst_state
 from .config import writable_folder_problem
-from .flags import create_sparsifier_from_args, dst_options, option_changes, sparsifier_kwargs, validate_dst_args
+from .flags import (
+    check_dst_values,
+    create_sparsifier_from_args,
+    dst_options,
+    option_changes,
+    sparsifier_kwargs,
+    validate_dst_args,
+)
 from .launch import create_parser, read_train_config, split_argv
 from .outputs import (
     DST_SUMMARY,
@@ -100,6 +110,10 @@ class Launcher:
         self.resume_args: Any = None  # the --resume checkpoint's args (train.py's, DST flags in an edited script)
         self._last_logged_update = 0
         self._hooks: list[Any] = []
+        # the hook points reached (check_hook_points): EMA copies (and those made before attaching), savers made,
+        # checkpoints written and those packed with the DST state, the epochs with a dst_summary.csv row
+        self.ema_made, self.ema_before_attach, self.savers_made, self.saves, self.packed = 0, 0, 0, 0, 0
+        self.summary_epochs: set[int] = set()
 
     def patched(self) -> contextlib.AbstractContextManager[None]:
         """Install the wrappers of timm's entry points (:class:`~timm_dst.integrations.timm.patches.TimmPatches`),
@@ -112,10 +126,39 @@ class Launcher:
         if self.sparsifier is None:
             fail(f'{self.script}: an optimizer stepped before the sparsifier attached: the launcher needs '
                  'timm.create_model / timm.optim.create_optimizer_v2 / timm.scheduler.create_scheduler_v2 '
-                 '(edit the script with timm_dst.integrations.timm instead, see docs/timm-train.md)')
+                 f'({_timm_version()}; edit the script with timm_dst.integrations.timm instead, see '
+                 'docs/timm-train.md)')
         if self.sparsifier.method.attaches and self.sparsifier.total_steps is None:
             fail(f'{self.script}: training started without create_scheduler_v2: the run\'s optimizer steps are '
-                 'unknown to the sparsifier')
+                 f'unknown to the sparsifier ({_timm_version()})')
+
+    def check_hook_points(self, when: str, epoch: int | None = None, final: bool = False) -> None:
+        """Stop with one line naming the first hook point train.py did not reach by ``when`` (the end of an epoch:
+        ``epoch``, or of the run: ``final``), so that none is missed silently (docs/timm-train.md)."""
+        sp, primary = self.sparsifier, is_primary()
+        args = self.train_args
+        missing = None
+        if sp is None:
+            missing = 'timm.optim.create_optimizer_v2 (the sparsifier never attached)'
+        elif sp.method.attaches and sp.total_steps is None:
+            missing = 'timm.scheduler.create_scheduler_v2 (the run\'s optimizer steps were never set)'
+        elif args is None:
+            missing = 'timm.optim.optimizer_kwargs(cfg=args) (train.py\'s seed, batch size and input size are unknown)'
+        elif self.ema_before_attach:
+            missing = 'ModelEma* after the sparsifier attached (an EMA copy was made of the dense model)'
+        elif getattr(args, 'model_ema', False) and not self.ema_made:
+            missing = 'timm.utils.ModelEma / ModelEmaV2 / ModelEmaV3 (--model-ema: the EMA copy is not known sparse)'
+        elif primary and not self.savers_made:
+            missing = 'timm.utils.CheckpointSaver (checkpoints would carry no DST state)'
+        elif primary and self.packed < self.saves:
+            missing = 'CheckpointSaver._save (a checkpoint was written without the DST state)'
+        elif primary and epoch is not None and epoch not in self.summary_epochs:
+            missing = f'timm.utils.update_summary (no dst_summary.csv row for epoch {epoch})'
+        elif primary and final and sp.step > 0 and not self.summary_epochs:
+            missing = 'timm.utils.update_summary (no dst_summary.csv row)'
+        if missing:
+            fail(f'{self.script}: hook point not reached by {when}: {missing} ({_timm_version()}); the launcher '
+                 'relies on it: edit the script with timm_dst.integrations.timm instead, see docs/timm-train.md')
 
     # ------------------------------------------------------------------------------------------------------------
     # attaching
@@ -127,8 +170,10 @@ class Launcher:
         self.pending = None
         seed = getattr(self.train_args, 'seed', None)  # train.py's --seed unless --dst-seed is given
         kw = sparsifier_kwargs(self.dst_args, seed=int(seed) if seed is not None else 42)
+        data = init_data(self, kw, model, resume_path)  # SNIP: batches of train.py's training loader (_snip.py)
         try:
-            sp = create_sparsifier_from_args(model, optimizer, self.dst_args, resume=resume_path, seed=kw['seed'])
+            sp = create_sparsifier_from_args(model, optimizer, self.dst_args, resume=resume_path, seed=kw['seed'],
+                                             **data)
         except (ValueError, KeyError, RuntimeError, OSError) as e:
             fail(f'--resume {resume_path}: {e}' if resume_path else f'--dst {self.dst_args.dst}: {e}')
         self.sparsifier, self.model = sp, model
@@ -142,6 +187,7 @@ class Launcher:
             log(f'DST: {resume_path} holds no timm_dst state: sparse training starts from its weights '
                 f'({sp.mask_init} initial topology)')
         self._hooks.append(sp.optimizer.register_step_post_hook(self._after_step))
+        self._hooks += rewind_hooks(self)  # the dense phase of LTH: its rewind point (_lth.py)
         self._last_logged_update = len(sp.history)
         log(f'DST: attached {sp!r}')
 
@@ -198,13 +244,14 @@ class Launcher:
             self._last_logged_update = len(sp.history)
             h = sp.history[-1]
             log(f'DST: step {sp.step}  topology update {len(sp.history) - 1}  prune rate {h["prune_rate"]:.4f}  '
-                f'density {h["density"]:.4f}  R_s {h["itop_rate"]:.4f}')
+                f'density {_densities(h["density"], _model_density(sp), 4)}  R_s {h["itop_rate"]:.4f}')
 
     def row(self, epoch: int) -> dict[str, Any]:
         """The DST columns of one epoch."""
         sp = self.sparsifier
         row = {'epoch': epoch, 'step': sp.step, 'topology_updates': max(len(sp.history) - 1, 0),
-               'density': f'{sp.density:.6f}', 'itop_rate': f'{sp.itop_rate:.6f}'}
+               'density': f'{sp.density:.6f}', 'model_density': _fmt(_model_density(sp)),
+               'itop_rate': f'{sp.itop_rate:.6f}'}
         if self.flops is not None:
             s = self.flops.summary()
             row.update({'inference_flops_ratio': f'{s["inference_flops_ratio"]:.6f}',
@@ -227,7 +274,8 @@ class Launcher:
                 writer.writerows(rows)
         except OSError as e:
             fail(f'{path}: the row of epoch {epoch} was not written ({short_error(e)})')
-        log(f'DST: epoch {epoch}  step {row["step"]}  density {row["density"]}  R_s {row["itop_rate"]}')
+        densities = _densities(float(row['density']), _model_density(self.sparsifier), 6)
+        log(f'DST: epoch {epoch}  step {row["step"]}  density {densities}  R_s {row["itop_rate"]}')
 
     def finish(self) -> dict[str, Any] | None:
         """After train.py returns: the final density, R_s and sparse FLOPs (logged, and ``dst_summary.json`` in the
@@ -235,8 +283,10 @@ class Launcher:
         sp = self.sparsifier
         if sp is None:
             return None
+        self.check_hook_points('the end of the run', final=True)
         summary = dst_summary(sp, self.flops)
-        line = f'DST: {sp.method_name} final density {sp.density:.4f}  R_s {sp.itop_rate:.4f}'
+        line = f'DST: {sp.method_name} final density {_densities(sp.density, _model_density(sp), 4)}  ' \
+               f'R_s {sp.itop_rate:.4f}'
         if self.flops is not None:
             line += f'  {flops_line(summary)}'
         log(line)
@@ -255,7 +305,41 @@ class Launcher:
         return summary
 
 
+def _timm_version() -> str:
+    try:
+        import timm
+        return f'timm {timm.__version__}'
+    except ImportError:
+        return 'timm not importable'
+
+
+def _model_density(sp: Any) -> float | None:
+    """The density of all the model's weights (``Sparsifier.model_density``), None where the controller has none."""
+    return getattr(sp, 'model_density', None)
+
+
+def _fmt(x: float | None) -> str:
+    return '' if x is None else f'{x:.6f}'
+
+
+def _densities(density: float, model_density: float | None, digits: int) -> str:
+    """``0.1000 (sparse tensors), 0.1234 (all weights)``: each density named."""
+    text = f'{density:.{digits}f} (sparse tensors)'
+    return text if model_density is None else f'{text}, {model_density:.{digits}f} (all weights)'
+
+
 # --------------------------------------------------------------------------------------------------------------------
+def provided_by_launcher(method: str) -> tuple[str, ...]:
+    """The method's inputs the launcher supplies itself when the user gives none (checked at attach, not before
+    train.py starts): the data batches of a SNIP-like method (train.py's loader) and a dense phase's trained state."""
+    try:
+        info = get_method_info(method)
+    except ValueError:
+        return ()
+    phase = info.dense_phase
+    return tuple(a for a in (info.init_data_arg, phase.trained_state_arg if phase else None) if a)
+
+
 def main(argv: list[str] | None = None) -> None:
     """``timm-dst-run PATH/TO/train.py [train.py arguments] [DST flags]``."""
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -287,11 +371,14 @@ def main(argv: list[str] | None = None) -> None:
     if unknown:
         fail(f'unexpected DST argument(s): {" ".join(unknown)}')
     validate_dst_args(dst_args, fail)
+    check_dst_values(dst_args, fail, provided=provided_by_launcher(dst_args.dst))  # all that needs no model
     if dst_args.dst_rank_masks:
         problem = writable_folder_problem(dst_args.dst_rank_masks)
         if problem:
             fail(f'--dst-rank-masks {dst_args.dst_rank_masks}: {problem}; give a writable folder')
 
+    if not wants_help and two_phases(dst_args):  # LTH: the dense phase, then the sparse phase (_lth.py)
+        return run_two_phases(script, rest, dst_tokens, dst_args)
     launcher = Launcher(dst_args, script=script)
     if config is not None:
         launcher.config_path, launcher.config_keys = config

@@ -180,7 +180,8 @@ def dst_summary(sparsifier: Any, flops: Any | None = None) -> dict[str, Any]:
     with ``flops`` (a :class:`timm_dst.core.flops.TrainingFlops`) inference and training FLOPs (docs/flops.md)."""
     out = {
         'method': sparsifier.method_name, 'sparsity': sparsifier.sparsity, 'distribution': sparsifier.distribution,
-        'density': sparsifier.density, 'itop_rate': sparsifier.itop_rate, 'step': sparsifier.step,
+        'density': sparsifier.density, 'model_density': sparsifier.model_density,  # sparse tensors; all weights
+        'itop_rate': sparsifier.itop_rate, 'step': sparsifier.step,
         'total_steps': sparsifier.total_steps, 'updates': max(len(sparsifier.history) - 1, 0),
     }
     if flops is not None:

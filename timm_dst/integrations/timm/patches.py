@@ -22,6 +22,7 @@ import torch.nn as nn
 from timm.utils import CheckpointSaver
 
 from ._report import PROG, fail, log, logger, world_size
+from ._snip import wrap_create_loader
 from .checkpoint import CheckpointError, model_state, read_checkpoint, read_checkpoint_file
 from .config import writable_folder_problem
 from .flags import begin_training
@@ -129,6 +130,9 @@ class TimmPatches:
         if timm_task is not None:
             patch(timm_task, 'resume_task_checkpoint', shared(self._wrap_resume))
         patch(timm.utils, 'update_summary', shared(self._wrap_update_summary))
+        import timm.data
+        for owner in (timm.data, sys.modules.get('timm.data.loader')):  # SNIP's batches: train.py's loader (_snip.py)
+            patch(owner, 'create_loader', shared(lambda orig: wrap_create_loader(self.launcher, orig)))
         for owner in (timm.utils, sys.modules.get('timm.utils.summary')):
             patch(owner, 'get_outdir', shared(self._wrap_get_outdir))
         patch(argparse.ArgumentParser, 'set_defaults', self._wrap_set_defaults)
@@ -137,7 +141,7 @@ class TimmPatches:
         for owner in (timm.utils, sys.modules.get('timm.utils.checkpoint_saver')):
             patch(owner, 'CheckpointSaver', lambda orig: saver_cls)
         for cls_name in ('ModelEma', 'ModelEmaV2', 'ModelEmaV3'):
-            patch(getattr(timm.utils.model_ema, cls_name, None), '__init__', self._wrap_before)
+            patch(getattr(timm.utils.model_ema, cls_name, None), '__init__', self._wrap_ema)
         patch(DistributedDataParallel, '__init__', self._wrap_ddp)
         from torch.optim.optimizer import register_optimizer_step_pre_hook
         hook = register_optimizer_step_pre_hook(self.launcher.check_step)
@@ -213,6 +217,21 @@ class TimmPatches:
             return orig(*args, **kwargs)
         wrapper.__wrapped__ = orig  # type: ignore[attr-defined]
         return wrapper
+
+    def _wrap_ema(self, orig: Callable) -> Callable:
+        """Attach (if still pending) before an EMA copy is made; an EMA made before the sparsifier exists (before
+        the optimizer) is a dense copy, reported at the next hook-point check."""
+        launcher = self.launcher
+
+        def __init__(*args: Any, **kwargs: Any) -> Any:
+            launcher.attach()
+            if launcher.sparsifier is None:
+                launcher.ema_before_attach += 1
+            else:
+                launcher.ema_made += 1
+            return orig(*args, **kwargs)
+        __init__.__wrapped__ = orig  # type: ignore[attr-defined]
+        return __init__
 
     def _wrap_ddp(self, orig: Callable) -> Callable:
         """Attach before DDP wraps the model. Also: ``device_ids=[cpu]`` (timm's train.py with ``--device cpu``),
@@ -301,7 +320,10 @@ class TimmPatches:
                                f'continue from step {sp.step}')
             if sp.resume_state is not None and sp.resume_state.get('rng') is not None and world_size() > 1:
                 log('DST: random states of a multi-process run are not restored (rank 0\'s only saved)')
-            begin_training(sp, total, start_step=start)
+            try:  # fractions of training resolved now: their order against the steps given
+                begin_training(sp, total, start_step=start)
+            except ValueError as e:
+                fail(f'--dst {sp.method_name} over {total} optimizer steps ({num_epochs} epochs x {upe}): {e}')
             log(f'DST: {sp.method_name} over {total} optimizer steps ({num_epochs} epochs x {upe}), '
                 f'step {sp.step}, density {sp.density:.4f}, R_s {sp.itop_rate:.4f}')
             return out
@@ -319,6 +341,8 @@ class TimmPatches:
             if filename and launcher.sparsifier is not None:
                 launcher.output_dir = os.path.dirname(os.path.abspath(filename))
                 launcher.write_epoch_row(int(epoch), os.path.join(launcher.output_dir, DST_SUMMARY_CSV))
+                launcher.summary_epochs.add(int(epoch))
+            launcher.check_hook_points(f'the end of epoch {epoch}')
             return out
         return update_summary
 
@@ -366,6 +390,7 @@ class _LauncherSaver(DstCheckpointSaver):
     def __init__(self, *args: Any, **kwargs: Any):
         launcher = self.launcher
         launcher.attach()
+        launcher.savers_made += 1
         kwargs.update(zip(_TIMM_SAVER_ARGS, args))
         super().__init__(lambda: {'options': launcher.options}, launcher.sparsifier, launcher.flops, rng=True,
                          ema_orig=False, **kwargs)
@@ -379,13 +404,18 @@ class _LauncherSaver(DstCheckpointSaver):
     def pack(self, checkpoint: dict[str, Any]) -> dict[str, Any]:
         """The launcher's sparsifier as it is at this write (None before it attaches: timm's plain checkpoint)."""
         self.sparsifier, self.flops = self.launcher.sparsifier, self.launcher.flops
+        if self.sparsifier is not None:
+            self.launcher.packed += 1
         return super().pack(checkpoint)
 
     def save_checkpoint(self, epoch: int, *args: Any, **kwargs: Any) -> Any:
         last = os.path.join(self.checkpoint_dir, 'last' + self.extension)
         self._target = (last, epoch)
+        self.launcher.saves += 1
         try:
-            return super().save_checkpoint(epoch, *args, **kwargs)
+            out = super().save_checkpoint(epoch, *args, **kwargs)
+            self.launcher.check_hook_points(f'the end of epoch {epoch}', epoch=int(epoch))
+            return out
         except OSError as e:  # renaming the written file to last, or its copies (checkpoint-N, model_best)
             tmp = os.path.join(self.checkpoint_dir, 'tmp' + self.extension)
             if os.path.exists(tmp):
@@ -399,6 +429,7 @@ class _LauncherSaver(DstCheckpointSaver):
     def save_recovery(self, epoch: int, batch_idx: int = 0, *args: Any, **kwargs: Any) -> Any:
         name = '-'.join([getattr(self, 'recovery_prefix', 'recovery'), str(epoch), str(batch_idx)])
         self._target = (os.path.join(self.recovery_dir, name + self.extension), epoch)
+        self.launcher.saves += 1
         try:
             return super().save_recovery(epoch, batch_idx, *args, **kwargs)
         finally:
