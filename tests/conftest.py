@@ -29,6 +29,7 @@ TIERS: dict[str, str] = {
     'test_cli_errors': INTEGRATION,
     'test_reliability_launcher': INTEGRATION,
     'test_timm_run': INTEGRATION,
+    'test_launcher_methods::test_lth_both_phases_under_torchrun': DISTRIBUTED,
     'test_launcher_methods': INTEGRATION,
     'test_launcher_methods::test_draw_batches_leaves_the_loader_and_random_states_as_they_were': '',
     'test_distributed': DISTRIBUTED,

@@ -168,3 +168,18 @@ def test_draw_batches_leaves_the_loader_and_random_states_as_they_were(multi_epo
     assert len(drawn) == 2 and all(torch.equal(a[1], b) for a, b in zip(drawn, expected[:2]))
     assert all(torch.equal(a, b) for a, b in zip(order, expected)) and len(order) == len(expected) == 5
     assert torch.equal(after, expected_after)
+
+
+@needs_timm_scripts
+def test_lth_both_phases_under_torchrun(small_fmnist, tmp_path):
+    """Under ``torchrun --nproc_per_node 2`` each phase's processes meet in a store of their own (the agent's store
+    would hand the sparse phase the dense phase's addresses), and rank 1 waits for rank 0's dense checkpoint."""
+    out = str(tmp_path)
+    cmd = [sys.executable, '-m', 'torch.distributed.run', '--nproc_per_node', '2', *_lth_args(
+        small_fmnist, out, '--output', out, '--experiment', 'lt', '--lth-rewind-step', '2')[1:]]
+    log = _run(cmd, out)
+    assert 'lth phase 2/2' in log.stdout + log.stderr
+    sparse = read_checkpoint(os.path.join(out, 'lt', 'last.pth.tar'))
+    masks = sparse[DST_KEY]['sparsifier']['masks']
+    assert sparse[DST_KEY]['method'] == 'lth' and sparse[DST_KEY]['step'] == 4  # 2 epochs x 2 steps per rank
+    assert sum(int(m.sum()) for m in masks.values()) == round(0.1 * sum(m.numel() for m in masks.values()))

@@ -96,6 +96,28 @@ def _say(msg: str) -> None:
         print(f'{PROG}: {msg}', file=sys.stderr, flush=True)
 
 
+def _phase_env(env: dict[str, str], phase: int) -> dict[str, str]:
+    """The environment of one phase's process. Under torchrun each phase's processes meet in a store of their own
+    (the next ports after torchrun's, hosted by rank 0's process): the agent's store would hand the second phase the
+    first phase's addresses."""
+    env = dict(env)
+    if int(env.get('WORLD_SIZE', '1')) > 1 and env.get('MASTER_PORT', '').isdigit():
+        env['MASTER_PORT'] = str(int(env['MASTER_PORT']) + phase)
+        env['TORCHELASTIC_USE_AGENT_STORE'] = 'False'
+    return env
+
+
+def _wait_for(paths: tuple[str, ...], seconds: float = 600.0) -> bool:
+    """Whether ``paths`` all exist, waiting up to ``seconds`` on ranks that do not write them (rank 0 writes the dense
+    phase's last checkpoint after the other ranks' processes may have ended)."""
+    deadline = time.monotonic() + (seconds if not is_primary() else 0.0)
+    while not all(os.path.isfile(p) for p in paths):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.5)
+    return True
+
+
 def _child(script: str, rest: list[str], dst: list[str], env: dict[str, str]) -> None:
     code = subprocess.call([sys.executable, '-m', 'timm_dst.run', script, *rest, *dst], env=env)
     if code:
@@ -130,13 +152,13 @@ def run_two_phases(script: str, rest: list[str], dst_tokens: list[str], dst_args
             dense += ['--dst-seed', str(dst_args.dst_seed)]
         again = ['--resume', dense_last] if resume and os.path.isfile(dense_last) else []
         _child(script, [*rest, '--output', run_dir, '--experiment', DENSE_PHASE_DIR, *again], dense,
-               {**env, REWIND_ENV: f'{step}:{os.path.abspath(rewind_file)}'})
+               _phase_env({**env, REWIND_ENV: f'{step}:{os.path.abspath(rewind_file)}'}, 1))
         if is_primary():
             write_json_atomic({'rewind_step': step, 'rewind_state': rewind_file, 'trained_state': dense_last},
                               os.path.join(dense_dir, DENSE_DONE))
-    for path in (dense_last, rewind_file):
-        if not os.path.isfile(path):
-            fail(f'--dst {dst_args.dst}: the dense phase left no {path}')
+    if not _wait_for((dense_last, rewind_file)):
+        missing = [p for p in (dense_last, rewind_file) if not os.path.isfile(p)]
+        fail(f'--dst {dst_args.dst}: the dense phase left no {missing[0]}')
     sparse_last = os.path.join(run_dir, LAST)
     again = ['--resume', sparse_last] if resume and os.path.isfile(sparse_last) else []
     dst = _drop_dst(dst_tokens, {phase.rewind_step_arg, phase.trained_state_arg, phase.rewind_state_arg})
@@ -146,7 +168,7 @@ def run_two_phases(script: str, rest: list[str], dst_tokens: list[str], dst_args
             f'--{phase.rewind_state_arg.replace("_", "-")}', sparse_last if again else rewind_file]
     _say(f'{dst_args.dst} phase 2/2: prune the dense weights of {dense_last}, rewind to {rewind_file} (step '
         f'{step}), train in {run_dir}')
-    _child(script, [*rest, '--output', output, '--experiment', experiment, *again], dst, env)
+    _child(script, [*rest, '--output', output, '--experiment', experiment, *again], dst, _phase_env(env, 2))
 
 
 # --------------------------------------------------------------------------------------------------------------------
