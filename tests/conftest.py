@@ -60,7 +60,10 @@ TIERS: dict[str, str] = {
     'test_train::test_docs_cover_every_flag': '',
     'test_train::test_two_processes_agree': DISTRIBUTED,
     'test_fsdp': DISTRIBUTED,
-    'test_fsdp::test_cli_refuses_accelerate_fsdp_in_one_line': '',
+    'test_fsdp_cli': DISTRIBUTED,
+    'test_fsdp_cli::test_fsdp_refusals_are_one_line': '',
+    'test_fsdp_cli::test_cli_accepts_accelerate_fsdp2_and_refuses_fsdp1': '',
+    'test_fsdp_cli::test_shard_units_default_and_patterns': '',
     'test_deprecated_paths::test_package_itself_uses_no_old_path': INTEGRATION,
     'test_deprecated_paths::test_python_m_on_the_old_zoo_path_runs': INTEGRATION,
 }

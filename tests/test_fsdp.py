@@ -346,23 +346,6 @@ def test_fsdp_refusals_name_what_is_wrong(tmp_path):
     assert out['kernels'] is False and out['kernels_density'] < 0.02 and out['remasked'] and out['folded']
 
 
-def test_cli_refuses_accelerate_fsdp_in_one_line():
-    """timm-dst-train under ``accelerate launch --use_fsdp`` (GPU only: Accelerate 1.15 ignores FSDP on CPU) exits
-    with one line naming the supported path; every other launch goes on."""
-    from types import SimpleNamespace
-
-    from accelerate.utils import DistributedType
-
-    from timm_dst.cli.build import fsdp_refusal
-    fsdp = SimpleNamespace(distributed_type=DistributedType.FSDP,
-                           state=SimpleNamespace(fsdp_plugin=SimpleNamespace(fsdp_version=2)))
-    message = fsdp_refusal(fsdp)
-    assert '--use_fsdp (FSDP2) is not supported by timm-dst-train' in message and 'examples/fsdp_train.py' in message
-    assert '\n' not in message
-    for kind in (DistributedType.NO, DistributedType.MULTI_CPU, DistributedType.MULTI_GPU):
-        assert fsdp_refusal(SimpleNamespace(distributed_type=kind, state=SimpleNamespace())) is None
-
-
 @pytest.mark.slow
 def test_fsdp_example_trains_saves_and_resumes(tmp_path):
     """examples/fsdp_train.py under torchrun: 2 ranks train and checkpoint, a second launch resumes and exports."""
@@ -427,21 +410,3 @@ def test_fsdp_dense_gradient_capture_with_accumulation(tmp_path):
     the unsharded capture averaged over the ranks, window after window, while .grad itself stays masked."""
     mp.spawn(_capture_worker, args=(2, str(tmp_path)), nprocs=2, join=True)
     assert torch.load(tmp_path / 'capture.pt') == [True] * 4
-
-
-def test_cli_under_accelerate_fsdp_on_cpu_trains_ddp_and_says_so(tmp_path):
-    """On CPU processes Accelerate 1.15 does not set up FSDP for ``--use_fsdp --fsdp_version 2`` (it wraps the model
-    in DDP): timm-dst-train trains and its log says that the run is DDP."""
-    import subprocess
-    import sys
-    env = dict(os.environ, ACCELERATE_USE_CPU='1', OMP_NUM_THREADS='1')
-    cmd = [sys.executable, '-m', 'accelerate.commands.launch', '--use_fsdp', '--fsdp_version', '2', '--num_processes',
-           '2', '--num_machines', '1', '--mixed_precision', 'no', '--dynamo_backend', 'no', '-m', 'timm_dst.train',
-           '--dataset', 'synthetic', '--input-size', '1', '6', '6', '--num-classes', '4', '--synthetic-train-size',
-           '128', '--synthetic-test-size', '32', '--model', 'itop_mlp', '--model-kwargs', 'hidden=[16]', '-b', '16',
-           '--lr', '0.05', '--dst', 'set', '--sparsity', '0.8', '--update-interval', '2', '--epochs', '1',
-           '--output', str(tmp_path)]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-    out = proc.stdout + proc.stderr
-    assert proc.returncode == 0, out[-3000:]
-    assert 'Accelerate did not set up FSDP for MULTI_CPU' in out and 'trains under DDP' in out

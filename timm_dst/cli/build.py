@@ -28,6 +28,7 @@ from .config import args_to_yaml, output_dir, synthetic_ignored, user_error
 from .data import DataInfo, create_loaders, create_mixup, data_config_args, describe_sizes, open_datasets
 from .outputs import DstCheckpointSaver, setup_logging
 from .resume import dense_start_epoch, load_resume, resume_run
+from .sharded import ACCELERATE_FSDP, ShardedCheckpointSaver, build_sharded_model
 from .state import RunData, RunResume, RunSetup, RunState, RunTraining, checkpoint_entries
 
 __all__ = ['build_run', 'build_setup', 'build_data', 'build_training', 'prepare', 'create_accelerator',
@@ -48,39 +49,60 @@ def create_accelerator(args: argparse.Namespace):
     from accelerate.utils import DataLoaderConfiguration, DistributedDataParallelKwargs
     mixed = ('bf16' if args.amp_dtype == 'bfloat16' else 'fp16') if args.amp else None
     return Accelerator(
-        mixed_precision=mixed, gradient_accumulation_steps=args.grad_accum_steps, step_scheduler_with_optimizer=False,
+        cpu=_launched_without_accelerator(), mixed_precision=mixed, gradient_accumulation_steps=args.grad_accum_steps,
+        step_scheduler_with_optimizer=False,
         dataloader_config=DataLoaderConfiguration(
             use_seedable_sampler=True, data_seed=derive_seed(args.seed, 'data-order')),
         kwargs_handlers=[DistributedDataParallelKwargs(broadcast_buffers=not args.no_ddp_bb)],
         log_with='wandb' if args.log_wandb else None)
 
 
-def fsdp_refusal(accelerator: Any) -> str | None:
-    """Why this CLI cannot train under the launcher's FSDP set-up, or None when it is not FSDP.
+def _launched_without_accelerator() -> bool:
+    """Whether a launcher (torchrun) started several processes on a machine without an accelerator: Accelerate then
+    needs ``cpu=True`` to set up the process group (gloo) itself, as ``ACCELERATE_USE_CPU=1`` asks."""
+    if int(os.environ.get('WORLD_SIZE', '1') or 1) <= 1:
+        return False
+    current = getattr(torch, 'accelerator', None)
+    return not (current.is_available() if current is not None else torch.cuda.is_available())
 
-    ``timm-dst-train`` attaches the sparsifier before ``accelerator.prepare`` and saves whole checkpoints from the main
-    process; FSDP shards the model inside ``prepare``. DST under FSDP2 runs from the library (docs/distributed.md).
+
+def fsdp_refusal(accelerator: Any) -> str | None:
+    """Why this CLI cannot train under the launcher's FSDP set-up (FSDP1), or None.
+
+    Under ``accelerate launch --use_fsdp --fsdp_version 2`` the model is sharded by Accelerate's own FSDP2 preparation
+    before the optimizer is built and the sparsifier attached (:mod:`~timm_dst.cli.sharded`); FSDP1 (flat parameters)
+    cannot carry the sparse reparametrisation.
     """
     from accelerate.utils import DistributedType
     if accelerator.distributed_type != DistributedType.FSDP:
         return None
     version = getattr(getattr(accelerator.state, 'fsdp_plugin', None), 'fsdp_version', 1)
-    return (f'accelerate launch --use_fsdp (FSDP{version}) is not supported by timm-dst-train: it builds the '
-            'sparsifier before accelerator.prepare shards the model and saves whole checkpoints from one process; '
-            'train FSDP2 models from the library (fully_shard, optimizer, create_sparsifier; examples/fsdp_train.py, '
-            'docs/distributed.md), or launch without --use_fsdp (DDP)')
+    if version == 2:
+        return None
+    return (f'accelerate launch --use_fsdp --fsdp_version {version}: FSDP{version} (flat parameters) cannot carry the '
+            'sparse masks; launch with --fsdp_version 2 (FSDP2), or pass --fsdp to timm-dst-train')
 
 
 def fsdp_ignored(accelerator: Any) -> str | None:
-    """A warning when ``accelerate launch --use_fsdp`` asked for FSDP and Accelerate did not set it up (on CPU
-    processes Accelerate 1.15 wraps the model in DDP instead), else None."""
+    """A note when ``accelerate launch --use_fsdp`` asked for FSDP and Accelerate did not set it up (on CPU processes
+    Accelerate wraps the model in DDP instead): timm-dst-train then shards the model itself (``--fsdp``)."""
     from accelerate.utils import DistributedType
     if os.environ.get('ACCELERATE_USE_FSDP', 'false').lower() != 'true':
         return None
     if accelerator.distributed_type == DistributedType.FSDP:
         return None
-    return (f'accelerate launch --use_fsdp: Accelerate did not set up FSDP for {accelerator.distributed_type.value} '
-            '(it does so on accelerator devices only); this run trains under DDP, each rank holding the whole model')
+    return (f'accelerate launch --use_fsdp: Accelerate does not set up FSDP for {accelerator.distributed_type.value} '
+            '(it does so on accelerator devices only); timm-dst-train shards the model itself with FSDP2 (--fsdp)')
+
+
+def ensure_process_group(accelerator: Any) -> None:
+    """A process group for FSDP2 in a single process (Accelerate creates none for one process): one rank, in
+    memory."""
+    import torch.distributed as dist
+    if dist.is_initialized():
+        return
+    backend = 'gloo' if accelerator.device.type == 'cpu' else dist.get_default_backend_for_device(accelerator.device)
+    dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
 
 
 def is_own_model(name: str) -> bool:
@@ -209,7 +231,7 @@ def build_run(args: argparse.Namespace, rewind: tuple[int, str] | None = None) -
 
 
 def build_setup(args: argparse.Namespace, rewind: tuple[int, str] | None = None) -> RunSetup:
-    """The Accelerator (FSDP refused), the output folder (the main process's choice, on every rank) and logging."""
+    """The Accelerator (FSDP1 refused), the output folder (the main process's choice, on every rank) and logging."""
     from accelerate.utils import broadcast_object_list
     acc = create_accelerator(args)
     refusal = fsdp_refusal(acc)
@@ -224,7 +246,12 @@ def build_setup(args: argparse.Namespace, rewind: tuple[int, str] | None = None)
     setup_logging(is_main, out[0])
     ignored = fsdp_ignored(acc)
     if ignored:
-        _logger.warning(ignored)
+        _logger.info(ignored)
+    if args.fsdp:
+        from accelerate.utils import DistributedType
+        if acc.distributed_type == DistributedType.FSDP:
+            args.fsdp = ACCELERATE_FSDP
+        ensure_process_group(acc)
     return RunSetup(args=args, accelerator=acc, output_dir=out[0], is_main=is_main,
                     progress=is_main and not args.no_progress, rewind=rewind)
 
@@ -240,8 +267,16 @@ def build_data(setup: RunSetup) -> tuple[RunData, nn.Module, dict[str, Any]]:
     try:
         splits = open_datasets(args)
         info = splits.info
-        model, kwargs = create_train_model(args, info, acc.device)
+        if args.fsdp:
+            kwargs = model_kwargs(args, info)
+            model = build_sharded_model(args, acc, lambda: create_train_model(args, info, acc.device)[0], kwargs)
+        else:
+            model, kwargs = create_train_model(args, info, acc.device)
     except CheckpointError as e:
+        raise user_error(str(e)) from None
+    except ValueError as e:
+        if not args.fsdp:
+            raise
         raise user_error(str(e)) from None
     if args.sync_bn and acc.num_processes > 1 and acc.device.type == 'cpu':
         raise user_error('--sync-bn: torch\'s SyncBatchNorm runs on GPUs only; on CPU processes use --dist-bn '
@@ -335,7 +370,10 @@ def prepare(state: RunState) -> None:
     if args.torchcompile:
         train_model = torch.compile(tr.model, backend=args.torchcompile, mode=args.torchcompile_mode)
     loaders = [x for x in (data.val_loader, data.test_loader) if x is not None]
-    prepared = acc.prepare(train_model, tr.optimizer, data.train_loader, *loaders)
+    if args.fsdp:  # sharded already: Accelerate prepares the optimizer and the loaders only (no DDP wrapper)
+        prepared = [train_model, *acc.prepare(tr.optimizer, data.train_loader, *loaders)]
+    else:
+        prepared = acc.prepare(train_model, tr.optimizer, data.train_loader, *loaders)
     tr.train_model, tr.optimizer_p, data.train_loader = prepared[:3]
     rest = list(prepared[3:])
     data.val_loader = rest.pop(0) if data.val_loader is not None else None
@@ -347,7 +385,8 @@ def prepare(state: RunState) -> None:
         acc.scaler.load_state_dict(state.resume.scaler)
     state.outputs.saver = None
     if setup.is_main:
-        state.outputs.saver = DstCheckpointSaver(
+        saver_cls = ShardedCheckpointSaver if args.fsdp else DstCheckpointSaver
+        state.outputs.saver = saver_cls(
             lambda: checkpoint_entries(state), tr.sparsifier, tr.flops, tr.scheduler, model=tr.model,
             optimizer=tr.optimizer, args=args, model_ema=tr.ema.module if tr.ema is not None else None,
             amp_scaler=acc.scaler, checkpoint_dir=setup.output_dir, recovery_dir=setup.output_dir,

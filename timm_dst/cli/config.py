@@ -82,7 +82,7 @@ MEANING_DIFFERS: dict[str, str] = {
 }
 # flags of this CLI that timm's train.py does not have (besides the DST group)
 OWN_FLAGS = ('val_fraction', 'split_seed', 'test_split', 'synthetic_train_size', 'synthetic_test_size',
-             'crop_padding', 'threads', 'stop_after_updates', 'no_progress', 'save_rank_masks')
+             'crop_padding', 'threads', 'stop_after_updates', 'no_progress', 'save_rank_masks', 'fsdp', 'fsdp_modules')
 
 
 class _Parser(argparse.ArgumentParser):
@@ -181,6 +181,13 @@ def _device_group(p: argparse.ArgumentParser) -> None:
                    help='synchronize the device after each step (timing)')
     g.add_argument('--local_rank', default=0, type=int, help='set by launchers; Accelerate reads the environment')
     g.add_argument('--device-modules', default=None, type=str, nargs='+', help='modules to import for devices')
+    g.add_argument('--fsdp', action='store_true', default=False,
+                   help='shard the model with FSDP2 (fully_shard: each unit of --fsdp-modules, then the root) before '
+                        'the optimizer and the sparsifier; checkpoints through torch.distributed.checkpoint (under '
+                        'torchrun or accelerate launch; docs/distributed.md)')
+    g.add_argument('--fsdp-modules', default=None, type=str, nargs='+', metavar='PATTERN',
+                   help='with --fsdp: the modules to shard before the root, as dotted names (* matches one name, '
+                        'e.g. blocks.* stages.*); default: the children of the model\'s blocks, stages or layers')
 
 
 def _optimizer_group(p: argparse.ArgumentParser) -> None:
@@ -528,6 +535,34 @@ def _check_ranges(parser: argparse.ArgumentParser, args: argparse.Namespace) -> 
         parser.error(f'--lr-base-scale {args.lr_base_scale!r}: accepted: linear, sqrt')
 
 
+def _check_fsdp(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+    """What ``--fsdp`` cannot train yet, refused before anything is built."""
+    from ..methods._registry import list_sharded_methods
+    from .sharded import accelerate_fsdp_version
+    version = accelerate_fsdp_version()
+    if version is not None:  # accelerate launch --use_fsdp: shard (Accelerate's FSDP2 on GPUs, else --fsdp's own)
+        if version != 2:
+            parser.error(f'accelerate launch --use_fsdp --fsdp_version {version}: FSDP{version} (flat parameters) '
+                         'cannot carry the sparse masks; launch with --fsdp_version 2 (FSDP2), or pass --fsdp')
+        args.fsdp = True
+    if args.fsdp_modules and not args.fsdp:
+        parser.error('--fsdp-modules: only with --fsdp')
+    if not args.fsdp:
+        return
+    supported = list_sharded_methods()
+    if args.dst not in supported:
+        parser.error(f'--dst {args.dst} with --fsdp: the method chooses its initial topology itself, which is not '
+                     f'supported on a sharded model yet; with --fsdp: {", ".join(supported)}')
+    refused = {'model_ema': 'EMA copies of a sharded model are not supported yet',
+               'structure': 'structured sparsity on a sharded model is not supported yet',
+               'torchcompile': 'torch.compile of a sharded sparse model is not supported yet',
+               'sync_bn': 'SyncBatchNorm under FSDP2 is not supported',
+               'channels_last': 'channels-last parameters are not supported by the sharded masks yet'}
+    given = [d for d in refused if getattr(args, d, None)]
+    if given:
+        parser.error('with --fsdp: ' + '; '.join(f'{_flag(d)}: {refused[d]}' for d in given))
+
+
 def _check_output(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None:
     folder = output_dir(args)
     problem = writable_folder_problem(folder)
@@ -615,6 +650,7 @@ def _validate(parser: argparse.ArgumentParser, args: argparse.Namespace) -> None
     _check_model_and_opt(parser, args)
     validate_dst_args(args, parser.error)
     _check_ranges(parser, args)
+    _check_fsdp(parser, args)
     _check_data_flags(parser, args)
     _check_files(parser, args)
     _check_output(parser, args)

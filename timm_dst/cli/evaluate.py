@@ -75,8 +75,9 @@ def validate(state: RunState) -> dict[str, float] | None:
 
 
 def export_weights(state: RunState, path: str, use_ema: bool) -> None:
-    """Write the plain timm weights (masks folded, no timm_dst keys) as safetensors, on the main process."""
-    if not state.setup.is_main:
+    """Write the plain timm weights (masks folded, no timm_dst keys) as safetensors, on the main process (every rank
+    calls it: under ``--fsdp`` the shards are gathered, a collective)."""
+    if not state.setup.is_main and not state.setup.args.fsdp:
         return
     tr = state.training
     sp = tr.sparsifier
@@ -84,7 +85,9 @@ def export_weights(state: RunState, path: str, use_ema: bool) -> None:
     meta = {'arch': state.setup.args.model, 'timm_dst_method': sp.method_name,
             'density': f'{sp.density:.6f}', 'itop_rate': f'{sp.itop_rate:.6f}',
             'model_kwargs': json.dumps(tr.model_kwargs, default=list)}
-    save_safetensors_atomic(export_state_dict(src), path, metadata=meta)
+    weights = export_state_dict(src)
+    if state.setup.is_main:
+        save_safetensors_atomic(weights, path, metadata=meta)
 
 
 def finish_run(state: RunState, wall: float) -> dict[str, Any]:

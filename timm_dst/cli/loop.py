@@ -25,6 +25,7 @@ from ..methods import capture_weights
 from .config import user_error
 from .evaluate import export_weights, finish_run, validate
 from .outputs import density_text, plot_summary, train_log_line, write_summary_row
+from .sharded import prune_sharded, save_sharded
 from .state import RunState, fresh_meters
 
 __all__ = ['TrainingDivergedError', 'fit', 'train_one_epoch', 'save_checkpoint', 'save_rewind']
@@ -124,9 +125,9 @@ def fit(state: RunState) -> dict[str, Any]:
 
 def _write_epoch_outputs(state: RunState, improved: bool) -> None:
     setup, tr = state.setup, state.training
+    if improved:  # a collective under --fsdp (the shards are gathered)
+        export_weights(state, os.path.join(setup.output_dir, EXPORT_BEST), use_ema=tr.ema is not None)
     if setup.is_main:
-        if improved:
-            export_weights(state, os.path.join(setup.output_dir, EXPORT_BEST), use_ema=tr.ema is not None)
         write_json_atomic(dst_summary(tr.sparsifier, tr.flops), os.path.join(setup.output_dir, DST_SUMMARY))
         plot_summary(os.path.join(setup.output_dir, SUMMARY_CSV), os.path.join(setup.output_dir, SUMMARY_PNG),
                      f'{setup.args.model} {tr.sparsifier.method_name}')
@@ -339,6 +340,12 @@ def save_checkpoint(state: RunState, epoch: int, next_epoch: int, next_batch: in
     out = state.outputs
     out.rngs = gather_object([rng_state()])
     out.next_position = {'next_epoch': next_epoch, 'next_batch': next_batch}
+    sharded = bool(state.setup.args.fsdp)
+    if sharded:  # the tensors first, every rank its shards; the saver's file names the folder
+        tag = f'step-{state.position.num_updates}'
+        save_sharded(state, tag)
+        if state.setup.is_main:
+            out.saver.dcp_tag = tag
     if state.setup.is_main:
         if mode == 'recovery':
             out.saver.save_recovery(epoch, batch_idx=next_batch)
@@ -346,6 +353,8 @@ def save_checkpoint(state: RunState, epoch: int, next_epoch: int, next_batch: in
             out.saver.save_last(epoch)
         else:
             out.saver.save_checkpoint(epoch, metric=metric)
+        if sharded:
+            prune_sharded(state.setup.output_dir)
     state.setup.accelerator.wait_for_everyone()
 
 

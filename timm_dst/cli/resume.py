@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from ..integrations.timm.checkpoint import (
+    DST_KEY,
     CheckpointError,
     check_resume_compatible,
     check_resume_source,
@@ -24,6 +25,7 @@ from ..integrations.timm.flags import dst_options, option_changes
 from ..integrations.timm.outputs import SUMMARY_CSV
 from .config import user_error
 from .outputs import truncate_summary
+from .sharded import DCP_DIR, is_sharded_checkpoint, load_sharded
 from .state import RunResume, RunState
 
 __all__ = ['load_resume', 'resume_run']
@@ -48,6 +50,9 @@ def load_resume(args: argparse.Namespace, model: nn.Module, optimizer: torch.opt
     """
     try:
         ckpt = read_checkpoint_file(args.resume, '--resume')
+        if is_sharded_checkpoint(ckpt) or args.fsdp:
+            check_sharded_source(args, ckpt)
+            return RunResume(ckpt=ckpt, dense=False)
         dense = check_resume_source(args.resume, ckpt, args)
         if dense:
             load_dense_weights(model, ckpt, args.resume, '--resume')
@@ -56,6 +61,29 @@ def load_resume(args: argparse.Namespace, model: nn.Module, optimizer: torch.opt
     except CheckpointError as e:
         raise user_error(str(e)) from None
     return RunResume(ckpt=ckpt, dense=dense)
+
+
+def check_sharded_source(args: argparse.Namespace, ckpt: dict[str, Any]) -> None:
+    """A ``--fsdp`` run resumes a ``--fsdp`` checkpoint of the same model and optimizer, and only that.
+
+    Raises:
+        CheckpointError: What differs, in one line.
+    """
+    if not is_sharded_checkpoint(ckpt):
+        raise CheckpointError(f'--resume {args.resume}: not a checkpoint of a --fsdp run (its tensors are in the '
+                              'file); resume it without --fsdp, or start from its weights with --initial-checkpoint')
+    if not args.fsdp:
+        raise CheckpointError(f'--resume {args.resume}: a checkpoint of a --fsdp run (its tensors sharded in '
+                              f'{DCP_DIR}/{ckpt[DST_KEY]["dcp"]}): resume it with --fsdp')
+    if ckpt.get('arch') is not None and ckpt['arch'] != args.model:
+        raise CheckpointError(f'--resume {args.resume}: the checkpoint is of model {ckpt["arch"]!r}, not --model '
+                              f'{args.model!r}')
+    old_opt = getattr(ckpt.get('args'), 'opt', None)
+    if not args.no_resume_opt and old_opt is not None and str(old_opt).lower() != str(args.opt).lower():
+        raise CheckpointError(f'--resume {args.resume}: the run was trained with --opt {old_opt}; resume with the '
+                              'same --opt, or add --no-resume-opt to start a fresh optimizer state')
+    if 'run' not in ckpt[DST_KEY]:
+        raise CheckpointError(f'--resume {args.resume}: its DST state holds no timm-dst-train run state')
 
 
 def _load_optimizer(args: argparse.Namespace, optimizer: torch.optim.Optimizer, ckpt: dict[str, Any]) -> None:
@@ -95,12 +123,16 @@ def resume_run(state: RunState) -> None:
     if state.resume.dense:
         return _resume_dense(state, ckpt)
     try:
-        saved = check_resume_compatible(args.resume, ckpt, args)
+        if is_sharded_checkpoint(ckpt):  # every rank reads its shards (DCP)
+            saved = dict(ckpt[DST_KEY])
+            load_sharded(state, ckpt, args.resume, optimizer=not args.no_resume_opt)
+        else:
+            saved = check_resume_compatible(args.resume, ckpt, args)
+            # the masks first: loading weights into the model re-applies the masks it carries at that moment
+            restore_dst_state(tr.sparsifier, saved, flops=tr.flops, rng=False)
+            load_plain_state_dict(tr.model, model_state(ckpt))
         pos = saved['run']
-        # the masks first: loading weights into the model re-applies the masks it carries at that moment
-        restore_dst_state(tr.sparsifier, saved, flops=tr.flops, rng=False)
-        load_plain_state_dict(tr.model, model_state(ckpt))
-        if not args.no_resume_opt:
+        if not args.no_resume_opt and not is_sharded_checkpoint(ckpt):
             try:
                 tr.optimizer.load_state_dict(ckpt['optimizer'])
             except (ValueError, KeyError) as e:

@@ -35,7 +35,8 @@ from ..core.options import option_names
 
 __all__ = [
     'MethodInfo', 'MethodArgument', 'ENTRY_POINT_GROUP', 'DEFAULT_METHOD', 'DEFAULT_TRAIN_METHOD', 'register_method',
-    'list_methods',    'get_method_info', 'method_arguments', 'create_sparsifier', 'check_sparsifier_args',
+    'list_methods', 'get_method_info', 'method_arguments', 'create_sparsifier', 'check_sparsifier_args',
+    'list_sharded_methods',
 ]
 
 _logger = logging.getLogger(__name__)
@@ -347,8 +348,14 @@ def create_sparsifier(model: nn.Module, optimizer: Any, method: str = DEFAULT_ME
     try:
         return Sparsifier(model, optimizer, info.cls(**meth), method_name=method, **ctrl)
     except ShardedMethodError as e:
-        supported = [n for n in list_methods() if get_method_info(n).cls.init_masks is SparseMethod.init_masks]
-        raise ValueError(f'{e}; the methods starting from mask_init are: {", ".join(supported)}') from None
+        raise ValueError(f'{e}; the methods starting from mask_init are: {", ".join(list_sharded_methods())}') \
+            from None
+
+
+def list_sharded_methods() -> list[str]:
+    """The methods that train a model sharded with FSDP2 (``fully_shard``): those that start from ``mask_init``
+    (the others choose their initial topology themselves, ``init_masks``, which is not supported on shards)."""
+    return [n for n in list_methods() if get_method_info(n).cls.init_masks is SparseMethod.init_masks]
 
 
 def check_sparsifier_args(method: str = DEFAULT_METHOD, provided: tuple[str, ...] = (), **kwargs: Any) -> None:
