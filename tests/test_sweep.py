@@ -53,6 +53,9 @@ def test_run_command():
                         '--decay-milestones 3 4 --seed 1 --output out/p/seed1')
     assert '--dense-classifier' not in s and '--resume' not in s
     assert sweep.run_command('r', {}, 0, 'd', resume=True)[-2:] == ['--resume', 'd']
+    launched = sweep.run_command('r', {}, 0, 'd', ['--fsdp'], nproc=2)
+    assert launched[1:8] == ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', '2', '-m',
+                             'timm_dst.train'] and '--fsdp' in launched
 
 
 def test_aggregate_mean_std():
@@ -97,3 +100,14 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
     with open(out / 'sweep.json') as f:
         assert json.load(f)['grid'] == {'update_interval': [2, 1000]}
     assert os.path.isfile(out / 'update_interval=2' / 'seed1' / 'results.json')
+
+
+def test_sweep_passes_fsdp_and_processes_through(tmp_path, capsys):
+    """``timm-dst-sweep --fsdp --nproc-per-node 2``: every run is two processes under torchrun, sharded."""
+    recipe = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'recipes',
+                          'fmnist_mlp_set_itop.yaml')
+    assert sweep.main([recipe, '--grid', 'sparsity=0.9,0.95', '--fsdp', '--nproc-per-node', '2', '--dry-run',
+                       '--out', str(tmp_path)]) == 0
+    cmds = [line for line in capsys.readouterr().out.splitlines() if 'timm_dst.train' in line]
+    assert len(cmds) == 2 and all('torch.distributed.run --standalone --nproc_per_node 2 -m timm_dst.train' in c
+                                  and c.endswith('--fsdp') for c in cmds)

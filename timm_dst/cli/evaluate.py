@@ -24,6 +24,7 @@ from ..integrations.timm.outputs import (
 )
 from .build import pretrained_overlay
 from .outputs import density_text
+from .sharded import plain_sharded_model
 from .state import RunState
 
 __all__ = ['evaluate', 'validate', 'export_weights', 'finish_run', 'DST_SUMMARY', 'RESULTS', 'EXPORT_BEST',
@@ -85,7 +86,7 @@ def export_weights(state: RunState, path: str, use_ema: bool) -> None:
     meta = {'arch': state.setup.args.model, 'timm_dst_method': sp.method_name,
             'density': f'{sp.density:.6f}', 'itop_rate': f'{sp.itop_rate:.6f}',
             'model_kwargs': json.dumps(tr.model_kwargs, default=list)}
-    weights = export_state_dict(src)
+    weights = export_state_dict(src, rank0_only=True)  # sharded: gathered one tensor at a time, onto rank 0
     if state.setup.is_main:
         save_safetensors_atomic(weights, path, metadata=meta)
 
@@ -115,8 +116,11 @@ def finish_run(state: RunState, wall: float) -> dict[str, Any]:
     if out.best_epoch is not None and os.path.isfile(best_export):
         exports['best'] = best_export
     for tag, path in exports.items():
-        plain = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=pretrained_overlay(
-            path, data.info, data.data_config['input_size']), **tr.model_kwargs).to(acc.device)
+        if args.fsdp:  # plain timm, sharded like the run (rank 0 reads the file)
+            plain = plain_sharded_model(args, acc, path, tr.model_kwargs)
+        else:
+            plain = timm.create_model(args.model, pretrained=True, pretrained_cfg_overlay=pretrained_overlay(
+                path, data.info, data.data_config['input_size']), **tr.model_kwargs).to(acc.device)
         if data.val_loader is not None:
             results[f'val_{tag}'] = evaluate(plain, data.val_loader, acc, f'validate {tag}')
         if data.test_loader is not None:

@@ -28,7 +28,8 @@ from ..integrations.timm.outputs import CHECKPOINT_EXT, atomic_path
 from ..integrations.timm.saver import DstCheckpointSaver
 
 __all__ = ['DCP_DIR', 'SHARDED_FORMAT', 'ACCELERATE_FSDP', 'build_sharded_model', 'is_sharded_checkpoint',
-           'save_sharded', 'load_sharded', 'prune_sharded', 'ShardedCheckpointSaver', 'accelerate_fsdp_version']
+           'save_sharded', 'load_sharded', 'prune_sharded', 'ShardedCheckpointSaver', 'accelerate_fsdp_version',
+           'plain_sharded_model']
 
 _logger = logging.getLogger('timm_dst.train')
 
@@ -98,6 +99,25 @@ def build_sharded_model(args: argparse.Namespace, accelerator: Any, create_whole
     shard_model(model, units(model), mesh=_mesh(accelerator))
     _after_build(args, model)
     _log_sharded(model, world, f'built whole on every rank, then sharded: {how}')
+    return model
+
+
+def plain_sharded_model(args: argparse.Namespace, accelerator: Any, path: str, kwargs: dict[str, Any]) -> nn.Module:
+    """The exported weights ``path`` in a plain timm model (no masks), sharded like the run's model: rank 0 reads the
+    file and the entries are scattered to the shards (a collective), so no other rank holds the whole model."""
+    import timm
+    from safetensors.torch import load_file
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+    units = functools.partial(shard_units, patterns=args.fsdp_modules)
+    try:
+        model = build_meta_sharded(functools.partial(timm.create_model, args.model, **kwargs), accelerator.device,
+                                   units, mesh=_mesh(accelerator))
+    except MetaInitError:
+        model = timm.create_model(args.model, **kwargs).to(accelerator.device)
+        shard_model(model, units(model), mesh=_mesh(accelerator))
+    weights = load_file(path, device='cpu') if accelerator.is_main_process else {}
+    set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
+                                                                  strict=True))
     return model
 
 

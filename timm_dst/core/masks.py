@@ -14,6 +14,7 @@ from collections.abc import Mapping
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.nn.utils import prune
 
@@ -526,27 +527,31 @@ def _strip_prefix(key: str) -> str:
     return key
 
 
-def export_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor]) -> OrderedDict[str, torch.Tensor]:
+def export_state_dict(model_or_state: nn.Module | Mapping[str, torch.Tensor],
+                      rank0_only: bool = False) -> OrderedDict[str, torch.Tensor]:
     """Plain timm state_dict of a sparse model: ``x_orig * x_mask -> x``, masks dropped, wrapper prefixes stripped.
 
     Args:
         model_or_state: A (possibly wrapped) model, or a state_dict taken from one.
+        rank0_only: On a sharded model, only rank 0 keeps the gathered entries (the others return an empty dict):
+            no other rank ever holds more than one whole tensor.
 
-    On a model sharded with FSDP2 (``fully_shard``), every sharded entry is gathered: a collective, call it on every
-    rank; each rank gets the whole plain state dict.
+    On a model sharded with FSDP2 (``fully_shard``), every sharded entry is gathered, one at a time: a collective,
+    call it on every rank; each rank gets the whole plain state dict (rank 0 alone with ``rank0_only``).
 
     Returns:
         A state_dict with the keys of the unpruned model, loadable strictly into ``timm.create_model(name)``.
     """
     state = model_or_state.state_dict() if isinstance(model_or_state, nn.Module) else model_or_state
-    state = {key: full(value) for key, value in state.items()}  # FSDP2 shards gathered, the rest as is
+    keep = not rank0_only or not dist.is_initialized() or dist.get_rank() == 0
     out: OrderedDict[str, torch.Tensor] = OrderedDict()
-    for key, value in state.items():
+    for key, value in state.items():  # FSDP2 shards gathered one entry at a time, the rest as is
         if key.endswith('_mask') and key[:-5] + '_orig' in state:
             continue
+        value = full(value)
         if key.endswith('_orig') and key[:-5] + '_mask' in state:
-            mask = state[key[:-5] + '_mask']
-            value = value * mask.to(value.dtype)
+            value = value * full(state[key[:-5] + '_mask']).to(value.dtype)
             key = key[:-5]
-        out[_strip_prefix(key)] = value.detach().clone()
+        if keep:
+            out[_strip_prefix(key)] = value.detach().clone()
     return out

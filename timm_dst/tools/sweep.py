@@ -4,6 +4,9 @@ Each grid point and seed is one ``timm-dst-train`` run, started as a subprocess:
 
     python -m timm_dst.train -c RECIPE --key value ... --seed K --output OUT/<point>/seed<K>
 
+With ``--nproc-per-node N`` each run is ``N`` processes under torchrun (``python -m torch.distributed.run
+--standalone --nproc_per_node N -m timm_dst.train ...``); ``--fsdp`` shards each run's model with FSDP2.
+
 A run whose ``results.json`` exists is skipped; a run with a ``last.pth.tar`` but no ``results.json`` (killed or
 stopped) is continued with ``--resume``, so an interrupted sweep is resumed by giving the same command again.
 At the end (and with ``--collect-only`` at any time) the runs' ``results.json`` are gathered into
@@ -115,9 +118,11 @@ def _flag_value(v: Any) -> list[str]:
 
 
 def run_command(recipe: str, point: dict[str, Any], seed: int, run_dir: str, extra: Sequence[str] = (),
-                resume: bool = False) -> list[str]:
-    """The ``timm-dst-train`` command line of one run (bool grid values become ``--flag`` / are dropped)."""
-    cmd = [sys.executable, '-m', 'timm_dst.train', '-c', recipe]
+                resume: bool = False, nproc: int = 1) -> list[str]:
+    """The ``timm-dst-train`` command line of one run (bool grid values become ``--flag`` / are dropped); with
+    ``nproc`` > 1, ``nproc`` processes under torchrun (a rendezvous of their own on a free port)."""
+    launch = ['-m', 'torch.distributed.run', '--standalone', '--nproc_per_node', str(nproc)] if nproc > 1 else []
+    cmd = [sys.executable, *launch, '-m', 'timm_dst.train', '-c', recipe]
     for k, v in point.items():
         flag = '--' + k.replace('_', '-')
         if isinstance(v, bool):
@@ -296,6 +301,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--collect-only', action='store_true', help='do not train; collect and plot what is there')
     p.add_argument('--dry-run', action='store_true', help='print the commands of the runs still to do, and stop')
     p.add_argument('--train-args', default='', help='extra timm-dst-train arguments for every run (one string)')
+    p.add_argument('--nproc-per-node', type=int, default=1, metavar='N',
+                   help='processes per run, under torchrun (default 1: one process)')
+    p.add_argument('--fsdp', action='store_true', help='shard each run\'s model with FSDP2 (timm-dst-train --fsdp)')
     return p
 
 
@@ -313,7 +321,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     out = args.out or os.path.join('runs', 'sweep', name)
     points = grid_points(grid)
     seeds = list(range(args.seed_base, args.seed_base + args.seeds))
-    extra = args.train_args.split() if args.train_args else []
+    extra = (args.train_args.split() if args.train_args else []) + (['--fsdp'] if args.fsdp else [])
+    if args.nproc_per_node < 1:
+        raise SystemExit(f'timm-dst-sweep: --nproc-per-node {args.nproc_per_node} must be >= 1')
     x = args.x or (keys[0] if keys else None)
     lines = args.lines if args.lines is not None else (keys[1] if len(keys) > 1 else None)
     for k in (x, lines):
@@ -328,7 +338,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                 run_dir = os.path.join(out, point_name(point), f'seed{seed}')
                 state = run_state(run_dir)
                 if state != 'done':
-                    todo.append((run_command(args.recipe, point, seed, run_dir, extra, state == 'partial'), run_dir))
+                    todo.append((run_command(args.recipe, point, seed, run_dir, extra, state == 'partial',
+                                             nproc=args.nproc_per_node), run_dir))
         print(f'timm-dst-sweep: {len(points)} point(s) x {len(seeds)} seed(s), {len(todo)} run(s) to do -> {out}',
               flush=True)
         if args.dry_run:
