@@ -73,6 +73,12 @@ def test_torchrun_fsdp_trains_resumes_exactly_and_exports_to_plain_timm(tmp_path
     a, b = load_file(whole / 'model_last.safetensors'), load_file(stopped / 'model_last.safetensors')
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
+    # on another number of ranks (DCP reshards): one process continues the two-rank run for a third epoch
+    cmd = [sys.executable, '-m', 'timm_dst.train', *ARGS, '--fsdp', '--epochs', '3', '--resume', str(whole)]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
+    assert 'checkpoint from 2 process(es), now 1' in _log(whole) and 'epoch 2/3' in _log(whole)
+
     # a sharded checkpoint resumed without --fsdp: one line naming the flag
     cmd = [sys.executable, '-m', 'timm_dst.train', *ARGS, '--epochs', '3', '--resume', str(whole),
            '--output', str(tmp_path / 'plain')]
