@@ -430,6 +430,7 @@ def attach_masks(items: list[tuple[nn.Module, str, torch.Tensor]]) -> list[DSTMa
             dst_mask = DSTMask.apply(module, name, mask=mask)
             done.append((module, name, dst_mask))
             dst_mask.install_grad_mask(module)
+            refresh_weight(module, name)  # the alias now: prune's apply left a dense orig * mask copy there
     except BaseException:
         for module, name, dst_mask in reversed(done):
             _detach(module, name, dst_mask)
