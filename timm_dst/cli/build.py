@@ -370,9 +370,9 @@ def prepare(state: RunState) -> None:
     if args.torchcompile:
         train_model = torch.compile(tr.model, backend=args.torchcompile, mode=args.torchcompile_mode)
     loaders = [x for x in (data.val_loader, data.test_loader) if x is not None]
-    if args.fsdp:  # sharded already: Accelerate prepares the optimizer and the loaders only (no DDP wrapper)
+    if args.fsdp and args.fsdp != ACCELERATE_FSDP:  # sharded by --fsdp: the optimizer and loaders only (no DDP)
         prepared = [train_model, *acc.prepare(tr.optimizer, data.train_loader, *loaders)]
-    else:
+    else:  # Accelerate's FSDP2 takes the model with its optimizer; the model is an FSDPModule already, left as it is
         prepared = acc.prepare(train_model, tr.optimizer, data.train_loader, *loaders)
     tr.train_model, tr.optimizer_p, data.train_loader = prepared[:3]
     rest = list(prepared[3:])
