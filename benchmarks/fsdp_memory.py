@@ -35,6 +35,18 @@ import subprocess
 import sys
 import tempfile
 
+# the training steps of both children: random batches, seeded per rank (``train``: the model as trained)
+_STEPS = r'''
+g = torch.Generator().manual_seed(rank)
+for _ in range(a['steps']):
+    x = torch.randn(a['batch_size'], 3, a['img_size'], a['img_size'], generator=g)
+    y = torch.randint(0, 10, (a['batch_size'],), generator=g)
+    loss = F.cross_entropy(train(x), y)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+'''
+
 _CHILD = r'''
 import gc, json, os, statistics, sys, time
 import torch, torch.distributed as dist, torch.nn.functional as F
@@ -78,14 +90,7 @@ gc.collect()
 with open('/proc/self/clear_refs', 'w') as f:
     f.write('5')  # reset VmHWM: the peak of the training steps only
 rss0 = status('VmRSS')
-g = torch.Generator().manual_seed(rank)
-for _ in range(a['steps']):
-    x = torch.randn(a['batch_size'], 3, a['img_size'], a['img_size'], generator=g)
-    y = torch.randint(0, 10, (a['batch_size'],), generator=g)
-    loss = F.cross_entropy(train(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+__STEPS__
 out = dict(rank=rank, dst_bytes=dst_bytes, param_bytes=param_bytes, rss_start=rss0, peak=status('VmHWM'),
            update_s=statistics.median(times[1:] or times), n_updates=len(times), density=sp.density)
 with open(os.path.join(a['out'], f'rank{rank}.json'), 'w') as f:
@@ -93,6 +98,7 @@ with open(os.path.join(a['out'], f'rank{rank}.json'), 'w') as f:
 dist.barrier()
 dist.destroy_process_group()
 '''
+_CHILD = _CHILD.replace('__STEPS__', _STEPS)
 
 
 _SCALING_CHILD = r"""
@@ -137,14 +143,8 @@ dst_bytes = sum(local(t.mask).numel() * t.mask.element_size() + local(e).numel()
 param_bytes = sum(local(p).numel() * p.element_size() for p in model.parameters())
 reset_peak()
 rss_built = status('VmRSS')
-g = torch.Generator().manual_seed(rank)
-for _ in range(a['steps']):
-    x = torch.randn(a['batch_size'], 3, a['img_size'], a['img_size'], generator=g)
-    y = torch.randint(0, 10, (a['batch_size'],), generator=g)
-    loss = F.cross_entropy(model(x), y)
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    opt.step()
+train = model
+__STEPS__
 out = dict(rank=rank, param_bytes=param_bytes, dst_bytes=dst_bytes, rss_imports=rss_imports,
            peak_build=peak_build, rss_built=rss_built, peak_train=status('VmHWM'), density=sp.density,
            loss=loss.item())
@@ -154,6 +154,7 @@ if sharded:
     dist.barrier()
     dist.destroy_process_group()
 """
+_SCALING_CHILD = _SCALING_CHILD.replace('__STEPS__', _STEPS)
 
 
 def _run(cfg: dict, nproc: int | None, child: str = _CHILD) -> list[dict]:
