@@ -410,8 +410,9 @@ class Sparsifier(MethodSurface):
         Args:
             dcp: One structure at every step, as ``torch.distributed.checkpoint`` needs (it loads into the structure it
                 is given): the captured dense gradients are tensors (zeros where none is held; ``dense_grads_held``
-                says which are real). None: only on a model sharded with FSDP2 (whose masks are ``DTensor`` shards);
-                pass True for the template of an unsharded process loading such a checkpoint.
+                says which are real) for the methods that read them (``uses_dense_grads``), None for the others.
+                None: only on a model sharded with FSDP2 (whose masks are ``DTensor`` shards); pass True for the
+                template of an unsharded process loading such a checkpoint.
         """
         return make_state(self, self._sharded if dcp is None else dcp)
 

@@ -259,7 +259,8 @@ def nonfinite_weights(targets: list[Any]) -> str:
 
 
 def make_state(sp: Any, fixed: bool) -> dict[str, Any]:
-    """The body of ``Sparsifier.state_dict`` (``fixed``: captured gradients as tensors, zeros where none is held)."""
+    """The body of ``Sparsifier.state_dict`` (``fixed``: captured gradients as tensors, zeros where none is held, for
+    the methods that read dense gradients; the others never hold one)."""
     grads = sp._capture.grads
     return {
         'version': STATE_VERSION,
@@ -271,7 +272,8 @@ def make_state(sp: Any, fixed: bool) -> dict[str, Any]:
         'history': [dict(h) for h in sp.history],
         'generators': {k: g.get_state() for k, g in sp._generators.items()},
         'dense_grads': [g.cpu() if g is not None else (torch.zeros_like(t.param, dtype=torch.float32).cpu()
-                                                        if fixed else None) for g, t in zip(grads, sp.targets)],
+                                                        if fixed and sp.method.uses_dense_grads else None)
+                        for g, t in zip(grads, sp.targets)],
         'update_pending': sp._update_pending,
         'dense_grads_held': [g is not None for g in grads],
         'method': sp.method.state_dict(),
