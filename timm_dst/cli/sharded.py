@@ -207,7 +207,8 @@ def load_sharded(state: Any, ckpt: Mapping[str, Any], path: str, optimizer: bool
 
 
 def prune_sharded(output_dir: str) -> None:
-    """Remove the DCP folders of ``output_dir`` that no checkpoint file names any more (main process)."""
+    """Remove the DCP folders of ``output_dir`` that no checkpoint file names any more, and those of interrupted writes
+    (main process, after a checkpoint is written on every rank)."""
     from ..integrations.timm.checkpoint import read_checkpoint_file
     root = os.path.join(output_dir, DCP_DIR)
     if not os.path.isdir(root):
@@ -220,8 +221,8 @@ def prune_sharded(output_dir: str) -> None:
             continue
         if is_sharded_checkpoint(ckpt):
             named.add(ckpt[DST_KEY]['dcp'])
-    for entry in os.listdir(root):
-        if entry not in named and not entry.endswith('.part'):
+    for entry in os.listdir(root):  # a .part folder is a write that was interrupted (none is in progress here)
+        if entry not in named:
             shutil.rmtree(os.path.join(root, entry), ignore_errors=True)
 
 
