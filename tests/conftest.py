@@ -65,6 +65,7 @@ TIERS: dict[str, str] = {
     'test_fsdp_cli::test_cli_accepts_accelerate_fsdp2_and_refuses_fsdp1': '',
     'test_fsdp_cli::test_shard_units_default_and_patterns': '',
     'test_fsdp_cli::test_resume_refuses_a_checkpoint_of_the_other_kind': '',
+    'test_fsdp_cli::test_meta_build_falls_back_and_finds_what_init_leaves_unset': '',
     'test_deprecated_paths::test_package_itself_uses_no_old_path': INTEGRATION,
     'test_deprecated_paths::test_python_m_on_the_old_zoo_path_runs': INTEGRATION,
 }

@@ -191,3 +191,29 @@ def test_shard_units_default_and_patterns():
     assert shard_units(timm.create_model('itop_mlp')) == []
     with pytest.raises(ValueError, match=r"--fsdp-modules 'layer\.\*' matches no module .*patch_embed"):
         shard_units(vit, ['layer.*'])
+
+
+def test_meta_build_falls_back_and_finds_what_init_leaves_unset():
+    """A model without ``init_weights`` cannot be initialised after a meta build (the whole build is used then); an
+    ``init_weights`` that leaves a tensor unset is caught by the NaN / marker check, per tensor name."""
+    import functools
+
+    from timm_dst.distributed.shard import MetaInitError, build_meta_sharded, materialize_sharded
+
+    with pytest.raises(MetaInitError, match='has no init_weights'):
+        build_meta_sharded(functools.partial(timm.create_model, 'itop_mlp'), 'cpu', shard_units)
+
+    class Half(torch.nn.Module):
+        def __init__(self, device=None):
+            super().__init__()
+            self.a = torch.nn.Parameter(torch.empty(4, device=device))
+            self.b = torch.nn.Parameter(torch.empty(4, device=device))
+            self.register_buffer('index', torch.empty(3, dtype=torch.long, device=device))
+            self.fc = torch.nn.Linear(4, 4, device=device)
+
+        def init_weights(self):
+            torch.nn.init.normal_(self.a)
+
+    model = Half(device='meta')
+    assert materialize_sharded(model, 'cpu') == ['b', 'index']  # fc: its reset_parameters ran
+    assert torch.isfinite(model.a).all() and torch.isfinite(model.fc.weight).all()
