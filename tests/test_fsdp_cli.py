@@ -188,6 +188,7 @@ def test_shard_units_default_and_patterns():
     assert shard_units(vit, ['**.fc2']) == ['blocks.0.mlp.fc2', 'blocks.1.mlp.fc2', 'blocks.2.mlp.fc2']
     cnn = timm.create_model('convnext_atto', num_classes=4)
     assert shard_units(cnn) == ['stages.0', 'stages.1', 'stages.2', 'stages.3']
+    assert shard_units(timm.create_model('resnet10t', num_classes=4)) == ['layer1', 'layer2', 'layer3', 'layer4']
     assert shard_units(timm.create_model('itop_mlp')) == []
     with pytest.raises(ValueError, match=r"--fsdp-modules 'layer\.\*' matches no module .*patch_embed"):
         shard_units(vit, ['layer.*'])

@@ -187,7 +187,8 @@ def _device_group(p: argparse.ArgumentParser) -> None:
                         'torchrun or accelerate launch; docs/distributed.md)')
     g.add_argument('--fsdp-modules', default=None, type=str, nargs='+', metavar='PATTERN',
                    help='with --fsdp: the modules to shard before the root, as dotted names (* matches one name, '
-                        'e.g. blocks.* stages.*); default: the children of the model\'s blocks, stages or layers')
+                        'e.g. blocks.* stages.*); default: the children of the model\'s blocks, stages or layers, or '
+                        'its layer1, layer2, ... (ResNets)')
 
 
 def _optimizer_group(p: argparse.ArgumentParser) -> None:

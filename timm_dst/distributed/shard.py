@@ -44,7 +44,8 @@ def shard_units(model: nn.Module, patterns: Sequence[str] | None = None) -> list
         model: The model.
         patterns: Module names or patterns (``*`` matches one name component: ``blocks.*``, ``stages.*.blocks.*``).
             Without them: the children of the first of :data:`UNIT_CONTAINERS` the model has (``blocks.0``,
-            ``blocks.1``, ...), or none (the root alone is sharded).
+            ``blocks.1``, ...), else its ``layer1``, ``layer2``, ... (timm's ResNets), else none (the root alone is
+            sharded).
 
     Raises:
         ValueError: A pattern matches no module (the message names it and shows module names).
@@ -65,7 +66,7 @@ def shard_units(model: nn.Module, patterns: Sequence[str] | None = None) -> list
         container = getattr(model, attr, None)
         if isinstance(container, nn.Module) and any(True for _ in container.children()):
             return [f'{attr}.{n}' for n, _ in container.named_children()]
-    return []
+    return [n for n, _ in model.named_children() if re.fullmatch(r'layer\d+', n)]  # ResNet's layer1 .. layer4
 
 
 def shard_model(model: nn.Module, units: Sequence[str], **fully_shard_kwargs: Any) -> None:
