@@ -20,6 +20,7 @@ import torch.nn as nn
 
 from ..core._seeding import derive_seed
 from ..core.flops import TrainingFlops
+from ..distributed.shard import UnitsError
 from ..integrations import timm as dst_timm
 from ..integrations.timm.checkpoint import CheckpointError, load_initial_checkpoint, set_rng_state
 from ..integrations.timm.outputs import CONFIG_YAML, atomic_write
@@ -272,11 +273,7 @@ def build_data(setup: RunSetup) -> tuple[RunData, nn.Module, dict[str, Any]]:
             model = build_sharded_model(args, acc, lambda: create_train_model(args, info, acc.device)[0], kwargs)
         else:
             model, kwargs = create_train_model(args, info, acc.device)
-    except CheckpointError as e:
-        raise user_error(str(e)) from None
-    except ValueError as e:
-        if not args.fsdp:
-            raise
+    except (CheckpointError, UnitsError) as e:
         raise user_error(str(e)) from None
     if args.sync_bn and acc.num_processes > 1 and acc.device.type == 'cpu':
         raise user_error('--sync-bn: torch\'s SyncBatchNorm runs on GPUs only; on CPU processes use --dist-bn '

@@ -15,6 +15,7 @@ from ..integrations.timm.checkpoint import (
     CheckpointError,
     check_resume_compatible,
     check_resume_source,
+    check_same_model_and_opt,
     load_dense_weights,
     load_plain_state_dict,
     model_state,
@@ -75,13 +76,7 @@ def check_sharded_source(args: argparse.Namespace, ckpt: dict[str, Any]) -> None
     if not args.fsdp:
         raise CheckpointError(f'--resume {args.resume}: a checkpoint of a --fsdp run (its tensors sharded in '
                               f'{DCP_DIR}/{ckpt[DST_KEY]["dcp"]}): resume it with --fsdp')
-    if ckpt.get('arch') is not None and ckpt['arch'] != args.model:
-        raise CheckpointError(f'--resume {args.resume}: the checkpoint is of model {ckpt["arch"]!r}, not --model '
-                              f'{args.model!r}')
-    old_opt = getattr(ckpt.get('args'), 'opt', None)
-    if not args.no_resume_opt and old_opt is not None and str(old_opt).lower() != str(args.opt).lower():
-        raise CheckpointError(f'--resume {args.resume}: the run was trained with --opt {old_opt}; resume with the '
-                              'same --opt, or add --no-resume-opt to start a fresh optimizer state')
+    check_same_model_and_opt(args.resume, ckpt, args)
     if 'run' not in ckpt[DST_KEY]:
         raise CheckpointError(f'--resume {args.resume}: its DST state holds no timm-dst-train run state')
 

@@ -75,30 +75,16 @@ def build_sharded_model(args: argparse.Namespace, accelerator: Any, create_whole
         kwargs: The model's ``timm.create_model`` keywords.
 
     Raises:
-        ValueError: ``--fsdp-modules`` matches no module.
+        UnitsError: ``--fsdp-modules`` matches no module.
     """
-    import timm
     world = accelerator.num_processes
     if args.fsdp == ACCELERATE_FSDP:  # Accelerate's own FSDP2 preparation (its wrap policy, precision, offload)
         from accelerate.utils.fsdp_utils import fsdp2_prepare_model
         model = fsdp2_prepare_model(accelerator, create_whole())
         _log_sharded(model, world, "Accelerate's FSDP2 plugin")
         return model
-    units = functools.partial(shard_units, patterns=args.fsdp_modules)
-    how = _whole_reason(args)
-    if how is None:
-        try:
-            model = build_meta_sharded(functools.partial(timm.create_model, args.model, **kwargs), accelerator.device,
-                                       units, mesh=_mesh(accelerator))
-            _after_build(args, model)
-            _log_sharded(model, world, 'built on the meta device, initialised shard by shard')
-            return model
-        except MetaInitError as e:
-            how = str(e)
-    model = create_whole()
-    shard_model(model, units(model), mesh=_mesh(accelerator))
-    _after_build(args, model)
-    _log_sharded(model, world, f'built whole on every rank, then sharded: {how}')
+    model, how = _meta_or_whole(args, accelerator, kwargs, create_whole, _whole_reason(args))
+    _log_sharded(model, world, how)
     return model
 
 
@@ -108,22 +94,34 @@ def plain_sharded_model(args: argparse.Namespace, accelerator: Any, path: str, k
     import timm
     from safetensors.torch import load_file
     from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
-    units = functools.partial(shard_units, patterns=args.fsdp_modules)
-    try:
-        model = build_meta_sharded(functools.partial(timm.create_model, args.model, **kwargs), accelerator.device,
-                                   units, mesh=_mesh(accelerator))
-    except MetaInitError:
-        model = timm.create_model(args.model, **kwargs).to(accelerator.device)
-        shard_model(model, units(model), mesh=_mesh(accelerator))
+    model, _ = _meta_or_whole(args, accelerator, kwargs,
+                              lambda: timm.create_model(args.model, **kwargs).to(accelerator.device))
     weights = load_file(path, device='cpu') if accelerator.is_main_process else {}
     set_model_state_dict(model, weights, options=StateDictOptions(full_state_dict=True, broadcast_from_rank0=True,
                                                                   strict=True))
     return model
 
 
-def _after_build(args: argparse.Namespace, model: nn.Module) -> None:
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(enable=True)
+def _meta_or_whole(args: argparse.Namespace, accelerator: Any, kwargs: dict[str, Any], create_whole: Any,
+                   whole_reason: str | None = None) -> tuple[nn.Module, str]:
+    """The model sharded over the run's ranks: built on the meta device and initialised shard by shard, or (when
+    ``whole_reason`` is given or the model does not allow it) built whole by ``create_whole`` and then sharded.
+    Returns the model and how it was built, for the log."""
+    import timm
+    units = functools.partial(shard_units, patterns=args.fsdp_modules)
+    how = whole_reason
+    if how is None:
+        try:
+            model = build_meta_sharded(functools.partial(timm.create_model, args.model, **kwargs), accelerator.device,
+                                       units, mesh=_mesh(accelerator))
+            if args.grad_checkpointing:
+                model.set_grad_checkpointing(enable=True)
+            return model, 'built on the meta device, initialised shard by shard'
+        except MetaInitError as e:
+            how = str(e)
+    model = create_whole()
+    shard_model(model, units(model), mesh=_mesh(accelerator))
+    return model, f'built whole on every rank, then sharded: {how}'
 
 
 def _log_sharded(model: nn.Module, world: int, how: str) -> None:

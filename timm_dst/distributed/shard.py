@@ -17,13 +17,17 @@ import torch.distributed as dist
 import torch.nn as nn
 
 __all__ = ['UNIT_CONTAINERS', 'shard_units', 'shard_model', 'materialize_sharded', 'build_meta_sharded',
-           'MetaInitError']
+           'MetaInitError', 'UnitsError']
 
 #: The attributes whose children timm's models repeat (transformer blocks, CNN stages, Swin / MLP-mixer layers), in
 #: the order they are looked for: the children of the first one found are the units sharded by default.
 UNIT_CONTAINERS = ('blocks', 'stages', 'layers')
 
 _INT_SENTINEL = -(2 ** 31) + 7  # written into integer tensors before initialisation; never a valid index or count
+
+
+class UnitsError(ValueError):
+    """Module patterns (``--fsdp-modules``) that match no module of the model."""
 
 
 class MetaInitError(RuntimeError):
@@ -48,7 +52,7 @@ def shard_units(model: nn.Module, patterns: Sequence[str] | None = None) -> list
             sharded).
 
     Raises:
-        ValueError: A pattern matches no module (the message names it and shows module names).
+        UnitsError: A pattern matches no module (the message names it and shows module names).
     """
     names = [n for n, _ in model.named_modules() if n]
     if patterns:
@@ -58,7 +62,7 @@ def shard_units(model: nn.Module, patterns: Sequence[str] | None = None) -> list
             hits = [n for n in names if rx.fullmatch(n)]
             if not hits:
                 tops = ', '.join(n for n, _ in model.named_children())
-                raise ValueError(f'--fsdp-modules {text!r} matches no module of the model (its top-level modules: '
+                raise UnitsError(f'--fsdp-modules {text!r} matches no module of the model (its top-level modules: '
                                  f'{tops}; use dotted names, * for one component, e.g. blocks.*)')
             chosen += [n for n in hits if n not in chosen]
         return chosen

@@ -23,7 +23,8 @@ from ...core.masks import _strip_prefix, export_state_dict, unwrap_model
 from .outputs import BEST, LAST, RECOVERY_GLOB, _short
 
 __all__ = ['LAST', 'BEST', 'DST_KEY', 'CheckpointError', 'read_checkpoint_file', 'load_initial_checkpoint',
-           'load_dense_weights', 'resolve_resume', 'check_resume_source', 'check_resume_compatible', 'model_state',
+           'load_dense_weights', 'resolve_resume', 'check_resume_source', 'check_same_model_and_opt',
+           'check_resume_compatible', 'model_state',
            'rng_state', 'set_rng_state', 'dst_state', 'outside_mask',
            'fill_outside_mask', 'pack_checkpoint', 'read_checkpoint', 'read_dst_state', 'check_checkpoint_weights',
            'restore_dst_state', 'load_plain_state_dict']
@@ -136,6 +137,16 @@ def check_resume_source(path: str, ckpt: Mapping[str, Any], args: argparse.Names
     """
     if 'state_dict' not in ckpt:
         raise CheckpointError(f'--resume {path}: not a training checkpoint (no state_dict)')
+    check_same_model_and_opt(path, ckpt, args)
+    return ckpt.get(DST_KEY) is None
+
+
+def check_same_model_and_opt(path: str, ckpt: Mapping[str, Any], args: argparse.Namespace) -> None:
+    """A ``--resume`` checkpoint of the same ``--model`` and (unless ``--no-resume-opt``) the same ``--opt``.
+
+    Raises:
+        CheckpointError: What differs, in one line.
+    """
     if ckpt.get('arch') is not None and ckpt['arch'] != args.model:
         raise CheckpointError(f'--resume {path}: the checkpoint is of model {ckpt["arch"]!r}, not --model '
                               f'{args.model!r}')
@@ -144,7 +155,6 @@ def check_resume_source(path: str, ckpt: Mapping[str, Any], args: argparse.Names
     if not args.no_resume_opt and old_opt is not None and str(old_opt).lower() != str(args.opt).lower():
         raise CheckpointError(f'--resume {path}: the run was trained with --opt {old_opt}; resume with the same '
                               '--opt, or add --no-resume-opt to start a fresh optimizer state')
-    return ckpt.get(DST_KEY) is None
 
 
 def check_resume_compatible(path: str, ckpt: Mapping[str, Any], args: argparse.Namespace) -> dict[str, Any]:
