@@ -129,6 +129,20 @@ def train_steps(model, opt, x, y, steps: int) -> None:
         opt.step()
 
 
+def record_updates(sp) -> list[tuple[list[torch.Tensor], list[torch.Tensor]]]:
+    """Record the flat drop and grow index sets of every topology update ``sp`` writes: a list that grows by one
+    ``(drops, grows)`` pair (one index tensor per sparse tensor) per update."""
+    calls = []
+    apply = sp._writer.apply_update
+
+    def recording(optimizer, targets, explored, counts, explored_counts, drops, grows, sharded):
+        calls.append(([d.clone() for d in drops], [g.clone() for g in grows]))
+        return apply(optimizer, targets, explored, counts, explored_counts, drops, grows, sharded)
+
+    sp._writer.apply_update = recording
+    return calls
+
+
 def check_exact_resume(build, x, y, before: int, after: int):
     """``before`` steps, save, ``after`` more; a fresh build loaded from the save and trained ``after`` steps must
     match: masks identical, weights equal up to float nondeterminism, R_s equal. ``build()`` returns

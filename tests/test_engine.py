@@ -5,7 +5,7 @@ import pytest
 import timm
 import torch
 import torch.nn.functional as F
-from conftest import check_exact_resume, check_export, make_tiny
+from conftest import check_exact_resume, check_export, make_tiny, record_updates
 from conftest import train_steps as _train
 
 import timm_dst
@@ -128,18 +128,31 @@ def test_set_drops_smallest_magnitude():
     sp = timm_dst.create_sparsifier(model, opt, method='set', sparsity=0.9, update_interval=1000,
                                     prune_rate=0.3, prune_rate_schedule='constant', seed=0)
     _train(model, opt, x, y, 3)
-    before = [(t.mask.clone(), t.param.detach().abs().clone()) for t in sp.targets]
+    before = [(t.mask.clone(), t.param.detach().clone(), opt.state[t.param]['momentum_buffer'].clone())
+              for t in sp.targets]
+    updates = record_updates(sp)
     sp.update()
-    for (mask, mag), t, count in zip(before, sp.targets, sp.counts):
+    (drops, grows), = updates
+    n_both = 0
+    for (mask, w, mom), t, count, drop, grow in zip(before, sp.targets, sp.counts, drops, grows):
         k = round(0.3 * count)
-        survivors = mask & t.mask
-        dropped = mask & ~t.mask
-        # exactly k dropped (a grown position may be a just-dropped one: then it is active again at zero)
-        regrown_same = int((mask & t.mask & (t.param.detach() == 0) & (mag != 0)).sum())
-        assert int(dropped.sum()) + regrown_same == k
-        # every dropped weight is no larger than every surviving one
-        if dropped.any() and survivors.any():
-            assert mag[dropped].max() <= mag[survivors & (t.param.detach() != 0)].min()
+        assert drop.numel() == grow.numel() == k  # exactly k dropped and k grown
+        dropped = torch.zeros(mask.numel(), dtype=torch.bool)
+        dropped[drop] = True
+        dropped = dropped.view_as(mask)
+        assert bool(mask[dropped].all())  # only active weights are dropped ...
+        if (mask & ~dropped).any():  # ... and every dropped weight is no larger than every kept one
+            assert w[dropped].abs().max() <= w[mask & ~dropped].abs().min()
+        both = torch.isin(grow, drop)
+        n_both += int(both.sum())
+        w_now, m_now = t.param.detach().reshape(-1), opt.state[t.param]['momentum_buffer'].reshape(-1)
+        gone, new, again = drop[~torch.isin(drop, grow)], grow[~both], grow[both]
+        assert not t.mask.reshape(-1)[gone].any() and not w_now[gone].any() and not m_now[gone].any()
+        assert t.mask.reshape(-1)[new].all() and not w_now[new].any() and not m_now[new].any()  # grown at zero
+        # dropped and regrown in the same update: never left the mask, so its weight and momentum stay
+        assert t.mask.reshape(-1)[again].all()
+        assert torch.equal(w_now[again], w.reshape(-1)[again]) and torch.equal(m_now[again], mom.reshape(-1)[again])
+    assert n_both > 0  # the classifier is dense enough that random growth lands on just-dropped positions
 
 
 def test_ties_at_zero_never_keep_inactive():

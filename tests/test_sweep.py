@@ -100,6 +100,13 @@ def test_sweep_end_to_end_and_resume(tmp_path, capsys):
     with open(out / 'sweep.json') as f:
         assert json.load(f)['grid'] == {'update_interval': [2, 1000]}
     assert os.path.isfile(out / 'update_interval=2' / 'seed1' / 'results.json')
+    # --archive keeps only the results.json files, in the layout collect() reads: the same table without the runs
+    arc = tmp_path / 'archive'
+    assert sweep.main(args + ['--collect-only', '--no-plot', '--archive', str(arc)]) == 0
+    assert sorted(p.relative_to(arc).as_posix() for p in arc.rglob('*') if p.is_file()) == [
+        f'update_interval={dt}/seed{s}/results.json' for dt in (1000, 2) for s in (0, 1)]
+    points = [{'update_interval': 2}, {'update_interval': 1000}]
+    assert sweep.collect(str(arc), points, [0, 1]) == sweep.collect(str(out), points, [0, 1])
 
 
 def test_sweep_passes_fsdp_and_processes_through(tmp_path, capsys):

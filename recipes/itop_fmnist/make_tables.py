@@ -1,26 +1,35 @@
-"""Prints the Markdown tables of docs/results.md's paper-scale section and draws its Figure 4 / 5 panels, from the runs
-of ``recipes/itop_fmnist/run_all.sh``. Run from the repository root:
+"""Prints the Markdown tables of docs/results.md's paper-scale section and draws its Figure 3 / 4 / 5, from the runs of
+``recipes/itop_fmnist/run_all.sh``. Run from the repository root:
 
-    python recipes/itop_fmnist/make_tables.py [RUNS_DIR] [--figures DIR]
+    python recipes/itop_fmnist/make_tables.py [RESULTS_DIR] [--figures DIR]
 
-(default ``runs/itop_fmnist``; figures are drawn only with ``--figures``). Points with no finished run print
-``not run``. Beside each point the official ITOP code was run on (issue #19: same loop, seeds 0 and 1, final weights)
-it prints that number and whether ours agrees within the seed spread of this setup (0.8 points, the largest
-seed-to-seed difference seen with the official code here).
+``RESULTS_DIR`` holds the runs' ``results.json`` in the sweeps' ``<sweep>/<point>/seed<K>/`` layout: a runs folder, or
+(the default) ``recipes/itop_fmnist/results/``, where ``run_all.sh`` archives them (``timm-dst-sweep --archive``) so
+that the tables can be redrawn from the repository. A point with no run there is taken from ``results/recorded.json``
+(the runs of 2026-12-03 / 04, whose folders are gone; marked †), else printed ``not run``. Every accuracy is the test
+top-1 of the final weights, as the official ITOP code and the paper report it. Beside each point the official code was
+run on (issue #19: same loop, seeds 0 and 1, final weights) it prints that number and whether ours agrees within the
+seed spread of this setup (0.8 points, the largest seed-to-seed difference seen with the official code here).
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 from typing import Any
 
 from timm_dst.tools.sweep import aggregate, collect
 
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS = os.path.join(HERE, 'results')
+RECORDED = os.path.join(RESULTS, 'recorded.json')
+FIELD = 'test_top1_last'  # final weights
 SEEDS = (0, 1)
 SEEDS60 = (0, 1, 2)  # the comparison with the official code on all 60k images (issue #24): 3 seeds
 SPARSITIES = (0.9, 0.95, 0.98)
 INTERVALS = (30, 100, 500, 1500, 4000)
 SPREAD = 0.8  # points: the largest seed-to-seed difference of the official code in this setup (issue #19)
+DAGGER = '†'
 
 # The official ITOP code's results in the same loop (issue #19): mean of seeds 0 and 1, test top-1 of the final
 # weights, and R_s where reported. Keys: (sweep, point) as in this script.
@@ -38,55 +47,70 @@ OFFICIAL: dict[tuple[str, tuple], tuple[float, float | None]] = {
 }
 
 
-def point(root: str, sweep: str, seeds: tuple[int, ...] = SEEDS, **kv: Any) -> dict[str, Any] | None:
-    """Mean / std over the finished seeds of one grid point of one sweep folder (None: no finished run)."""
-    rows = collect(os.path.join(root, sweep), [dict(kv)], seeds)
-    return aggregate(rows, list(kv))[0] if rows else None
+def _recorded() -> dict[tuple, dict[str, Any]]:
+    """``recorded.json`` as aggregates keyed (split, sweep, point items)."""
+    if not os.path.isfile(RECORDED):
+        return {}
+    with open(RECORDED) as f:
+        pts = json.load(f)['points']
+    out = {}
+    for p in pts:
+        agg = {'n_seeds': p['n_seeds'], 'recorded': True,
+               f'{FIELD}_mean': p[FIELD][0], f'{FIELD}_std': p[FIELD][1]}
+        if p['itop_rate'] is not None:
+            agg['itop_rate_mean'] = p['itop_rate']
+        out[(p['split'], p['sweep'], tuple(p['point'].items()))] = agg
+    return out
 
 
-def acc(r: dict[str, Any] | None, field: str = 'test_top1') -> str:
-    if r is None or field + '_mean' not in r:
+_RECORDED = _recorded()
+
+
+def point(root: str, sweep: str, split: str = '54k', **kv: Any) -> dict[str, Any] | None:
+    """Mean / std over the finished seeds of one grid point of one sweep (``split`` 60k: the ``full60k/`` sweeps, 3
+    seeds), else its recorded aggregate, else None."""
+    folder, seeds = (os.path.join(root, 'full60k', sweep), SEEDS60) if split == '60k' else (os.path.join(root, sweep),
+                                                                                          SEEDS)
+    rows = collect(folder, [dict(kv)], seeds)
+    if rows:
+        return aggregate(rows, list(kv))[0]
+    return _RECORDED.get((split, sweep, tuple(kv.items())))
+
+
+def acc(r: dict[str, Any] | None, seeds: tuple[int, ...] = SEEDS) -> str:
+    """``mean ± std`` of the final weights' test top-1 (``(n=K)`` when fewer seeds than planned; † if recorded)."""
+    if r is None or FIELD + '_mean' not in r:
         return 'not run'
+    mark = DAGGER if r.get('recorded') else ''
     if r['n_seeds'] < 2:
-        return f'{r[field + "_mean"]:.2f} (n={r["n_seeds"]})'
-    n = '' if r['n_seeds'] == len(SEEDS) else f' (n={r["n_seeds"]})'
-    return f'{r[field + "_mean"]:.2f} ± {r[field + "_std"]:.2f}{n}'
+        return f'{r[FIELD + "_mean"]:.2f} (n={r["n_seeds"]}){mark}'
+    n = '' if r['n_seeds'] == len(seeds) else f' (n={r["n_seeds"]})'
+    return f'{r[FIELD + "_mean"]:.2f} ± {r[FIELD + "_std"]:.2f}{n}{mark}'
 
 
-def acc_rs(r: dict[str, Any] | None) -> str:
-    return acc(r) if r is None or 'itop_rate_mean' not in r else f'{acc(r)} ({r["itop_rate_mean"]:.3f})'
-
-
-def _ours(r: dict[str, Any] | None, ref: tuple[float, float | None],
-          seeds: tuple[int, ...] = SEEDS) -> tuple[str, str]:
-    """Our final-weight cell (mean, ± std where there are several seeds, R_s) and its agreement with the official
-    number ``ref``."""
-    if r is None or 'test_top1_last_mean' not in r:
-        return 'not run', ''
-    ours = r['test_top1_last_mean']
-    std = f' ± {r["test_top1_last_std"]:.2f}' if r['n_seeds'] > 1 and 'test_top1_last_std' in r else ''
-    rs = f' ({r["itop_rate_mean"]:.3f})' if ref[1] is not None and 'itop_rate_mean' in r else ''
-    d = ours - ref[0]
-    rs += '' if r['n_seeds'] == len(seeds) else f' (n={r["n_seeds"]})'
-    return f'{ours:.2f}{std}{rs}', (f'yes ({d:+.2f})' if abs(d) <= SPREAD else f'**no** ({d:+.2f})')
+def acc_rs(r: dict[str, Any] | None, seeds: tuple[int, ...] = SEEDS) -> str:
+    """:func:`acc` with R_s in brackets."""
+    return acc(r, seeds) if r is None or 'itop_rate_mean' not in r else f'{acc(r, seeds)} ({r["itop_rate_mean"]:.3f})'
 
 
 def official(root: str, sweep: str, **kv: Any) -> str:
-    """``ours | agree? | ours on all 60k | agree? | official`` cells for a point the official code was run on."""
-    ref = OFFICIAL.get((sweep, tuple(kv.items())))
-    if ref is None:
-        return ' | | | | '
+    """``ours on 54k | ours on 60k | official | 60k - official | within the spread`` for a point the official code was
+    run on."""
+    ref = OFFICIAL[(sweep, tuple(kv.items()))]
     off = f'{ref[0]:.2f}' + (f' ({ref[1]:.3f})' if ref[1] is not None else '')
-    split = _ours(point(root, sweep, **kv), ref)
-    full = _ours(point(os.path.join(root, 'full60k'), sweep, seeds=SEEDS60, **kv), ref, SEEDS60)
-    return f'{split[0]} | {split[1]} | {full[0]} | {full[1]} | {off}'
+    split, full = point(root, sweep, **kv), point(root, sweep, '60k', **kv)
+    show = acc_rs if ref[1] is not None else acc
+    if full is None:
+        return f'{show(split)} | not run | {off} | |'
+    d = full[FIELD + '_mean'] - ref[0]
+    return f'{show(split)} | {show(full, SEEDS60)} | {off} | {d:+.2f} | {"yes" if abs(d) <= SPREAD else "**no**"}'
 
 
 def tables(root: str) -> dict[str, dict]:
     dense = point(root, 'dense')
     print(f'Dense (40 epochs): test top-1 {acc(dense)}\n')
 
-    print('Figure 3: SET-ITOP, test top-1 of the best-on-validation weights, mean ± std over seeds 0 and 1 (R_s)\n')
+    print('Figure 3: SET-ITOP, test top-1 of the final weights, mean ± std over seeds 0 and 1 (R_s)\n')
     print('| ΔT | ' + ' | '.join(f'sparsity {s}' for s in SPARSITIES) + ' |')
     print('|---|' + '---|' * len(SPARSITIES))
     for dt in INTERVALS:
@@ -94,11 +118,11 @@ def tables(root: str) -> dict[str, dict]:
                                        for s in SPARSITIES) + ' |')
     print('| static | ' + ' | '.join(acc_rs(point(root, 'static', sparsity=s)) for s in SPARSITIES) + ' |')
 
-    print('\nBeside the official ITOP code (same setup, mean of its seeds 0 and 1, test top-1 of the FINAL weights, '
-          f'R_s); "agree" = within {SPREAD} points. "54k": our recipes (6,000 images held out for validation, seeds 0 '
-          'and 1); "60k": the same on all 60,000 training images (`--val-fraction 0`), as the official runs, mean ± '
-          'std over seeds 0, 1 and 2\n')
-    print('| config | timm-dst CLI, 54k | agree | timm-dst CLI, 60k | agree | official code (60k) |\n'
+    print('\nBeside the official ITOP code (same loop, mean of its seeds 0 and 1, final weights, R_s): ours on our '
+          "recipes' split (54k: 6,000 images held out for validation; seeds 0 and 1) and on all 60,000 training "
+          'images (`--val-fraction 0`, as the official runs; seeds 0, 1 and 2); "within" = the 60k mean within '
+          f'{SPREAD} points of the official mean\n')
+    print('| config | timm-dst CLI, 54k | timm-dst CLI, 60k | official code (60k) | 60k - official | within |\n'
           '|---|---|---|---|---|---|')
     rows = [('dense', 'dense', {}), ('static 98%', 'static', {'sparsity': 0.98}),
             ('static 95%', 'static', {'sparsity': 0.95})]
@@ -137,22 +161,47 @@ def tables(root: str) -> dict[str, dict]:
     for s in (0.9, 0.98):
         print(f'| {s} | {acc_rs(point(root, "dsr", sparsity=s))} | '
               f'{acc_rs(point(root, "fig3", update_interval=1500, sparsity=s))} |')
-    return {'dense': dense, 'ext': ext, 'stop': stop, 'rigl': rigl}
+    print(f'\n{DAGGER} From the runs of 2026-12-03 / 04 (checkout 160a5b8, the same recipes and seeding), whose run '
+          'folders are gone; their means, stds and R_s are kept in recipes/itop_fmnist/results/recorded.json.')
+    fig3 = {s: ({dt: point(root, 'fig3', update_interval=dt, sparsity=s) for dt in INTERVALS},
+                point(root, 'static', sparsity=s)) for s in SPARSITIES}
+    return {'dense': dense, 'ext': ext, 'stop': stop, 'rigl': rigl, 'fig3': fig3}
 
 
 def figures(res: dict[str, dict], out: str) -> None:
-    """Figure 4 / 5 panels: test top-1 against the training-time factor (error bars one std)."""
+    """Figure 3 (test top-1 and R_s against ΔT, one line per sparsity, its static run dashed) and the Figure 4 / 5
+    panels (test top-1 against the training-time factor); error bars one std."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
 
     def line(ax, pts: dict[int, dict | None], label: str, **kw: Any) -> None:
-        xs = [k for k, r in pts.items() if r is not None and 'test_top1_mean' in r]
+        xs = [k for k, r in pts.items() if r is not None and FIELD + '_mean' in r]
         if xs:
-            ax.errorbar(xs, [pts[k]['test_top1_mean'] for k in xs], [pts[k]['test_top1_std'] for k in xs],
+            ax.errorbar(xs, [pts[k][FIELD + '_mean'] for k in xs], [pts[k][FIELD + '_std'] for k in xs],
                         marker='o', capsize=3, label=label, **kw)
 
     os.makedirs(out, exist_ok=True)
+    fig, (ax, ax_rs) = plt.subplots(1, 2, figsize=(10, 4))
+    for i, (sp, (pts, static)) in enumerate(res['fig3'].items()):
+        color = f'C{i}'
+        line(ax, pts, f'sparsity {sp}', color=color)
+        if static is not None:
+            ax.axhline(static[FIELD + '_mean'], color=color, ls='--', lw=1, label=f'static {sp}')
+        xs = [k for k, r in pts.items() if r is not None and 'itop_rate_mean' in r]
+        ax_rs.plot(xs, [pts[k]['itop_rate_mean'] for k in xs], marker='o', color=color, label=f'sparsity {sp}')
+    if res['dense'] is not None:
+        ax.axhline(res['dense'][FIELD + '_mean'], color='k', ls=':', label='dense')
+    for a, ylabel in ((ax, 'test top-1 (%), final weights'), (ax_rs, 'R_s')):
+        a.set_xscale('log')
+        a.set_xlabel('ΔT (optimizer steps between topology updates)')
+        a.set_ylabel(ylabel)
+        a.legend(fontsize=7)
+    fig.suptitle('Fashion-MNIST, MLP 784-1024-512-10, SET-ITOP, 40 epochs', fontsize=9)
+    fig.tight_layout()
+    fig.savefig(os.path.join(out, 'itop_fmnist_fig3.png'), dpi=120)
+    plt.close(fig)
+    print(f'wrote {os.path.join(out, "itop_fmnist_fig3.png")}')
     for name, series, title in (
             ('itop_fmnist_fig4.png', [(res['ext'], 'SET-ITOP 98%'), ({1: res['ext'][1], **res['stop']},
                                                                       'exploration stopped at 1x')],
@@ -165,11 +214,11 @@ def figures(res: dict[str, dict], out: str) -> None:
             line(ax, pts, label)
         d = res['dense']
         if d is not None:
-            ax.axhline(d['test_top1_mean'], color='k', ls='--', label='dense, 40 epochs')
+            ax.axhline(d[FIELD + '_mean'], color='k', ls='--', label='dense, 40 epochs')
         ax.set_xscale('log')
         ax.set_xticks([1, 2, 5, 10], ['1x', '2x', '5x', '10x'])
         ax.set_xlabel('training time (x 40 epochs)')
-        ax.set_ylabel('test top-1 (%)')
+        ax.set_ylabel('test top-1 (%), final weights')
         ax.set_title(title, fontsize=9)
         ax.legend(fontsize=8)
         fig.tight_layout()
@@ -180,7 +229,8 @@ def figures(res: dict[str, dict], out: str) -> None:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split('\n\n')[0])
-    ap.add_argument('root', nargs='?', default=os.path.join('runs', 'itop_fmnist'), help='runs folder')
+    ap.add_argument('root', nargs='?', default=RESULTS,
+                    help='folder of the runs\' results.json, <sweep>/<point>/seed<K>/ (default: %(default)s)')
     ap.add_argument('--figures', default=None, metavar='DIR', help='also draw the Figure 4 / 5 panels into DIR')
     args = ap.parse_args()
     res = tables(args.root)

@@ -2,8 +2,9 @@
 
 An update arrives as flat index sets (drops and grows per tensor) and is written with O(k) index writes; whole new
 masks (initial topology, baselines, a restored state) are written as masks. Every write zeroes the weights and the
-optimizer-state tensors shaped like them where a position was dropped or grown, extends the explored masks (R_s) and
-keeps the active counts exact. Kernel placement (CSR / block kernels for very sparse linear layers) follows every
+optimizer-state tensors shaped like them where a position left or joined the mask (a position dropped and regrown in
+the same update did neither: its weight and state stay, as in the reference implementations), extends the explored
+masks (R_s) and keeps the active counts exact. Kernel placement (CSR / block kernels for very sparse linear layers) follows every
 count change. This module imports the FSDP2 helpers, rank sync and the mask glue; never the controller.
 """
 from __future__ import annotations
@@ -77,7 +78,9 @@ class Writer:
         for i, (t, drop, grow) in enumerate(zip(targets, drops, grows)):
             flat_fill_(t.mask, drop, False)  # flat_fill_: masks and weights may be channels_last
             flat_fill_(t.mask, grow, True)
-            reset = torch.cat([drop, grow])  # dropped weights go to zero; grown ones start at zero
+            # dropped weights go to zero and grown ones start at zero, except a position dropped and regrown in the
+            # same update: it never left the mask, so its weight and optimizer state stay (as in the references)
+            reset = torch.cat([drop[~torch.isin(drop, grow)], grow[~torch.isin(grow, drop)]])
             flat_fill_(t.param.detach(), reset, 0.0)
             for value in self.state_tensors(optimizer, t):
                 flat_fill_(value, reset, 0.0)

@@ -15,7 +15,10 @@ At the end (and with ``--collect-only`` at any time) the runs' ``results.json`` 
 * ``OUT/sweep.csv``: one row per grid point, mean and (sample) standard deviation over the seeds found;
 * ``OUT/sweep.png`` (or ``--figure``): test accuracy and R_s against ``--x`` (default: the first grid key), one
   line per value of ``--lines`` (default: the second grid key), error bars one standard deviation, like Figure 3 of
-  the ITOP paper.
+  the ITOP paper;
+* with ``--archive DIR``, a copy of each finished run's ``results.json`` in ``DIR/<point>/seed<K>/``: the folder
+  layout that :func:`collect` reads, a few kB per run, so that tables can be redrawn (and kept in a repository)
+  without the run folders and their checkpoints.
 
 Example (the ITOP Figure 3 sweep on Fashion-MNIST, two seeds)::
 
@@ -41,7 +44,7 @@ import yaml
 
 from ..integrations.timm.outputs import LAST, RESULTS, atomic_write, write_json_atomic
 
-__all__ = ['parse_grid', 'grid_points', 'point_name', 'run_command', 'run_state', 'collect', 'aggregate',
+__all__ = ['parse_grid', 'grid_points', 'point_name', 'run_command', 'run_state', 'collect', 'archive', 'aggregate',
            'write_csv', 'read_reference', 'plot', 'main']
 
 MANIFEST = 'sweep.json'  # the sweep's own files (each run's are named in timm_dst.integrations.timm.outputs)
@@ -185,6 +188,22 @@ def collect(out: str, points: list[dict[str, Any]], seeds: Sequence[int]) -> lis
     return rows
 
 
+def archive(out: str, points: list[dict[str, Any]], seeds: Sequence[int], dest: str) -> int:
+    """Copy the ``results.json`` of every finished run of ``points`` x ``seeds`` from the sweep folder ``out`` to
+    ``dest/<point>/seed<K>/results.json`` (atomically, replacing an older copy); returns the number copied."""
+    n = 0
+    for point in points:
+        for seed in seeds:
+            rel = os.path.join(point_name(point), f'seed{seed}', RESULTS)
+            src = os.path.join(out, rel)
+            if os.path.isfile(src):
+                os.makedirs(os.path.dirname(os.path.join(dest, rel)), exist_ok=True)
+                with open(src, 'rb') as f, atomic_write(os.path.join(dest, rel)) as g:
+                    g.write(f.read())
+                n += 1
+    return n
+
+
 def _mean_std(xs: list[float]) -> tuple[float, float]:
     m = sum(xs) / len(xs)
     sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1)) if len(xs) > 1 else 0.0
@@ -304,6 +323,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--nproc-per-node', type=int, default=1, metavar='N',
                    help='processes per run, under torchrun (default 1: one process)')
     p.add_argument('--fsdp', action='store_true', help='shard each run\'s model with FSDP2 (timm-dst-train --fsdp)')
+    p.add_argument('--archive', default=None, metavar='DIR',
+                   help='also copy each finished run\'s results.json to DIR/<point>/seed<K>/ (tables without the runs)')
     return p
 
 
@@ -369,6 +390,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     stats = aggregate(rows, keys)
     write_csv(os.path.join(out, SWEEP_CSV), stats)
     print(f'timm-dst-sweep: {len(rows)} run(s) in {out}/{RUNS_CSV}, {len(stats)} point(s) in {out}/{SWEEP_CSV}')
+    if args.archive:
+        print(f'timm-dst-sweep: {archive(out, points, seeds, args.archive)} results.json copied to {args.archive}')
     if not args.no_plot and x is not None:
         fig = args.figure or os.path.join(out, SWEEP_PNG)
         try:
