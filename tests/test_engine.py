@@ -40,7 +40,24 @@ class InvariantChecker:
         self.n_updates = 0
         self.n_grown = 0
         self.budgets_moved = False
+        self.n_kept_in_place = 0
         opt.register_step_post_hook(self)
+        apply = sp._writer.apply_update
+
+        def checked(optimizer, targets, explored, counts, explored_counts, drops, grows, sharded):
+            # a position dropped and regrown in the same update never leaves the mask: weight and state unchanged
+            again = [g[torch.isin(g, d)] for d, g in zip(drops, grows)]
+            before = [(t.param.detach().reshape(-1)[a].clone(),
+                       {k: v.reshape(-1)[a].clone() for k, v in _state_tensors(optimizer, t.param).items()})
+                      for t, a in zip(targets, again)]
+            apply(optimizer, targets, explored, counts, explored_counts, drops, grows, sharded)
+            for t, a, (w, state) in zip(targets, again, before):
+                self.n_kept_in_place += a.numel()
+                assert t.mask.reshape(-1)[a].all() and torch.equal(t.param.detach().reshape(-1)[a], w), t.name
+                for k, v in _state_tensors(optimizer, t.param).items():
+                    assert torch.equal(v.reshape(-1)[a], state[k]), (t.name, k)
+
+        sp._writer.apply_update = checked
 
     def __call__(self, opt, args, kwargs):
         sp = self.sp
@@ -120,6 +137,7 @@ def test_invariants(tiny_kind: str, method: str, opt_name: str):
         assert sp.itop_rate > sp.density
     if method == 'dsr':
         assert checker.budgets_moved, 'DSR should move budget between tensors'
+        assert checker.n_kept_in_place == 0, 'DSR never regrows where it just dropped'
 
 
 def test_set_drops_smallest_magnitude():

@@ -5,11 +5,13 @@
 
 ``RESULTS_DIR`` holds the runs' ``results.json`` in the sweeps' ``<sweep>/<point>/seed<K>/`` layout: a runs folder, or
 (the default) ``recipes/itop_fmnist/results/``, where ``run_all.sh`` archives them (``timm-dst-sweep --archive``) so
-that the tables can be redrawn from the repository. A point with no run there is taken from ``results/recorded.json``
-(the runs of 2026-12-03 / 04, whose folders are gone; marked †), else printed ``not run``. Every accuracy is the test
-top-1 of the final weights, as the official ITOP code and the paper report it. Beside each point the official code was
-run on (issue #19: same loop, seeds 0 and 1, final weights) it prints that number and whether ours agrees within the
-seed spread of this setup (0.8 points, the largest seed-to-seed difference seen with the official code here).
+that the tables can be redrawn from the repository. ``results/recorded.json`` holds the means of the runs of 2026-12-03
+/ 04, made before the regrow fix (a position dropped and regrown in one update was reset to zero) and whose run folders
+are gone: the static and dense ones, which that fix does not change, fill their points (marked †); the dynamic ones are
+printed beside the new runs, as "before the regrow fix". Points with no run print ``not run``. Every accuracy is the
+test top-1 of the final weights, as the official ITOP code and the paper report it. Beside each point the official
+code was run on (issue #19: same loop, seeds 0 and 1, final weights) it prints that number and whether ours agrees
+within the seed spread of this setup (0.8 points, the largest seed-to-seed difference seen with the official code).
 """
 from __future__ import annotations
 
@@ -48,14 +50,14 @@ OFFICIAL: dict[tuple[str, tuple], tuple[float, float | None]] = {
 
 
 def _recorded() -> dict[tuple, dict[str, Any]]:
-    """``recorded.json`` as aggregates keyed (split, sweep, point items)."""
+    """``recorded.json`` as aggregates keyed (split, sweep, point items); ``current``: not changed by the regrow fix."""
     if not os.path.isfile(RECORDED):
         return {}
     with open(RECORDED) as f:
         pts = json.load(f)['points']
     out = {}
     for p in pts:
-        agg = {'n_seeds': p['n_seeds'], 'recorded': True,
+        agg = {'n_seeds': p['n_seeds'], 'recorded': True, 'current': p['sweep'] in ('dense', 'static'),
                f'{FIELD}_mean': p[FIELD][0], f'{FIELD}_std': p[FIELD][1]}
         if p['itop_rate'] is not None:
             agg['itop_rate_mean'] = p['itop_rate']
@@ -68,13 +70,20 @@ _RECORDED = _recorded()
 
 def point(root: str, sweep: str, split: str = '54k', **kv: Any) -> dict[str, Any] | None:
     """Mean / std over the finished seeds of one grid point of one sweep (``split`` 60k: the ``full60k/`` sweeps, 3
-    seeds), else its recorded aggregate, else None."""
+    seeds), else its recorded aggregate if the regrow fix does not change it, else None."""
     folder, seeds = (os.path.join(root, 'full60k', sweep), SEEDS60) if split == '60k' else (os.path.join(root, sweep),
                                                                                           SEEDS)
     rows = collect(folder, [dict(kv)], seeds)
     if rows:
         return aggregate(rows, list(kv))[0]
-    return _RECORDED.get((split, sweep, tuple(kv.items())))
+    rec = _RECORDED.get((split, sweep, tuple(kv.items())))
+    return rec if rec is not None and rec['current'] else None
+
+
+def before_fix(sweep: str, split: str = '60k', **kv: Any) -> dict[str, Any] | None:
+    """The recorded aggregate of a dynamic point, measured before the regrow fix (None if none or unchanged by it)."""
+    rec = _RECORDED.get((split, sweep, tuple(kv.items())))
+    return rec if rec is not None and not rec['current'] else None
 
 
 def acc(r: dict[str, Any] | None, seeds: tuple[int, ...] = SEEDS) -> str:
@@ -94,16 +103,19 @@ def acc_rs(r: dict[str, Any] | None, seeds: tuple[int, ...] = SEEDS) -> str:
 
 
 def official(root: str, sweep: str, **kv: Any) -> str:
-    """``ours on 54k | ours on 60k | official | 60k - official | within the spread`` for a point the official code was
-    run on."""
+    """``ours 54k | ours 60k | official | 60k - official | within | 60k before the regrow fix`` for a point the official
+    code was run on."""
     ref = OFFICIAL[(sweep, tuple(kv.items()))]
     off = f'{ref[0]:.2f}' + (f' ({ref[1]:.3f})' if ref[1] is not None else '')
     split, full = point(root, sweep, **kv), point(root, sweep, '60k', **kv)
     show = acc_rs if ref[1] is not None else acc
+    old = before_fix(sweep, **kv)
+    old = f'{show(old, SEEDS60)}' if old is not None else 'unchanged'
     if full is None:
-        return f'{show(split)} | not run | {off} | |'
+        return f'{show(split)} | not run | {off} | | | {old}'
     d = full[FIELD + '_mean'] - ref[0]
-    return f'{show(split)} | {show(full, SEEDS60)} | {off} | {d:+.2f} | {"yes" if abs(d) <= SPREAD else "**no**"}'
+    within = 'yes' if abs(d) <= SPREAD else '**no**'
+    return f'{show(split)} | {show(full, SEEDS60)} | {off} | {d:+.2f} | {within} | {old}'
 
 
 def tables(root: str) -> dict[str, dict]:
@@ -121,9 +133,9 @@ def tables(root: str) -> dict[str, dict]:
     print('\nBeside the official ITOP code (same loop, mean of its seeds 0 and 1, final weights, R_s): ours on our '
           "recipes' split (54k: 6,000 images held out for validation; seeds 0 and 1) and on all 60,000 training "
           'images (`--val-fraction 0`, as the official runs; seeds 0, 1 and 2); "within" = the 60k mean within '
-          f'{SPREAD} points of the official mean\n')
-    print('| config | timm-dst CLI, 54k | timm-dst CLI, 60k | official code (60k) | 60k - official | within |\n'
-          '|---|---|---|---|---|---|')
+          f'{SPREAD} points of the official mean; the last column: our 60k runs before the regrow fix\n')
+    print('| config | timm-dst CLI, 54k | timm-dst CLI, 60k | official code (60k) | 60k - official | within | '
+          '60k before the regrow fix |\n|---|---|---|---|---|---|---|')
     rows = [('dense', 'dense', {}), ('static 98%', 'static', {'sparsity': 0.98}),
             ('static 95%', 'static', {'sparsity': 0.95})]
     rows += [(f'SET 98%, ΔT {dt}', 'fig3', {'update_interval': dt, 'sparsity': 0.98}) for dt in INTERVALS[::-1]]
@@ -161,8 +173,10 @@ def tables(root: str) -> dict[str, dict]:
     for s in (0.9, 0.98):
         print(f'| {s} | {acc_rs(point(root, "dsr", sparsity=s))} | '
               f'{acc_rs(point(root, "fig3", update_interval=1500, sparsity=s))} |')
-    print(f'\n{DAGGER} From the runs of 2026-12-03 / 04 (checkout 160a5b8, the same recipes and seeding), whose run '
-          'folders are gone; their means, stds and R_s are kept in recipes/itop_fmnist/results/recorded.json.')
+    print(f'\n{DAGGER} Static and dense runs of 2026-12-03 / 04 (checkout 160a5b8, the same recipes and seeding; '
+          'no topology update, so the regrow fix does not change them), whose run folders are gone: their means '
+          'and stds are kept in recipes/itop_fmnist/results/recorded.json, as are those of the dynamic runs made '
+          'before the regrow fix ("before the regrow fix").')
     fig3 = {s: ({dt: point(root, 'fig3', update_interval=dt, sparsity=s) for dt in INTERVALS},
                 point(root, 'static', sparsity=s)) for s in SPARSITIES}
     return {'dense': dense, 'ext': ext, 'stop': stop, 'rigl': rigl, 'fig3': fig3}
