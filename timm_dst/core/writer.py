@@ -4,8 +4,8 @@ An update arrives as flat index sets (drops and grows per tensor) and is written
 masks (initial topology, baselines, a restored state) are written as masks. Every write zeroes the weights and the
 optimizer-state tensors shaped like them where a position left or joined the mask (a position dropped and regrown in
 the same update did neither: its weight and state stay, as in the reference implementations), extends the explored
-masks (R_s) and keeps the active counts exact. Kernel placement (CSR / block kernels for very sparse linear layers) follows every
-count change. This module imports the FSDP2 helpers, rank sync and the mask glue; never the controller.
+masks (R_s) and keeps the active counts exact. Kernel placement (CSR / block kernels for very sparse linear layers)
+follows every count change. This module imports the FSDP2 helpers, rank sync and the mask glue; never the controller.
 """
 from __future__ import annotations
 
