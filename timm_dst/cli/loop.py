@@ -137,6 +137,7 @@ def _write_epoch_outputs(state: RunState, improved: bool) -> None:
 def _stopped(state: RunState) -> dict[str, Any]:
     _logger.info(f'stopped after {state.position.num_updates} optimizer steps (--stop-after-updates); continue with '
                  f'--resume {state.setup.output_dir}')
+    state.setup.accelerator.wait_for_everyone()  # as at the end of a run: no rank leaves the group while another writes
     state.setup.accelerator.end_training()
     return {'stopped': True, 'optimizer_steps': state.position.num_updates}
 
