@@ -1,10 +1,11 @@
 """Prints the accuracy tables of "What structure costs in accuracy" (docs/structured.md, docs/results.md) from the
-sweeps of recipes/structured/ (commands in docs/structured.md). Run from the repository root:
+sweeps of recipes/structured/ (commands in docs/results.md). Run from the repository root:
 
     python recipes/structured/make_table.py [RUNS_DIR]
 
-(default ``runs/structured``). Each cell: test top-1 of the best-on-validation weights, mean ± std over the finished
-seeds, and in brackets the difference from the unstructured run of the same method and sparsity.
+(default ``recipes/structured/results``, where the sweeps' ``--archive`` keeps every run's ``results.json``; a runs
+folder of the same layout works too). Each cell: test top-1 of the best-on-validation weights, mean ± std over the
+finished seeds, and in brackets the difference from the unstructured run of the same method and sparsity.
 """
 from __future__ import annotations
 
@@ -35,9 +36,9 @@ def cell(r: dict[str, Any] | None, base: dict[str, Any] | None, n_expected: int 
 
 
 def main() -> None:
-    root = sys.argv[1] if len(sys.argv) > 1 else os.path.join('runs', 'structured')
+    root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
     nm, cnn = (os.path.join(root, d) for d in ('mlp_nm', 'resnet10t'))
-    mlp = [os.path.join(root, d) for d in ('mlp', 'mlp32')]  # mlp32: the 32x32 points run as a sweep of their own
+    mlp = os.path.join(root, 'mlp')
     cols = [(m, s) for s in (0.9, 0.98) for m in METHODS]
     print('MLP 784-1024-512-10, Fashion-MNIST, 10 epochs: test top-1 (difference from unstructured)\n')
     print('| structure | ' + ' | '.join(f'{m} {s}' for m, s in cols) + ' |')
