@@ -15,12 +15,13 @@ from typing import Any
 
 from timm_dst.tools.sweep import aggregate, collect
 
+RESULTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')  # the sweeps' --archive
 METHODS = ('set-itop', 'rigl-itop')
 
 
-def point(folder: str | list[str], seeds: tuple[int, ...] = (0, 1), **kv: Any) -> dict[str, Any] | None:
-    """Mean / std over the finished seeds of one grid point, looked up in one sweep folder or several."""
-    rows = [r for f in ([folder] if isinstance(folder, str) else folder) for r in collect(f, [dict(kv)], seeds)]
+def point(folder: str, seeds: tuple[int, ...] = (0, 1), **kv: Any) -> dict[str, Any] | None:
+    """Mean / std over the finished seeds of one grid point of one sweep folder."""
+    rows = collect(folder, [dict(kv)], seeds)
     return aggregate(rows, list(kv))[0] if rows else None
 
 
@@ -36,9 +37,8 @@ def cell(r: dict[str, Any] | None, base: dict[str, Any] | None, n_expected: int 
 
 
 def main() -> None:
-    root = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(os.path.abspath(__file__)), 'results')
-    nm, cnn = (os.path.join(root, d) for d in ('mlp_nm', 'resnet10t'))
-    mlp = os.path.join(root, 'mlp')
+    root = sys.argv[1] if len(sys.argv) > 1 else RESULTS
+    mlp, nm, cnn = (os.path.join(root, d) for d in ('mlp', 'mlp_nm', 'resnet10t'))
     cols = [(m, s) for s in (0.9, 0.98) for m in METHODS]
     print('MLP 784-1024-512-10, Fashion-MNIST, 10 epochs: test top-1 (difference from unstructured)\n')
     print('| structure | ' + ' | '.join(f'{m} {s}' for m, s in cols) + ' |')

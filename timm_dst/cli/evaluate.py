@@ -135,9 +135,15 @@ def finish_run(state: RunState, wall: float) -> dict[str, Any]:
         write_json_atomic(dst_summary(sp, tr.flops), os.path.join(setup.output_dir, DST_SUMMARY))
         write_json_atomic(results, os.path.join(setup.output_dir, RESULTS))
     _log_result(state, results, wall, exports)
-    acc.wait_for_everyone()
-    acc.end_training()
+    end_run(state)
     return results
+
+
+def end_run(state: RunState) -> None:
+    """Leave the process group, once every rank is here (none leaves while another still writes or communicates):
+    the end of every run, finished or stopped."""
+    state.setup.accelerator.wait_for_everyone()
+    state.setup.accelerator.end_training()
 
 
 def _log_result(state: RunState, results: dict[str, Any], wall: float, exports: dict[str, str]) -> None:

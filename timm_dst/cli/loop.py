@@ -23,7 +23,7 @@ from ..integrations.timm.outputs import (
 )
 from ..methods import capture_weights
 from .config import user_error
-from .evaluate import export_weights, finish_run, validate
+from .evaluate import end_run, export_weights, finish_run, validate
 from .outputs import density_text, plot_summary, train_log_line, write_summary_row
 from .sharded import prune_sharded, save_sharded
 from .state import RunState, fresh_meters
@@ -137,8 +137,7 @@ def _write_epoch_outputs(state: RunState, improved: bool) -> None:
 def _stopped(state: RunState) -> dict[str, Any]:
     _logger.info(f'stopped after {state.position.num_updates} optimizer steps (--stop-after-updates); continue with '
                  f'--resume {state.setup.output_dir}')
-    state.setup.accelerator.wait_for_everyone()  # as at the end of a run: no rank leaves the group while another writes
-    state.setup.accelerator.end_training()
+    end_run(state)
     return {'stopped': True, 'optimizer_steps': state.position.num_updates}
 
 
